@@ -1,0 +1,5 @@
+//! Thin executors over the kernel's interfaces; no policy decisions live here.
+
+pub mod netlink;
+pub mod nft;
+pub mod xfrm;

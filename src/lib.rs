@@ -1,0 +1,13 @@
+//! encryptd: kernel IPsec/WireGuard between the nodes of a fleet, with a strict mode that
+//! drops what would leave or arrive unencrypted.
+//!
+//! Functional core, imperative shell: `config` turns files into a validated model, `plan`
+//! and `reconcile` are pure, `kernel` holds the thin executors, `daemon` the one poll loop.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod kernel;
+pub mod logging;
+pub mod net;
+pub mod watch;

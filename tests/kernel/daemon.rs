@@ -1,0 +1,3 @@
+use crate::Case;
+
+pub const CASES: &[Case] = &[];

@@ -1,0 +1,172 @@
+//! The test network: one namespace holding a bridge ("the wire") and one namespace per
+//! node, each joined to the bridge by a veth pair. Every address lives inside these
+//! namespaces; nothing outside them is ever a target.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Run a shell command; `Err` holds the command, its status and its output.
+pub fn sh(cmd: &str) -> Result<String, String> {
+    let out = Command::new("bash")
+        .args(["-c", cmd])
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "`{cmd}` failed ({}):\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// `Err(msg)` unless `cond`.
+pub fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), String> {
+    if cond { Ok(()) } else { Err(msg.into()) }
+}
+
+/// Poll `f` until it returns true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// Run `f` on a fresh thread that has entered network namespace `ns`: sockets it opens
+/// belong to that namespace (setns changes only the calling thread).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on a valid fd; affects only this thread.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+pub struct Node {
+    pub ns: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+/// `n` nodes on one bridge: node i has 10.77.0.(i+1)/24 and fd77::(i+1)/64 on `eth0`.
+pub struct Topo {
+    pub wire: String,
+    pub nodes: Vec<Node>,
+    children: Vec<Child>,
+}
+
+impl Topo {
+    pub fn new(tag: &str, n: usize) -> Result<Topo, String> {
+        let wire = format!("{tag}-sw");
+        let mut t = Topo {
+            wire: wire.clone(),
+            nodes: Vec::new(),
+            children: Vec::new(),
+        };
+        sh(&format!(
+            "ip netns add {wire} && ip -n {wire} link set lo up && \
+             ip -n {wire} link add br0 type bridge && ip -n {wire} link set br0 up"
+        ))?;
+        for i in 0..n {
+            let ns = format!("{tag}-n{i}");
+            let node = Node {
+                ns: ns.clone(),
+                v4: Ipv4Addr::new(10, 77, 0, i as u8 + 1),
+                v6: format!("fd77::{}", i + 1).parse().unwrap(),
+            };
+            t.nodes.push(node);
+            sh(&format!(
+                "ip netns add {ns} && ip -n {ns} link set lo up && \
+                 ip -n {wire} link add p{i} type veth peer name eth0 netns {ns} && \
+                 ip -n {wire} link set p{i} master br0 up && ip -n {ns} link set eth0 up && \
+                 ip -n {ns} addr add 10.77.0.{a}/24 dev eth0 && \
+                 ip -n {ns} addr add fd77::{a}/64 dev eth0 nodad",
+                a = i + 1
+            ))?;
+        }
+        Ok(t)
+    }
+
+    pub fn ns(&self, i: usize) -> &str {
+        &self.nodes[i].ns
+    }
+
+    /// Run `cmd` inside node i's namespace.
+    pub fn exec(&self, i: usize, cmd: &str) -> Result<String, String> {
+        sh(&format!("ip netns exec {} {cmd}", self.ns(i)))
+    }
+
+    /// Start tcpdump on the bridge with a capture filter; `Capture::stop` returns its lines.
+    pub fn capture(&self, filter: &str) -> Result<Capture, String> {
+        let path = std::env::temp_dir().join(format!("{}-{}.cap", self.wire, self.children.len()));
+        let err = std::env::temp_dir().join(format!("{}.caperr", self.wire));
+        let out = File::create(&path).map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.wire, "tcpdump", "-Z", "root", "-l", "-n", "-i", "br0"])
+            .args(filter.split_whitespace())
+            .stdout(out)
+            .stderr(File::create(&err).map_err(|e| e.to_string())?)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("tcpdump: {e}"))?;
+        let listening = wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(&err).is_ok_and(|s| s.contains("listening"))
+        });
+        let cap = Capture { child, path };
+        ensure(listening, "tcpdump did not start listening")?;
+        Ok(cap)
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.nodes {
+            let _ = sh(&format!("ip netns del {}", n.ns));
+        }
+        let _ = sh(&format!("ip netns del {}", self.wire));
+    }
+}
+
+pub struct Capture {
+    child: Child,
+    path: std::path::PathBuf,
+}
+
+impl Capture {
+    /// Stop the capture (after a short grace for packets in flight) and return its lines.
+    pub fn stop(mut self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: plain kill(2) of our own child; SIGINT makes tcpdump flush.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
