@@ -87,7 +87,10 @@ fn run_here(selected: &[&Case], filtered_out: usize) -> ExitCode {
                 println!("test {name} ... ok ({secs:.1}s)");
             }
             Err(e) => {
-                println!("test {name} ... FAILED ({secs:.1}s)\n    {}", e.replace('\n', "\n    "));
+                println!(
+                    "test {name} ... FAILED ({secs:.1}s)\n    {}",
+                    e.replace('\n', "\n    ")
+                );
                 failed.push(*name);
             }
         }

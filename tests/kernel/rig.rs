@@ -122,7 +122,9 @@ impl Topo {
         let err = std::env::temp_dir().join(format!("{}.caperr", self.wire));
         let out = File::create(&path).map_err(|e| e.to_string())?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.wire, "tcpdump", "-Z", "root", "-l", "-n", "-i", "br0"])
+            .args([
+                "netns", "exec", &self.wire, "tcpdump", "-Z", "root", "-l", "-n", "-i", "br0",
+            ])
             .args(filter.split_whitespace())
             .stdout(out)
             .stderr(File::create(&err).map_err(|e| e.to_string())?)
