@@ -125,7 +125,11 @@ impl Daemon {
         if let Some(k) = self.config.keys.as_ref().and_then(|k| k.current()) {
             line += &format!(", key {}", k.id);
         }
-        line += if s.strict.enabled { ", strict on" } else { ", strict off" };
+        line += if s.strict.enabled {
+            ", strict on"
+        } else {
+            ", strict off"
+        };
         if let Some(r) = &self.refused {
             line += &format!("; newest configuration refused ({r}), running the last good one");
         }
@@ -203,11 +207,11 @@ impl Daemon {
                 self.reload_at = None;
                 self.reload("a file change");
             }
-            if let Some((every, due)) = &mut self.watchdog {
-                if *due <= now {
-                    notify(&[NotifyState::Watchdog]);
-                    *due = now + *every;
-                }
+            if let Some((every, due)) = &mut self.watchdog
+                && *due <= now
+            {
+                notify(&[NotifyState::Watchdog]);
+                *due = now + *every;
             }
         }
     }
@@ -256,7 +260,8 @@ fn summary(diags: &[Diagnostic]) -> String {
 
 /// One line on what a reload changes, for the journal.
 fn describe_change(old: &Config, new: &Config) -> String {
-    let names = |c: &Config| -> Vec<String> { c.inventory.nodes.iter().map(|n| n.name.clone()).collect() };
+    let names =
+        |c: &Config| -> Vec<String> { c.inventory.nodes.iter().map(|n| n.name.clone()).collect() };
     let (o, n) = (names(old), names(new));
     let mut parts = Vec::new();
     let added: Vec<_> = n.iter().filter(|x| !o.contains(x)).cloned().collect();
@@ -265,9 +270,13 @@ fn describe_change(old: &Config, new: &Config) -> String {
         .inventory
         .nodes
         .iter()
-        .filter(|nn| old.inventory.node(&nn.name).is_some_and(|on| {
-            on.addresses != nn.addresses || on.subnets != nn.subnets || on.wireguard_public_key != nn.wireguard_public_key
-        }))
+        .filter(|nn| {
+            old.inventory.node(&nn.name).is_some_and(|on| {
+                on.addresses != nn.addresses
+                    || on.subnets != nn.subnets
+                    || on.wireguard_public_key != nn.wireguard_public_key
+            })
+        })
         .map(|nn| nn.name.clone())
         .collect();
     if !added.is_empty() {
@@ -289,5 +298,13 @@ fn describe_change(old: &Config, new: &Config) -> String {
             None => "keys changed".into(),
         });
     }
-    format!("{} nodes; {}", new.inventory.nodes.len(), if parts.is_empty() { "no change to nodes".into() } else { parts.join("; ") })
+    format!(
+        "{} nodes; {}",
+        new.inventory.nodes.len(),
+        if parts.is_empty() {
+            "no change to nodes".into()
+        } else {
+            parts.join("; ")
+        }
+    )
 }

@@ -31,17 +31,26 @@ pub struct TestDaemon {
 }
 
 impl TestDaemon {
-    pub fn start(dir: &Path, config: &str, inventory: &str, keys: &str) -> Result<TestDaemon, String> {
+    pub fn start(
+        dir: &Path,
+        config: &str,
+        inventory: &str,
+        keys: &str,
+    ) -> Result<TestDaemon, String> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let w = |f: &str, s: &str| std::fs::write(dir.join(f), s).map_err(|e| format!("{f}: {e}"));
         w("encryptd.toml", config)?;
         w("nodes.toml", inventory)?;
         w("ipsec.keys", keys)?;
-        std::fs::set_permissions(dir.join("ipsec.keys"), std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(
+            dir.join("ipsec.keys"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .map_err(|e| e.to_string())?;
         let sock = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
+        let notify =
+            UnixDatagram::bind(&sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .map_err(|e| e.to_string())?;
@@ -75,7 +84,10 @@ impl TestDaemon {
         if wait_for(timeout, || self.log().contains(needle)) {
             Ok(t0.elapsed())
         } else {
-            Err(format!("no `{needle}` in the log within {timeout:?}; log:\n{}", self.log()))
+            Err(format!(
+                "no `{needle}` in the log within {timeout:?}; log:\n{}",
+                self.log()
+            ))
         }
     }
 
@@ -119,8 +131,13 @@ impl TestDaemon {
             if let Some(st) = self.child.try_wait().map_err(|e| e.to_string())? {
                 let _ = self.wait_notify("STOPPING=1", Duration::from_millis(300));
                 let mut rest = String::new();
-                let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut rest));
-                return Ok((st.code().unwrap_or(-1), std::mem::take(&mut self.notes), rest));
+                let _ =
+                    std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut rest));
+                return Ok((
+                    st.code().unwrap_or(-1),
+                    std::mem::take(&mut self.notes),
+                    rest,
+                ));
             }
             if t0.elapsed() > Duration::from_secs(5) {
                 return Err("daemon did not exit within 5 s of SIGTERM".into());
@@ -139,7 +156,8 @@ impl Drop for TestDaemon {
 
 fn reload_and_notify() -> Result<(), String> {
     let dir = std::env::temp_dir().join("encryptd-daemon-reload");
-    let config = "mode = \"ipsec\"\nnode = \"a\"\nruntime_dir = \"run\"\n[strict]\nenabled = false\n";
+    let config =
+        "mode = \"ipsec\"\nnode = \"a\"\nruntime_dir = \"run\"\n[strict]\nenabled = false\n";
     let inv = node("a", "10.99.0.1") + &node("b", "10.99.0.2");
     let mut d = TestDaemon::start(&dir, config, &inv, KEYS)?;
     let ready = d.wait_notify("READY=1", Duration::from_secs(10))?;
@@ -156,7 +174,10 @@ fn reload_and_notify() -> Result<(), String> {
     )?;
     d.wait_notify("RELOADING=1", Duration::from_secs(1))?;
     let st = d.wait_notify("READY=1", Duration::from_secs(1))?;
-    ensure(st.contains("0/2 peers up"), format!("status after reload: {st:?}"))?;
+    ensure(
+        st.contains("0/2 peers up"),
+        format!("status after reload: {st:?}"),
+    )?;
     println!("    reload logged {} ms after the rename", took.as_millis());
 
     // An invalid one: the error with file:line:col, and the last good one stays.
@@ -170,7 +191,10 @@ fn reload_and_notify() -> Result<(), String> {
         ),
         Duration::from_secs(1),
     )?;
-    d.wait_log("keeping the last good configuration", Duration::from_secs(1))?;
+    d.wait_log(
+        "keeping the last good configuration",
+        Duration::from_secs(1),
+    )?;
     let st = d.wait_notify("READY=1", Duration::from_secs(1))?;
     ensure(
         st.contains("0/2 peers up") && st.contains("newest configuration refused"),
@@ -178,11 +202,17 @@ fn reload_and_notify() -> Result<(), String> {
     )?;
 
     // Fixed again, by SIGHUP this time (no file event in between is needed).
-    std::fs::write(&nodes, inv.clone() + &node("c", "10.99.0.3") + &node("d", "10.99.0.4"))
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        &nodes,
+        inv.clone() + &node("c", "10.99.0.3") + &node("d", "10.99.0.4"),
+    )
+    .map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(400)); // let the write's own reload pass
     d.signal(libc::SIGHUP);
-    d.wait_log("reload after SIGHUP: configuration unchanged", Duration::from_secs(2))?;
+    d.wait_log(
+        "reload after SIGHUP: configuration unchanged",
+        Duration::from_secs(2),
+    )?;
     let st = d.wait_notify("READY=1", Duration::from_secs(1))?;
     ensure(
         st.contains("0/3 peers up") && !st.contains("refused"),
@@ -190,7 +220,10 @@ fn reload_and_notify() -> Result<(), String> {
     )?;
 
     let (code, notes, log) = d.stop()?;
-    ensure(code == 0, format!("exit code {code} after SIGTERM; log:\n{log}"))?;
+    ensure(
+        code == 0,
+        format!("exit code {code} after SIGTERM; log:\n{log}"),
+    )?;
     // The order systemd relies on: READY first, each RELOADING followed by READY, STOPPING last.
     let kinds: Vec<&str> = notes
         .iter()
@@ -200,11 +233,20 @@ fn reload_and_notify() -> Result<(), String> {
                 .find(|k| n.lines().any(|l| l == *k))
         })
         .collect();
-    ensure(kinds.first() == Some(&"READY=1"), format!("first: {kinds:?}"))?;
-    ensure(kinds.last() == Some(&"STOPPING=1"), format!("last: {kinds:?}"))?;
+    ensure(
+        kinds.first() == Some(&"READY=1"),
+        format!("first: {kinds:?}"),
+    )?;
+    ensure(
+        kinds.last() == Some(&"STOPPING=1"),
+        format!("last: {kinds:?}"),
+    )?;
     for w in kinds.windows(2) {
         if w[0] == "RELOADING=1" {
-            ensure(w[1] == "READY=1", format!("RELOADING=1 not followed by READY=1: {kinds:?}"))?;
+            ensure(
+                w[1] == "READY=1",
+                format!("RELOADING=1 not followed by READY=1: {kinds:?}"),
+            )?;
         }
     }
     ensure(
