@@ -2,7 +2,8 @@
 //! encryptd's own netlink code carry traffic, dump back exactly, respect ownership, and
 //! batch.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, UdpSocket};
+use std::time::Duration;
 
 use encryptd::kernel::xfrm::{
     Action, Algorithm, Direction, DumpedPolicy, DumpedState, Key, Mode, PRIORITY_BLOCK,
@@ -26,6 +27,7 @@ pub const CASES: &[Case] = &[
 
 const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
 const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+const HELLO_PORT: u16 = 4510;
 
 /// Deterministic test key bytes (distinct per seed).
 fn key(seed: u8, len: usize) -> Key {
@@ -119,14 +121,16 @@ fn nd_exemptions(me: IpAddr, peer: IpAddr) -> Vec<XfrmPolicy> {
     v
 }
 
-/// Both nodes get both SAs (a→b, b→a) and mirrored policies; node 0 pings node 1 while
-/// the wire is captured. Checks: ping works, both SPIs on the wire, no cleartext echo,
-/// the SAs counted the packets (read back through our dump), no XFRM errors.
+/// Both nodes get mirrored policies (`extra` ones ahead of the tunnel), then `before_sas`
+/// runs, then both nodes get both SAs (a→b, b→a) and node 0 pings node 1 while the wire
+/// is captured. Checks: ping works, both SPIs on the wire, no cleartext echo, the SAs
+/// counted the packets (read back through our dump), no XFRM errors.
 fn run_pair(
     t: &Topo,
     ab: &XfrmState,
     ba: &XfrmState,
     extra: &dyn Fn(IpAddr, IpAddr) -> Vec<XfrmPolicy>,
+    before_sas: &dyn Fn(&Topo) -> Result<(), String>,
     capture_filter: &str,
     cleartext_marks: &[&str],
 ) -> Result<(), String> {
@@ -137,8 +141,12 @@ fn run_pair(
     {
         let mut pols = extra(me, peer);
         pols.extend(tunnel_policies(me, peer, out_rq, in_rq));
-        install(t.ns(i), &[ab.clone(), ba.clone()], &pols)
-            .map_err(|e| format!("install in {}: {e}", t.ns(i)))?;
+        install(t.ns(i), &[], &pols).map_err(|e| format!("policies in {}: {e}", t.ns(i)))?;
+    }
+    before_sas(t)?;
+    for i in 0..2 {
+        install(t.ns(i), &[ab.clone(), ba.clone()], &[])
+            .map_err(|e| format!("states in {}: {e}", t.ns(i)))?;
     }
     let ping_cmd = if a.is_ipv4() { "ping" } else { "ping -6" };
     let cap = t.capture(capture_filter)?;
@@ -221,13 +229,69 @@ fn esp_gcm_tunnel_ipv4() -> Result<(), String> {
         &ab,
         &ba,
         &|_, _| Vec::new(),
+        &|_| Ok(()),
         &format!("host {a} or host {b}"),
         &["ICMP"],
     )
 }
 
+/// Plaintext allow policies for the hello port (UDP 4510) between `me` and `peer`.
+fn hello_exemptions(me: IpAddr, peer: IpAddr) -> Vec<XfrmPolicy> {
+    [
+        (Direction::Out, Selector::hosts(me, peer)),
+        (Direction::In, Selector::hosts(peer, me)),
+    ]
+    .into_iter()
+    .map(|(dir, sel)| XfrmPolicy {
+        selector: sel.udp_dport(HELLO_PORT),
+        dir,
+        priority: PRIORITY_EXEMPT,
+        action: Action::Allow,
+        template: None,
+    })
+    .collect()
+}
+
+/// Before any SA exists the tunnel policies cover all traffic between the nodes, but the
+/// hello datagram must get through, in the clear: which needs neighbour discovery to
+/// bypass the tunnel policies (node 1's NA to node 0 matches node 1's OUT tunnel policy,
+/// for which there is no SA yet, and node 0's IN policy).
+fn hello_before_sas(t: &Topo) -> Result<(), String> {
+    let (a, b) = (t.nodes[0].v6, t.nodes[1].v6);
+    // Sockets keep the namespace they were opened in.
+    let rx = in_netns(t.ns(1), || UdpSocket::bind((b, HELLO_PORT)))
+        .map_err(|e| format!("bind [{b}]:{HELLO_PORT} in node 1: {e}"))?;
+    let tx = in_netns(t.ns(0), || UdpSocket::bind((a, 0)))
+        .map_err(|e| format!("bind [{a}]:0 in node 0: {e}"))?;
+    rx.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let cap = t.capture(&format!("ip6 and udp port {HELLO_PORT}"))?;
+    for _ in 0..3 {
+        tx.send_to(b"hello", (b, HELLO_PORT))
+            .map_err(|e| format!("sending the hello before any SA: {e}"))?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut buf = [0u8; 16];
+    let got = rx.recv_from(&mut buf);
+    let lines = cap.stop();
+    let wire = lines.join("\n");
+    ensure(
+        matches!(got, Ok((5, from)) if from.ip() == IpAddr::V6(a)) && &buf[..5] == b"hello",
+        format!(
+            "hello from {a} to [{b}]:{HELLO_PORT} did not arrive before the SAs exist \
+             (neighbour discovery blocked by the tunnel policies?): {got:?}\nwire:\n{wire}\n\
+             neighbours of node 0:\n{}",
+            t.exec(0, "ip -6 neigh").unwrap_or_default()
+        ),
+    )?;
+    ensure(
+        wire.contains(&format!("{b}.{HELLO_PORT}: UDP")),
+        format!("the hello is not on the wire in the clear:\n{wire}"),
+    )
+}
+
 /// (b) ESP tunnel mode, cbc(aes) + hmac(sha256), IPv6 underlay, with neighbour discovery
-/// exempted from the tunnel policies.
+/// and the hello port exempted from the tunnel policies (checked before the SAs exist).
 fn esp_cbc_hmac_tunnel_ipv6() -> Result<(), String> {
     let t = Topo::new("xc", 2)?;
     let (a, b) = (IpAddr::V6(t.nodes[0].v6), IpAddr::V6(t.nodes[1].v6));
@@ -238,7 +302,12 @@ fn esp_cbc_hmac_tunnel_ipv6() -> Result<(), String> {
         &t,
         &ab,
         &ba,
-        &nd_exemptions,
+        &|me, peer| {
+            let mut v = nd_exemptions(me, peer);
+            v.extend(hello_exemptions(me, peer));
+            v
+        },
+        &hello_before_sas,
         "ip6",
         &["echo request", "echo reply"],
     )
