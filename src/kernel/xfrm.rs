@@ -608,6 +608,7 @@ impl DumpedPolicy {
 /// The operation of a batch, for messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
+    Open,
     AddStates,
     UpdateStates,
     DeleteStates,
@@ -621,6 +622,7 @@ pub enum Op {
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Op::Open => "open the XFRM netlink socket",
             Op::AddStates => "add XFRM states",
             Op::UpdateStates => "update XFRM states",
             Op::DeleteStates => "delete XFRM states",
@@ -728,7 +730,7 @@ pub struct Xfrm {
 impl Xfrm {
     pub fn open() -> Result<Xfrm, XfrmError> {
         let sock = NetlinkSocket::open(NETLINK_XFRM).map_err(|source| XfrmError::Netlink {
-            op: Op::DumpStates,
+            op: Op::Open,
             source,
         })?;
         Ok(Xfrm { sock })

@@ -477,6 +477,41 @@ fn dump_roundtrip_and_ownership() -> Result<(), String> {
         format!("deleting foreign objects was not refused: {refused:?}"),
     )?;
 
+    // UPDSA keeps an existing SA's keys (only lifetimes/encap/marks change), and names a
+    // missing SA; UPDPOLICY replaces a policy's priority in place.
+    let mut rekeyed = s1.clone();
+    rekeyed.algorithm = Algorithm::gcm_aes(key(99, 20), 128);
+    let mut missing = s1.clone();
+    missing.spi = 0x3999;
+    let mut moved = ours_policies[0];
+    moved.priority = PRIORITY_TUNNEL + 7;
+    let (upd, upd_missing, upd_pol) = xfrm(t.ns(0), |x| {
+        Ok((
+            x.update_states(std::slice::from_ref(&rekeyed)),
+            x.update_states(std::slice::from_ref(&missing)),
+            x.update_policies(&[moved]),
+        ))
+    })?;
+    ensure(upd.is_ok(), format!("UPDSA of an existing state: {upd:?}"))?;
+    match &upd_missing {
+        Err(XfrmError::Rejected { rejected, .. })
+            if rejected.len() == 1
+                && rejected[0].error.errno == libc::ESRCH
+                && rejected[0].object.contains("spi 0x00003999") => {}
+        other => return Err(format!("UPDSA of a missing state: {other:?}")),
+    }
+    ensure(upd_pol.is_ok(), format!("UPDPOLICY: {upd_pol:?}"))?;
+    let (states_now, policies_now) = dump(t.ns(0))?;
+    ensure(
+        states_now.iter().any(|d| d.state == s1),
+        "UPDSA changed the keys of an existing state (expected the kernel to keep them)",
+    )?;
+    ensure(
+        policies_now.iter().any(|d| d.policy == moved),
+        format!("UPDPOLICY did not move {moved}"),
+    )?;
+    ours_policies[0] = moved;
+
     // Delete ours: the foreign ones remain.
     xfrm(t.ns(0), |x| {
         x.delete_policies(&ours_policies)
