@@ -266,15 +266,20 @@ fn hello_before_sas(t: &Topo) -> Result<(), String> {
     rx.set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
     let cap = t.capture(&format!("ip6 and udp port {HELLO_PORT}"))?;
+    // Stop the capture before returning on any error: it does not stop on drop.
+    let mut sent = Ok(0);
     for _ in 0..3 {
-        tx.send_to(b"hello", (b, HELLO_PORT))
-            .map_err(|e| format!("sending the hello before any SA: {e}"))?;
+        sent = tx.send_to(b"hello", (b, HELLO_PORT));
+        if sent.is_err() {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut buf = [0u8; 16];
     let got = rx.recv_from(&mut buf);
     let lines = cap.stop();
     let wire = lines.join("\n");
+    sent.map_err(|e| format!("sending the hello before any SA: {e}"))?;
     ensure(
         matches!(got, Ok((5, from)) if from.ip() == IpAddr::V6(a)) && &buf[..5] == b"hello",
         format!(
