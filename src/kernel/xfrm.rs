@@ -450,8 +450,8 @@ impl Selector {
 
     fn to_kernel(self) -> nx::Selector {
         let mut k = nx::Selector::default();
-        k.source_prefix(&self.src.addr(), self.src.len());
-        k.destination_prefix(&self.dst.addr(), self.dst.len());
+        k.source_prefix(&self.src.addr(), self.src.prefix_len());
+        k.destination_prefix(&self.dst.addr(), self.dst.prefix_len());
         k.proto = self.proto.unwrap_or(0);
         if let Some(p) = self.sport {
             k.sport = p;
