@@ -12,4 +12,5 @@ pub mod kernel;
 pub mod keys;
 pub mod logging;
 pub mod net;
+pub mod peer;
 pub mod watch;

@@ -1,0 +1,452 @@
+//! What this node knows about one peer, learned from hellos, and the decisions the hello
+//! protocol drives: which SPIs to offer (inbound SAs), which offers to take (outbound
+//! SAs), when a reboot invalidates a pair. Pure: no I/O, no clock reads, randomness and
+//! time passed in. See docs/hello.md.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::hello::{Family, Hello, Offer, Outbound};
+use crate::keys::BootId;
+
+/// (family, key-id): one SA slot per direction of a pair.
+pub type Slot = (Family, u8);
+
+/// An SA this node receives on: SPI chosen here, offered to the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InSa {
+    pub spi: u32,
+    /// The peer nonce the offer was made for; only that peer instance may take it.
+    pub bound: [u8; 16],
+    /// The peer's boot ID the key is derived with.
+    pub peer_boot: BootId,
+    /// The peer reported sending with it.
+    pub confirmed: bool,
+}
+
+/// An SA this node sends with: SPI offered by the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutSa {
+    pub spi: u32,
+    pub peer_boot: BootId,
+}
+
+/// What one hello changed, for the caller's logging and reconciling.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The hello was authentic but not fresh: answer it, change nothing.
+    pub stale: bool,
+    /// A replay or reordering under the same nonce: ignored.
+    pub replayed: bool,
+    /// First boot ID heard, or a changed one (`Some(old)`).
+    pub boot_changed: Option<Option<BootId>>,
+    /// The set of desired SAs changed.
+    pub sas_changed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    /// The peer's boot ID, once a fresh hello told it.
+    pub boot: Option<BootId>,
+    /// This node's nonce for the peer.
+    pub nonce: [u8; 16],
+    /// What the peer last said about itself (echoed in our hellos).
+    pub heard_boot: BootId,
+    pub heard_nonce: [u8; 16],
+    /// Our hello sequence number under `nonce`.
+    pub seq_out: u64,
+    /// Highest sequence number accepted under the peer's nonce.
+    pub seq_in: Option<([u8; 16], u64)>,
+    pub inbound: BTreeMap<Slot, InSa>,
+    pub outbound: BTreeMap<Slot, OutSa>,
+    /// Key-ids the peer holds (bitmap), from its last fresh hello.
+    pub peer_key_ids: u16,
+    pub last_fresh: Option<Instant>,
+}
+
+/// The local facts a decision needs.
+pub struct Local<'a> {
+    pub boot: &'a BootId,
+    /// Key-ids this node can make new SAs with, oldest first (the last is current).
+    pub key_ids: &'a [u8],
+    /// Families both ends have an endpoint in.
+    pub families: &'a [Family],
+}
+
+impl Peer {
+    pub fn new(name: &str, nonce: [u8; 16]) -> Peer {
+        Peer {
+            name: name.to_string(),
+            boot: None,
+            nonce,
+            heard_boot: [0; 16],
+            heard_nonce: [0; 16],
+            seq_out: 0,
+            seq_in: None,
+            inbound: BTreeMap::new(),
+            outbound: BTreeMap::new(),
+            peer_key_ids: 0,
+            last_fresh: None,
+        }
+    }
+
+    /// Take a verified hello from this peer. `spi` allocates a fresh inbound SPI (unique
+    /// among this node's inbound SAs); `nonce` makes a fresh nonce.
+    pub fn on_hello(
+        &mut self,
+        h: &Hello,
+        local: &Local,
+        now: Instant,
+        spi: &mut dyn FnMut() -> u32,
+        nonce: &mut dyn FnMut() -> [u8; 16],
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        self.heard_boot = h.boot;
+        self.heard_nonce = h.nonce;
+        if h.echo_nonce != self.nonce || h.echo_boot != *local.boot {
+            out.stale = true;
+            return out;
+        }
+        if let Some((n, s)) = self.seq_in
+            && n == h.nonce
+            && h.seq <= s
+        {
+            out.replayed = true;
+            return out;
+        }
+        self.seq_in = Some((h.nonce, h.seq));
+        self.last_fresh = Some(now);
+        self.peer_key_ids = h.key_ids;
+
+        if self.boot != Some(h.boot) {
+            out.boot_changed = Some(self.boot);
+            if self.boot.is_some() {
+                // A reboot: every SA of the pair is keyed to the old epoch. Drop them all
+                // and start over under a new nonce, so that nothing said before the reboot
+                // (or replayed from then) counts.
+                out.sas_changed |= !self.inbound.is_empty() || !self.outbound.is_empty();
+                self.inbound.clear();
+                self.outbound.clear();
+                self.nonce = nonce();
+                self.seq_out = 0;
+                self.boot = Some(h.boot);
+                return out;
+            }
+            self.boot = Some(h.boot);
+        }
+
+        // Offers: one inbound SA per family and key-id we hold.
+        let reported = |slot: Slot| {
+            h.outbound
+                .iter()
+                .find(|o| (o.family, o.key_id) == slot)
+                .map(|o| o.spi)
+        };
+        for &f in local.families {
+            for &k in local.key_ids {
+                let slot = (f, k);
+                let fresh_needed = match self.inbound.get_mut(&slot) {
+                    None => true,
+                    Some(sa) if sa.peer_boot != h.boot => true,
+                    Some(sa) if reported(slot) == Some(sa.spi) => {
+                        sa.confirmed = true;
+                        false
+                    }
+                    // Offered to an earlier instance of the peer, which is gone without
+                    // having taken it (or having lost it): offer anew.
+                    Some(sa) => sa.bound != h.nonce,
+                };
+                if fresh_needed {
+                    self.inbound.insert(
+                        slot,
+                        InSa {
+                            spi: spi(),
+                            bound: h.nonce,
+                            peer_boot: h.boot,
+                            confirmed: false,
+                        },
+                    );
+                    out.sas_changed = true;
+                }
+            }
+        }
+
+        // Take the peer's offers made for our current nonce, for keys we hold.
+        for o in h.offers.iter().filter(|o| o.bound) {
+            let slot = (o.family, o.key_id);
+            if !local.families.contains(&o.family) || !local.key_ids.contains(&o.key_id) {
+                continue;
+            }
+            let want = OutSa {
+                spi: o.spi,
+                peer_boot: h.boot,
+            };
+            if self.outbound.get(&slot) != Some(&want) {
+                self.outbound.insert(slot, want);
+                out.sas_changed = true;
+            }
+        }
+        out
+    }
+
+    /// One of our outbound SAs to this peer vanished from the kernel (flushed from under
+    /// us). Its SPI, and so its key, must never be used again: forget it and take a new
+    /// nonce, so the peer offers a new SPI for it.
+    pub fn outbound_lost(&mut self, slot: Slot, nonce: [u8; 16]) {
+        self.outbound.remove(&slot);
+        self.nonce = nonce;
+        self.seq_out = 0;
+    }
+
+    /// The next hello to this peer.
+    pub fn hello(&mut self, me: &str, local: &Local, key_bits: u16) -> Hello {
+        self.seq_out += 1;
+        Hello {
+            sender: me.to_string(),
+            receiver: self.name.clone(),
+            boot: *local.boot,
+            nonce: self.nonce,
+            seq: self.seq_out,
+            echo_boot: self.heard_boot,
+            echo_nonce: self.heard_nonce,
+            key_ids: key_bits,
+            offers: self
+                .inbound
+                .iter()
+                .map(|(&(family, key_id), sa)| Offer {
+                    family,
+                    key_id,
+                    spi: sa.spi,
+                    bound: sa.bound == self.heard_nonce,
+                })
+                .collect(),
+            outbound: self
+                .outbound
+                .iter()
+                .map(|(&(family, key_id), sa)| Outbound {
+                    family,
+                    key_id,
+                    spi: sa.spi,
+                })
+                .collect(),
+        }
+    }
+
+    /// Up: for every family, the newest key-id both hold has SAs both ways, and the peer
+    /// confirmed sending on ours.
+    pub fn is_up(&self, families: &[Family]) -> bool {
+        !families.is_empty()
+            && families.iter().all(|f| {
+                self.outbound.keys().any(|(of, _)| of == f)
+                    && self
+                        .inbound
+                        .iter()
+                        .any(|((inf, _), sa)| inf == f && sa.confirmed)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two nodes exchanging hellos in memory, with deterministic SPIs and nonces.
+    struct Node {
+        name: &'static str,
+        boot: BootId,
+        keys: Vec<u8>,
+        peer: Peer,
+        counter: u32,
+        nonces: u8,
+    }
+
+    const FAM: &[Family] = &[Family::V4, Family::V6];
+
+    impl Node {
+        fn new(name: &'static str, other: &str, boot: u8, seed: u32) -> Node {
+            Node {
+                name,
+                boot: [boot; 16],
+                keys: vec![1],
+                peer: Peer::new(other, [seed as u8; 16]),
+                counter: seed * 1000,
+                nonces: (seed as u8).wrapping_mul(40),
+            }
+        }
+        fn bits(&self) -> u16 {
+            self.keys.iter().fold(0, |b, k| b | 1 << k)
+        }
+        fn send(&mut self) -> Hello {
+            let keys = self.keys.clone();
+            let bits = self.bits();
+            let local = Local {
+                boot: &self.boot,
+                key_ids: &keys,
+                families: FAM,
+            };
+            self.peer.hello(self.name, &local, bits)
+        }
+        fn recv(&mut self, h: &Hello) -> Outcome {
+            let keys = self.keys.clone();
+            let local = Local {
+                boot: &self.boot,
+                key_ids: &keys,
+                families: FAM,
+            };
+            let c = &mut self.counter;
+            let mut spi = || {
+                *c += 1;
+                *c
+            };
+            let n = &mut self.nonces;
+            let mut nonce2 = || {
+                *n += 1;
+                [*n; 16]
+            };
+            self.peer
+                .on_hello(h, &local, Instant::now(), &mut spi, &mut nonce2)
+        }
+    }
+
+    fn exchange(a: &mut Node, b: &mut Node, rounds: usize) {
+        for _ in 0..rounds {
+            let h = a.send();
+            b.recv(&h);
+            let h = b.send();
+            a.recv(&h);
+        }
+    }
+
+    fn pair() -> (Node, Node) {
+        (Node::new("a", "b", 1, 1), Node::new("b", "a", 2, 2))
+    }
+
+    /// Outbound of one side uses exactly the inbound SPIs of the other.
+    fn consistent(a: &Node, b: &Node) -> bool {
+        a.peer
+            .outbound
+            .iter()
+            .all(|(s, o)| b.peer.inbound.get(s).is_some_and(|i| i.spi == o.spi))
+            && b.peer
+                .outbound
+                .iter()
+                .all(|(s, o)| a.peer.inbound.get(s).is_some_and(|i| i.spi == o.spi))
+    }
+
+    #[test]
+    fn two_nodes_come_up_in_a_few_round_trips() {
+        let (mut a, mut b) = pair();
+        // The first hello is not fresh (a has not heard b's nonce): nothing changes.
+        let h = a.send();
+        assert!(b.recv(&h).stale);
+        assert!(b.peer.inbound.is_empty());
+        exchange(&mut a, &mut b, 3);
+        assert!(
+            a.peer.is_up(FAM) && b.peer.is_up(FAM),
+            "{:?}\n{:?}",
+            a.peer,
+            b.peer
+        );
+        assert!(consistent(&a, &b));
+        assert_eq!(a.peer.boot, Some([2; 16]));
+        // Steady state: more hellos change nothing.
+        let before = (a.peer.inbound.clone(), a.peer.outbound.clone());
+        for _ in 0..3 {
+            let h = b.send();
+            assert!(!a.recv(&h).sas_changed);
+            let h = a.send();
+            b.recv(&h);
+        }
+        assert_eq!(before, (a.peer.inbound.clone(), a.peer.outbound.clone()));
+    }
+
+    #[test]
+    fn replayed_and_reordered_hellos_change_nothing() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let old = b.send();
+        exchange(&mut a, &mut b, 1);
+        let snapshot = format!("{:?}", a.peer);
+        let o = a.recv(&old);
+        assert!(o.replayed, "{o:?}");
+        assert_eq!(snapshot, format!("{:?}", a.peer));
+    }
+
+    #[test]
+    fn a_reboot_rekeys_the_pair_and_old_hellos_cannot_roll_it_back() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let old_out = a.peer.outbound.clone();
+        let pre_reboot = b.send();
+        // b reboots: new boot ID, new daemon state.
+        b = Node::new("b", "a", 9, 5);
+        exchange(&mut a, &mut b, 4);
+        assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM));
+        assert!(consistent(&a, &b));
+        assert_eq!(a.peer.boot, Some([9; 16]));
+        for (slot, sa) in &a.peer.outbound {
+            assert_eq!(sa.peer_boot, [9; 16]);
+            assert_ne!(old_out.get(slot).map(|o| o.spi), Some(sa.spi));
+        }
+        // A hello recorded before the reboot is stale now: no rollback to boot 2.
+        let o = a.recv(&pre_reboot);
+        assert!(o.stale && o.boot_changed.is_none());
+        assert_eq!(a.peer.boot, Some([9; 16]));
+    }
+
+    #[test]
+    fn daemon_restart_adopts_without_rekeying() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let (ain, aout) = (a.peer.inbound.clone(), a.peer.outbound.clone());
+        // b's daemon restarts on the same boot: new nonce, but it adopted its SAs from the
+        // kernel (the caller restores inbound/outbound from the dump).
+        let mut nb = Node::new("b", "a", 2, 7);
+        nb.peer.inbound = b.peer.inbound.clone();
+        nb.peer.outbound = b.peer.outbound.clone();
+        nb.peer.boot = b.peer.boot;
+        exchange(&mut a, &mut nb, 3);
+        assert_eq!(a.peer.outbound, aout);
+        assert_eq!(
+            a.peer.inbound.values().map(|s| s.spi).collect::<Vec<_>>(),
+            ain.values().map(|s| s.spi).collect::<Vec<_>>()
+        );
+        assert!(consistent(&a, &nb));
+    }
+
+    #[test]
+    fn a_lost_outbound_sa_is_never_recreated_under_its_old_spi() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let slot = (Family::V4, 1);
+        let old = a.peer.outbound[&slot].spi;
+        a.peer.outbound_lost(slot, [0x77; 16]);
+        exchange(&mut a, &mut b, 3);
+        let new = a.peer.outbound[&slot].spi;
+        assert_ne!(old, new);
+        assert!(consistent(&a, &b));
+        assert!(a.peer.is_up(FAM));
+    }
+
+    #[test]
+    fn rotation_moves_outbound_only_when_both_hold_the_key() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        a.keys = vec![1, 2];
+        exchange(&mut a, &mut b, 3);
+        // a offers key 2, but b does not hold it: nobody sends with key 2 yet.
+        assert!(!b.peer.outbound.keys().any(|(_, k)| *k == 2));
+        assert!(!a.peer.outbound.keys().any(|(_, k)| *k == 2));
+        b.keys = vec![1, 2];
+        exchange(&mut a, &mut b, 3);
+        for f in FAM {
+            assert!(
+                a.peer.outbound.contains_key(&(*f, 2)) && b.peer.outbound.contains_key(&(*f, 2))
+            );
+            // The old key's SAs are still there until they are retired.
+            assert!(a.peer.inbound.contains_key(&(*f, 1)));
+        }
+        assert!(consistent(&a, &b));
+    }
+}
