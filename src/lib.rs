@@ -13,4 +13,6 @@ pub mod keys;
 pub mod logging;
 pub mod net;
 pub mod peer;
+pub mod plan;
+pub mod reconcile;
 pub mod watch;

@@ -91,14 +91,14 @@ impl Peer {
         }
     }
 
-    /// Take a verified hello from this peer. `spi` allocates a fresh inbound SPI (unique
-    /// among this node's inbound SAs); `nonce` makes a fresh nonce.
+    /// Take a verified hello from this peer. `spi` allocates a fresh inbound SPI for a
+    /// key-id (unique among this node's inbound SAs); `nonce` makes a fresh nonce.
     pub fn on_hello(
         &mut self,
         h: &Hello,
         local: &Local,
         now: Instant,
-        spi: &mut dyn FnMut() -> u32,
+        spi: &mut dyn FnMut(u8) -> u32,
         nonce: &mut dyn FnMut() -> [u8; 16],
     ) -> Outcome {
         let mut out = Outcome::default();
@@ -161,7 +161,7 @@ impl Peer {
                     self.inbound.insert(
                         slot,
                         InSa {
-                            spi: spi(),
+                            spi: spi(k),
                             bound: h.nonce,
                             peer_boot: h.boot,
                             confirmed: false,
@@ -295,9 +295,9 @@ mod tests {
                 families: FAM,
             };
             let c = &mut self.counter;
-            let mut spi = || {
+            let mut spi = |k: u8| {
                 *c += 1;
-                *c
+                crate::plan::make_spi(*c, k)
             };
             let n = &mut self.nonces;
             let mut nonce2 = || {

@@ -1,0 +1,405 @@
+//! The desired XFRM objects, from the validated configuration, this node's boot ID and
+//! what the hello protocol agreed with each peer. Pure.
+//!
+//! Policies depend on the inventory only, so they are in place before any SA exists:
+//! traffic to a peer without SAs is dropped by the kernel (XfrmOutNoStates), never sent
+//! in plaintext. SAs follow the peers' hello state.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::config::{Config, Node};
+use crate::hello::Family;
+use crate::kernel::xfrm::{
+    Action, Algorithm, Direction, Mode, PRIORITY_EXEMPT, PRIORITY_TUNNEL, REQID_MIN, Selector,
+    StateId, Template, XfrmPolicy, XfrmState,
+};
+use crate::keys::{BootId, SaContext, SaKey, sa_key};
+use crate::net::Cidr;
+use crate::peer::{Peer, Slot};
+
+/// The reqid of every encryptd SA and template. States are told apart by their addresses
+/// and SPI, so one reqid is enough; it marks them as encryptd's.
+pub const REQID: u32 = REQID_MIN + 1;
+
+/// ICMPv6 neighbour solicitation and advertisement: they must bypass the tunnel, or the
+/// IPv6 underlay stalls before the first SA exists.
+const ND_TYPES: [u8; 2] = [135, 136];
+
+/// HMAC-SHA256 truncated to 128 bits (RFC 4868).
+const HMAC_SHA256_TRUNC_BITS: u32 = 128;
+
+pub fn family(ip: &IpAddr) -> Family {
+    if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+}
+
+/// The node's tunnel endpoint in `f`: its first address of that family.
+pub fn endpoint(n: &Node, f: Family) -> Option<IpAddr> {
+    n.addresses.iter().copied().find(|a| family(a) == f)
+}
+
+/// Families both nodes have an endpoint in.
+pub fn families(me: &Node, peer: &Node) -> Vec<Family> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .filter(|f| endpoint(me, *f).is_some() && endpoint(peer, *f).is_some())
+        .collect()
+}
+
+/// Everything behind a node in family `f`: its addresses and subnets.
+fn prefixes(n: &Node, f: Family) -> Vec<Cidr> {
+    n.addresses
+        .iter()
+        .filter(|a| family(a) == f)
+        .map(|a| Cidr::host(*a))
+        .chain(n.subnets.iter().copied().filter(|c| family(&c.addr()) == f))
+        .collect()
+}
+
+fn any(f: Family) -> Cidr {
+    let s = if f == Family::V4 { "0.0.0.0/0" } else { "::/0" };
+    s.parse().expect("literal")
+}
+
+fn exempt(selector: Selector, dir: Direction) -> XfrmPolicy {
+    XfrmPolicy {
+        selector,
+        dir,
+        priority: PRIORITY_EXEMPT,
+        action: Action::Allow,
+        template: None,
+    }
+}
+
+/// Policies: exemptions for the hello (and IPv6 neighbour discovery), then for every
+/// peer and family, out/in/fwd between every prefix of each side through the tunnel.
+pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
+    let me = cfg.me();
+    let mut out = Vec::new();
+    let used: Vec<Family> = [Family::V4, Family::V6]
+        .into_iter()
+        .filter(|f| {
+            cfg.inventory
+                .peers(&me.name)
+                .any(|p| families(me, p).contains(f))
+        })
+        .collect();
+    for &f in &used {
+        let hello = Selector::new(any(f), any(f)).udp_dport(cfg.settings.ipsec.hello_port);
+        out.push(exempt(hello, Direction::Out));
+        out.push(exempt(hello, Direction::In));
+        if f == Family::V6 {
+            for t in ND_TYPES {
+                let nd = Selector::new(any(f), any(f)).icmp_type(t);
+                out.push(exempt(nd, Direction::Out));
+                out.push(exempt(nd, Direction::In));
+            }
+        }
+    }
+    for peer in cfg.inventory.peers(&me.name) {
+        for f in families(me, peer) {
+            let (mine, theirs) = (endpoint(me, f).unwrap(), endpoint(peer, f).unwrap());
+            let tunnel = |src, dst| {
+                Some(Template {
+                    src,
+                    dst,
+                    reqid: REQID,
+                    mode: Mode::Tunnel,
+                })
+            };
+            for l in prefixes(me, f) {
+                for p in prefixes(peer, f) {
+                    let pol = |selector, dir, template| XfrmPolicy {
+                        selector,
+                        dir,
+                        priority: PRIORITY_TUNNEL,
+                        action: Action::Allow,
+                        template,
+                    };
+                    out.push(pol(
+                        Selector::new(l, p),
+                        Direction::Out,
+                        tunnel(mine, theirs),
+                    ));
+                    out.push(pol(
+                        Selector::new(p, l),
+                        Direction::In,
+                        tunnel(theirs, mine),
+                    ));
+                    out.push(pol(
+                        Selector::new(p, l),
+                        Direction::Fwd,
+                        tunnel(theirs, mine),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn algorithm(k: SaKey) -> Algorithm {
+    match k {
+        SaKey::Gcm { key, icv_bits } => Algorithm::gcm_aes(key, u32::from(icv_bits)),
+        SaKey::CbcHmac { enc, auth } => {
+            Algorithm::cbc_aes_hmac_sha256(enc, auth, HMAC_SHA256_TRUNC_BITS)
+        }
+    }
+}
+
+/// A desired SA: fully specified when its key can be derived; `None` when its key-id is no
+/// longer in the keys file, in which case the SA installed earlier is kept as it is.
+pub type DesiredStates = BTreeMap<StateId, Option<XfrmState>>;
+
+/// SAs for every peer's agreed slots.
+pub fn states(cfg: &Config, boot: &BootId, peers: &BTreeMap<String, Peer>) -> DesiredStates {
+    let me = cfg.me();
+    let mut out = DesiredStates::new();
+    for peer_node in cfg.inventory.peers(&me.name) {
+        let Some(peer) = peers.get(&peer_node.name) else {
+            continue;
+        };
+        for f in families(me, peer_node) {
+            let (mine, theirs) = (endpoint(me, f).unwrap(), endpoint(peer_node, f).unwrap());
+            let slot_sas = peer
+                .inbound
+                .iter()
+                .map(|(s, sa)| (s, sa.spi, sa.peer_boot, false))
+                .chain(
+                    peer.outbound
+                        .iter()
+                        .map(|(s, sa)| (s, sa.spi, sa.peer_boot, true)),
+                );
+            for (&(sf, key_id), spi, peer_boot, outbound) in slot_sas {
+                if sf != f {
+                    continue;
+                }
+                let (src, dst, sender, receiver, sb, rb) = if outbound {
+                    (mine, theirs, &me.name, &peer.name, boot, &peer_boot)
+                } else {
+                    (theirs, mine, &peer.name, &me.name, &peer_boot, boot)
+                };
+                let id = StateId {
+                    src,
+                    dst,
+                    spi,
+                    reqid: REQID,
+                };
+                let entry = cfg.keys.as_ref().and_then(|k| k.get(key_id));
+                let state = entry.map(|e| {
+                    let key = sa_key(
+                        e,
+                        &SaContext {
+                            sender,
+                            receiver,
+                            src,
+                            dst,
+                            sender_boot: sb,
+                            receiver_boot: rb,
+                            spi,
+                        },
+                    );
+                    let mut s = XfrmState::tunnel(src, dst, spi, REQID, algorithm(key));
+                    s.replay_window = cfg.settings.ipsec.replay_window;
+                    s
+                });
+                out.insert(id, state);
+            }
+        }
+    }
+    out
+}
+
+/// The slot of an SPI chosen by this node: the key-id sits in the low 4 bits, so that
+/// SAs adopted from the kernel after a restart can be put back in their slots.
+pub fn key_id_of_spi(spi: u32) -> u8 {
+    (spi & 0xF) as u8
+}
+
+/// Make an SPI for key-id `key_id` from 28 random bits; never one of the reserved 0..=255.
+pub fn make_spi(random: u32, key_id: u8) -> u32 {
+    let spi = (random << 4) | u32::from(key_id & 0xF);
+    if spi < 0x100 { spi | 0x1000_0000 } else { spi }
+}
+
+/// The peer and slot of one of our states, from its addresses and SPI.
+pub fn slot_of(cfg: &Config, s: &StateId) -> Option<(String, Slot, bool)> {
+    let me = cfg.me();
+    let f = family(&s.src);
+    let outbound = endpoint(me, f) == Some(s.src);
+    let peer_addr = if outbound { s.dst } else { s.src };
+    if !outbound && endpoint(me, f) != Some(s.dst) {
+        return None;
+    }
+    let peer = cfg
+        .inventory
+        .peers(&me.name)
+        .find(|p| endpoint(p, f) == Some(peer_addr))?;
+    Some((peer.name.clone(), (f, key_id_of_spi(s.spi)), outbound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::inventory::Inventory;
+    use crate::config::keys::{Algorithm as KAlg, KeyEntry, KeyRing};
+    use crate::config::settings::{Ipsec, Mode as CMode, Settings, Strict, Wireguard};
+    use crate::peer::{InSa, OutSa};
+    use std::path::PathBuf;
+    use std::time::Duration;
+    use zeroize::Zeroizing;
+
+    fn node(name: &str, addrs: &[&str], subnets: &[&str]) -> Node {
+        Node {
+            name: name.into(),
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            subnets: subnets.iter().map(|s| s.parse().unwrap()).collect(),
+            wireguard_public_key: None,
+            span: 0..0,
+        }
+    }
+
+    pub fn config(nodes: Vec<Node>) -> Config {
+        Config {
+            settings: Settings {
+                mode: CMode::Ipsec,
+                node: "a".into(),
+                node_span: None,
+                inventory: PathBuf::new(),
+                runtime_dir: PathBuf::new(),
+                boot_id_path: PathBuf::new(),
+                ipsec: Ipsec {
+                    keys: PathBuf::new(),
+                    interface: None,
+                    key_rotation_duration: Duration::from_secs(300),
+                    replay_window: 4096,
+                    hello_port: 4510,
+                },
+                wireguard: Wireguard {
+                    interface: "encryptd0".into(),
+                    listen_port: 51871,
+                    private_key: PathBuf::new(),
+                },
+                strict: Strict {
+                    enabled: false,
+                    cidrs: vec![],
+                    ingress: true,
+                    allow_remote_node_identities: false,
+                    exceptions: vec![],
+                },
+                strict_cidr_spans: vec![],
+            },
+            inventory: Inventory { nodes },
+            keys: Some(KeyRing {
+                entries: vec![KeyEntry {
+                    id: 1,
+                    algorithm: KAlg::Gcm {
+                        key_bits: 128,
+                        icv_bits: 128,
+                    },
+                    psk: Zeroizing::new(vec![7; 20]),
+                    line: 1,
+                }],
+            }),
+        }
+    }
+
+    fn mesh() -> Config {
+        config(vec![
+            node("a", &["10.0.0.1", "fd00::1"], &["10.1.0.0/24"]),
+            node("b", &["10.0.0.2", "fd00::2"], &[]),
+            node("c", &["10.0.0.3"], &["10.3.0.0/24", "10.4.0.0/24"]),
+        ])
+    }
+
+    #[test]
+    fn policies_cover_every_prefix_pair_and_exempt_hello_and_nd() {
+        let p = policies(&mesh());
+        let tunnel: Vec<_> = p.iter().filter(|p| p.template.is_some()).collect();
+        // a-b: v4 2×1 + v6 1×1 = 3 pairs; a-c: v4 2×3 = 6 pairs; 3 directions each.
+        assert_eq!(tunnel.len(), (3 + 6) * 3);
+        let exempt: Vec<_> = p.iter().filter(|p| p.template.is_none()).collect();
+        assert_eq!(exempt.len(), 2 + 2 + 4);
+        let out_ab = p
+            .iter()
+            .find(|p| {
+                p.dir == Direction::Out
+                    && p.selector
+                        == Selector::new(
+                            "10.1.0.0/24".parse().unwrap(),
+                            "10.0.0.2/32".parse().unwrap(),
+                        )
+            })
+            .expect("subnet of a to address of b");
+        let t = out_ab.template.unwrap();
+        assert_eq!(
+            (t.src.to_string(), t.dst.to_string()),
+            ("10.0.0.1".into(), "10.0.0.2".into())
+        );
+        // Never a policy between a node's own prefixes.
+        assert!(!p.iter().any(|p| p.template.is_some()
+            && p.selector.src.addr().to_string() == "10.0.0.1"
+            && p.selector.dst.addr().to_string() == "10.1.0.0"));
+        assert!(
+            p.iter()
+                .all(|p| crate::kernel::xfrm::is_our_priority(p.priority))
+        );
+    }
+
+    #[test]
+    fn states_follow_the_peers_slots_with_per_direction_keys() {
+        let cfg = mesh();
+        let mut peers = BTreeMap::new();
+        let mut b = Peer::new("b", [1; 16]);
+        b.inbound.insert(
+            (Family::V4, 1),
+            InSa {
+                spi: make_spi(5, 1),
+                bound: [0; 16],
+                peer_boot: [2; 16],
+                confirmed: true,
+            },
+        );
+        b.outbound.insert(
+            (Family::V4, 1),
+            OutSa {
+                spi: make_spi(9, 1),
+                peer_boot: [2; 16],
+            },
+        );
+        peers.insert("b".to_string(), b);
+        let s = states(&cfg, &[1; 16], &peers);
+        assert_eq!(s.len(), 2);
+        let sas: Vec<&XfrmState> = s.values().map(|v| v.as_ref().unwrap()).collect();
+        assert_ne!(
+            sas[0].algorithm, sas[1].algorithm,
+            "each direction has its own key"
+        );
+        for st in &sas {
+            assert_eq!(st.replay_window, 4096);
+            assert!(st.esn);
+            let (peer, slot, outbound) = slot_of(&cfg, &st.id()).unwrap();
+            assert_eq!((peer.as_str(), slot), ("b", (Family::V4, 1)));
+            assert_eq!(outbound, st.src.to_string() == "10.0.0.1");
+        }
+        // A key-id no longer in the keys file: keep what is installed.
+        let mut cfg2 = mesh();
+        cfg2.keys.as_mut().unwrap().entries[0].id = 2;
+        assert!(
+            states(&cfg2, &[1; 16], &peers)
+                .values()
+                .all(Option::is_none)
+        );
+    }
+
+    #[test]
+    fn spis_carry_the_key_id_and_avoid_reserved_values() {
+        for k in 1..=15u8 {
+            for r in [0, 1, 0x0FFF_FFFF, 12345] {
+                let spi = make_spi(r, k);
+                assert!(spi >= 0x100);
+                assert_eq!(key_id_of_spi(spi), k);
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Desired XFRM objects against what the kernel reports: the operations that make the
+//! kernel match, touching only encryptd's own objects. Pure.
+//!
+//! A state is never overwritten with a different key under the same SPI: a mismatch is
+//! reported as `conflicts` and the caller re-keys through the hello protocol (a new SPI).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use crate::kernel::xfrm::{DumpedPolicy, DumpedState, PolicyId, StateId, XfrmPolicy, XfrmState};
+use crate::plan::DesiredStates;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Ops {
+    pub add_policies: Vec<XfrmPolicy>,
+    pub update_policies: Vec<XfrmPolicy>,
+    pub delete_policies: Vec<XfrmPolicy>,
+    pub add_states: Vec<XfrmState>,
+    pub delete_states: Vec<XfrmState>,
+    /// Desired but absent from the kernel, with no key to install it (kept SAs).
+    pub missing: Vec<StateId>,
+    /// Present under the desired SPI but with another key or shape: left alone.
+    pub conflicts: Vec<StateId>,
+}
+
+impl Ops {
+    pub fn is_empty(&self) -> bool {
+        self.add_policies.is_empty()
+            && self.update_policies.is_empty()
+            && self.delete_policies.is_empty()
+            && self.add_states.is_empty()
+            && self.delete_states.is_empty()
+    }
+}
+
+/// The kernel keys states by destination and SPI (ESP only).
+fn state_key(dst: IpAddr, spi: u32) -> (IpAddr, u32) {
+    (dst, spi)
+}
+
+pub fn diff(
+    policies: &[XfrmPolicy],
+    states: &DesiredStates,
+    kernel_policies: &[DumpedPolicy],
+    kernel_states: &[DumpedState],
+) -> Ops {
+    let mut ops = Ops::default();
+
+    let have: HashMap<PolicyId, &XfrmPolicy> = kernel_policies
+        .iter()
+        .filter(|p| p.is_ours())
+        .map(|p| (p.id(), &p.policy))
+        .collect();
+    let mut want: HashMap<PolicyId, &XfrmPolicy> = HashMap::with_capacity(policies.len());
+    for p in policies {
+        want.insert(p.id(), p);
+        match have.get(&p.id()) {
+            None => ops.add_policies.push(*p),
+            Some(k) if *k != p => ops.update_policies.push(*p),
+            Some(_) => {}
+        }
+    }
+    for p in kernel_policies.iter().filter(|p| p.is_ours()) {
+        if !want.contains_key(&p.id()) {
+            ops.delete_policies.push(p.policy);
+        }
+    }
+
+    let have: BTreeMap<(IpAddr, u32), &DumpedState> = kernel_states
+        .iter()
+        .filter(|s| s.is_ours())
+        .map(|s| (state_key(s.state.dst, s.state.spi), s))
+        .collect();
+    let mut wanted_keys = std::collections::BTreeSet::new();
+    for (id, desired) in states {
+        wanted_keys.insert(state_key(id.dst, id.spi));
+        match (have.get(&state_key(id.dst, id.spi)), desired) {
+            (None, Some(s)) => ops.add_states.push(s.clone()),
+            (None, None) => ops.missing.push(*id),
+            (Some(k), Some(s)) if k.state != *s => ops.conflicts.push(*id),
+            (Some(k), None) if k.state.src != id.src => ops.conflicts.push(*id),
+            (Some(_), _) => {}
+        }
+    }
+    for s in have.values() {
+        if !wanted_keys.contains(&state_key(s.state.dst, s.state.spi)) {
+            ops.delete_states.push(s.state.clone());
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::xfrm::{Algorithm, StateCounters};
+    use crate::plan::REQID;
+    use zeroize::Zeroizing;
+
+    fn st(spi: u32, key: u8) -> XfrmState {
+        XfrmState::tunnel(
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            spi,
+            REQID,
+            Algorithm::gcm_aes(Zeroizing::new(vec![key; 20]), 128),
+        )
+    }
+
+    fn dumped(s: XfrmState) -> DumpedState {
+        DumpedState {
+            state: s,
+            proto: 50,
+            counters: StateCounters::default(),
+            extras: vec![],
+        }
+    }
+
+    fn desired(v: &[(XfrmState, bool)]) -> DesiredStates {
+        v.iter()
+            .map(|(s, keep)| (s.id(), (!keep).then(|| s.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn adds_deletes_and_leaves_equal_and_foreign_alone() {
+        let foreign = {
+            let mut s = st(0x999, 9);
+            s.reqid = 7;
+            dumped(s)
+        };
+        let kernel = vec![dumped(st(0x100, 1)), dumped(st(0x200, 2)), foreign];
+        let ops = diff(
+            &[],
+            &desired(&[(st(0x100, 1), false), (st(0x300, 3), false)]),
+            &[],
+            &kernel,
+        );
+        assert_eq!(ops.add_states, vec![st(0x300, 3)]);
+        assert_eq!(ops.delete_states, vec![st(0x200, 2)]);
+        assert!(ops.conflicts.is_empty() && ops.missing.is_empty());
+    }
+
+    #[test]
+    fn no_change_means_no_operation() {
+        let kernel = vec![dumped(st(0x100, 1))];
+        let ops = diff(&[], &desired(&[(st(0x100, 1), false)]), &[], &kernel);
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
+    #[test]
+    fn a_different_key_under_an_installed_spi_is_a_conflict_not_an_overwrite() {
+        let kernel = vec![dumped(st(0x100, 1))];
+        let ops = diff(&[], &desired(&[(st(0x100, 2), false)]), &[], &kernel);
+        assert!(ops.is_empty());
+        assert_eq!(ops.conflicts, vec![st(0x100, 2).id()]);
+    }
+
+    #[test]
+    fn kept_states_are_not_touched_and_missing_ones_reported() {
+        let kernel = vec![dumped(st(0x100, 1))];
+        let ops = diff(
+            &[],
+            &desired(&[(st(0x100, 7), true), (st(0x400, 1), true)]),
+            &[],
+            &kernel,
+        );
+        assert!(ops.is_empty());
+        assert_eq!(ops.missing, vec![st(0x400, 1).id()]);
+    }
+}
