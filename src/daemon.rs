@@ -14,11 +14,17 @@ use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::config::{self, Config, Diagnostic, Paths};
+use crate::config::{self, Config, Diagnostic, Mode, Paths};
+use crate::ipsec::Engine;
 use crate::watch::Watcher;
 
 const INOTIFY: Token = Token(0);
 const SIGNALS: Token = Token(1);
+const HELLO: Token = Token(2);
+
+/// READY=1 waits at most this long for peers to come up (peers that do not run encryptd
+/// yet must not hold the boot of this one).
+const READY_WAIT: Duration = Duration::from_secs(10);
 
 /// Editors and config management touch a file several times in a row (write, rename,
 /// chmod); wait this long after the last event before reading.
@@ -32,6 +38,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("ipsec: {0}")]
+    Ipsec(#[from] crate::ipsec::Error),
+    #[error("mode = \"wireguard\" is not available in this version yet")]
+    WireguardUnavailable,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
@@ -82,6 +92,9 @@ struct Daemon {
     reload_at: Option<Instant>,
     /// Interval and next deadline of WATCHDOG=1 pings.
     watchdog: Option<(Duration, Instant)>,
+    engine: Option<Engine>,
+    /// Until READY=1 is sent: the latest time to send it.
+    ready_by: Option<Instant>,
 }
 
 impl Daemon {
@@ -94,6 +107,8 @@ impl Daemon {
             watcher: Watcher::new().map_err(io_err("inotify"))?,
             reload_at: None,
             watchdog,
+            engine: None,
+            ready_by: Some(Instant::now() + READY_WAIT),
         })
     }
 
@@ -120,8 +135,11 @@ impl Daemon {
 
     fn status_line(&self) -> String {
         let s = &self.config.settings;
-        let peers = self.config.inventory.peers(&s.node).count();
-        let mut line = format!("{}: 0/{peers} peers up", s.mode.as_str());
+        let (up, peers) = match &self.engine {
+            Some(e) => e.peers_up(&self.config),
+            None => (0, self.config.inventory.peers(&s.node).count()),
+        };
+        let mut line = format!("{}: {up}/{peers} peers up", s.mode.as_str());
         if let Some(k) = self.config.keys.as_ref().and_then(|k| k.current()) {
             line += &format!(", key {}", k.id);
         }
@@ -147,6 +165,21 @@ impl Daemon {
             .register(&mut SourceFd(&ifd), INOTIFY, Interest::READABLE)
             .map_err(io_err("register inotify"))?;
         self.rewatch();
+        match self.config.settings.mode {
+            Mode::Ipsec => {
+                let mut engine = Engine::start(&self.config)?;
+                poll.registry()
+                    .register(
+                        &mut SourceFd(&engine.as_raw_fd()),
+                        HELLO,
+                        Interest::READABLE,
+                    )
+                    .map_err(io_err("register hello socket"))?;
+                engine.tick(&self.config, Instant::now())?;
+                self.engine = Some(engine);
+            }
+            Mode::Wireguard => return Err(Error::WireguardUnavailable),
+        }
 
         let me = self.config.me();
         info!(
@@ -160,15 +193,18 @@ impl Daemon {
                 .join(", "),
             self.config.inventory.nodes.len() - 1
         );
-        notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
-
         let mut events = Events::with_capacity(16);
         loop {
             let now = Instant::now();
-            let next = [self.reload_at, self.watchdog.map(|w| w.1)]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                self.reload_at,
+                self.watchdog.map(|w| w.1),
+                self.ready_by,
+                self.engine.as_ref().and_then(Engine::next_deadline),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout = next.map(|t| t.saturating_duration_since(now));
             if let Err(e) = poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -199,10 +235,22 @@ impl Daemon {
                             }
                         }
                     }
+                    HELLO => {
+                        if let Some(e) = &mut self.engine
+                            && e.on_readable(&self.config)
+                            && let Err(err) = e.apply(&self.config)
+                        {
+                            error!("reconcile: {err}");
+                        }
+                    }
                     _ => {}
                 }
             }
             let now = Instant::now();
+            if let Some(e) = &mut self.engine {
+                e.tick(&self.config, now)?;
+            }
+            self.maybe_ready(now);
             if self.reload_at.is_some_and(|t| t <= now) {
                 self.reload_at = None;
                 self.reload("a file change");
@@ -216,12 +264,38 @@ impl Daemon {
         }
     }
 
+    /// READY=1 once every peer is up, or after READY_WAIT for those that are not.
+    fn maybe_ready(&mut self, now: Instant) {
+        let Some(by) = self.ready_by else {
+            return;
+        };
+        let (up, total) = self
+            .engine
+            .as_ref()
+            .map_or((0, 0), |e| e.peers_up(&self.config));
+        if up == total || now >= by {
+            self.ready_by = None;
+            if up < total {
+                warn!("ready with {up}/{total} peers up; the others get SAs when they answer");
+            }
+            notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
+        }
+    }
+
     /// Re-read every file; apply only a configuration that is valid as a whole.
     fn reload(&mut self, why: &str) {
         let mut states = vec![NotifyState::Reloading];
         states.extend(NotifyState::monotonic_usec_now().ok());
         notify(&states);
-        match config::load(&self.paths) {
+        let loaded = config::load(&self.paths).and_then(|new| {
+            let problems = config::check_key_change(&self.config, &new);
+            if problems.is_empty() {
+                Ok(new)
+            } else {
+                Err(problems)
+            }
+        });
+        match loaded {
             Ok(new) => {
                 self.refused = None;
                 if new == self.config {
@@ -233,6 +307,12 @@ impl Daemon {
                     );
                     self.config = new;
                     self.rewatch();
+                    if let Some(e) = &mut self.engine {
+                        match e.reconfigure(&self.config) {
+                            Ok(n) => info!("applied: {n} kernel object(s) changed"),
+                            Err(err) => error!("applying the new configuration: {err}"),
+                        }
+                    }
                 }
             }
             Err(diags) => {
@@ -246,7 +326,9 @@ impl Daemon {
                 self.refused = Some(summary(&diags));
             }
         }
-        notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
+        if self.ready_by.is_none() {
+            notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod hello;
+pub mod ipsec;
 pub mod kernel;
 pub mod keys;
 pub mod logging;

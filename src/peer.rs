@@ -133,6 +133,23 @@ impl Peer {
                 self.boot = Some(h.boot);
                 return out;
             }
+            // First word from the peer since this daemon started: SAs adopted from the
+            // kernel get this epoch. If they belong to an older one, their keys will not
+            // match the derived ones and the caller re-keys them.
+            for sa in self
+                .inbound
+                .values_mut()
+                .filter(|sa| sa.peer_boot == [0; 16])
+            {
+                sa.peer_boot = h.boot;
+            }
+            for sa in self
+                .outbound
+                .values_mut()
+                .filter(|sa| sa.peer_boot == [0; 16])
+            {
+                sa.peer_boot = h.boot;
+            }
             self.boot = Some(h.boot);
         }
 

@@ -139,3 +139,29 @@ fn cross_check(src: &Source, s: &Settings, inv: &Inventory, diags: &Diags) {
         }
     }
 }
+
+/// A reload may add a key-id or drop one, but never change the key under a key-id that is
+/// in use: peers would decrypt with the old key (XfrmInStateProtoError everywhere).
+pub fn check_key_change(old: &Config, new: &Config) -> Vec<Diagnostic> {
+    let (Some(o), Some(n)) = (&old.keys, &new.keys) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in &n.entries {
+        if let Some(prev) = o.get(e.id)
+            && prev != e
+        {
+            out.push(Diagnostic {
+                file: new.settings.ipsec.keys.clone(),
+                line: e.line,
+                col: 1,
+                message: format!(
+                    "key-id {} is in use with another key; a new key needs a new key-id ({}), the old key stays in force",
+                    e.id,
+                    keys::next_id(n.entries.last().map_or(e.id, |l| l.id))
+                ),
+            });
+        }
+    }
+    out
+}

@@ -6,9 +6,11 @@
 //! `ENCRYPTD_KERNEL_TESTS=host` runs the cases directly, for a root shell on a kernel that
 //! has the modules (a real Debian host, or already inside the VM).
 
+mod fleet;
 mod rig;
 
 mod daemon;
+mod ipsec;
 mod nft;
 mod xfrm;
 
@@ -21,7 +23,7 @@ pub type Case = (&'static str, fn() -> Result<(), String>);
 const IN_VM: &str = "ENCRYPTD_KERNEL_TESTS";
 
 fn cases() -> Vec<Case> {
-    [xfrm::CASES, nft::CASES, daemon::CASES].concat()
+    [xfrm::CASES, nft::CASES, daemon::CASES, ipsec::CASES].concat()
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,529 @@
+//! IPsec mode: the hello socket, each peer's state, and reconciling XFRM with the plan.
+//! The daemon's poll loop calls `on_readable` when the hello socket has data and `tick`
+//! at `next_deadline`; every change ends in `apply`, which diffs the plan against the
+//! kernel and sends only the difference.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::hello::{self, Drop, Family};
+use crate::kernel::xfrm::{Xfrm, XfrmError};
+use crate::keys::{self, BootId};
+use crate::peer::{Local, Peer, Slot};
+use crate::plan;
+use crate::reconcile;
+
+/// Hello interval while a peer is not up, and once it is.
+const HELLO_FAST: Duration = Duration::from_secs(1);
+const HELLO_SLOW: Duration = Duration::from_secs(10);
+/// A peer that was up and has been silent this long is `stale` (its SAs stay).
+const STALE_AFTER: Duration = Duration::from_secs(35);
+/// How often the kernel is re-read to notice SAs deleted from under us.
+const RESCAN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading the boot ID from {path}: {reason}")]
+    BootId { path: String, reason: String },
+    #[error("hello socket on port {port}: {source}")]
+    Socket { port: u16, source: io::Error },
+    #[error(transparent)]
+    Xfrm(#[from] XfrmError),
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: writes at most N - filled bytes into our buffer.
+        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+    b
+}
+
+/// Counters of what the hello socket dropped, by reason.
+#[derive(Debug, Default, Clone)]
+pub struct HelloStats {
+    pub received: u64,
+    pub accepted: u64,
+    pub dropped: BTreeMap<&'static str, u64>,
+}
+
+impl HelloStats {
+    fn drop(&mut self, why: &'static str) {
+        *self.dropped.entry(why).or_default() += 1;
+    }
+}
+
+pub struct Engine {
+    boot: BootId,
+    xfrm: Xfrm,
+    socket: UdpSocket,
+    pub peers: BTreeMap<String, Peer>,
+    next_hello: BTreeMap<String, Instant>,
+    /// Old key slots to delete at a time (key rotation).
+    retire: BTreeMap<String, (Instant, Vec<Slot>)>,
+    next_rescan: Instant,
+    pub stats: HelloStats,
+    /// Peers already logged as up, to log transitions once.
+    up: BTreeMap<String, bool>,
+}
+
+fn read_boot(cfg: &Config) -> Result<BootId, Error> {
+    let path = &cfg.settings.boot_id_path;
+    let err = |reason: String| Error::BootId {
+        path: path.display().to_string(),
+        reason,
+    };
+    let s = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    keys::parse_boot_id(&s).ok_or_else(|| err("not a UUID".into()))
+}
+
+fn bind(port: u16) -> Result<UdpSocket, Error> {
+    let sock = UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))
+        .or_else(|_| UdpSocket::bind(SocketAddr::from(([0u8; 4], port))))
+        .map_err(|source| Error::Socket { port, source })?;
+    sock.set_nonblocking(true)
+        .map_err(|source| Error::Socket { port, source })?;
+    Ok(sock)
+}
+
+fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl Engine {
+    /// Open the kernel and the socket, adopt the SAs a previous run left, install the
+    /// policies before anything else.
+    pub fn start(cfg: &Config) -> Result<Engine, Error> {
+        let boot = read_boot(cfg)?;
+        let xfrm = Xfrm::open()?;
+        let socket = bind(cfg.settings.ipsec.hello_port)?;
+        let mut e = Engine {
+            boot,
+            xfrm,
+            socket,
+            peers: BTreeMap::new(),
+            next_hello: BTreeMap::new(),
+            retire: BTreeMap::new(),
+            next_rescan: Instant::now() + RESCAN,
+            stats: HelloStats::default(),
+            up: BTreeMap::new(),
+        };
+        e.sync_peers(cfg);
+        let adopted = e.adopt(cfg)?;
+        if adopted > 0 {
+            info!("adopted {adopted} SAs from the kernel");
+        }
+        e.apply(cfg)?;
+        Ok(e)
+    }
+
+    /// One `Peer` per inventoried peer: new ones added, removed ones dropped.
+    fn sync_peers(&mut self, cfg: &Config) {
+        let me = &cfg.settings.node;
+        let names: Vec<String> = cfg.inventory.peers(me).map(|n| n.name.clone()).collect();
+        self.peers.retain(|n, _| names.contains(n));
+        self.next_hello.retain(|n, _| names.contains(n));
+        self.retire.retain(|n, _| names.contains(n));
+        let now = Instant::now();
+        for n in names {
+            self.peers
+                .entry(n.clone())
+                .or_insert_with(|| Peer::new(&n, random_bytes()));
+            self.next_hello.entry(n).or_insert(now);
+        }
+    }
+
+    /// Put SAs found in the kernel back into their peers' slots (a restart of the daemon
+    /// keeps the kernel's SAs and their sequence numbers).
+    fn adopt(&mut self, cfg: &Config) -> Result<usize, Error> {
+        let mut n = 0;
+        for d in self.xfrm.dump_states()?.into_iter().filter(|d| d.is_ours()) {
+            let Some((peer, slot, outbound)) = plan::slot_of(cfg, &d.id()) else {
+                continue;
+            };
+            let Some(p) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            // The peer's boot ID is learned from its next hello; until then the
+            // adopted SA's epoch is unknown (zeros) and is checked against the key then.
+            if outbound {
+                p.outbound.insert(
+                    slot,
+                    crate::peer::OutSa {
+                        spi: d.state.spi,
+                        peer_boot: [0; 16],
+                    },
+                );
+            } else {
+                p.inbound.insert(
+                    slot,
+                    crate::peer::InSa {
+                        spi: d.state.spi,
+                        bound: [0; 16],
+                        peer_boot: [0; 16],
+                        confirmed: false,
+                    },
+                );
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Key-ids this node makes new SAs with towards `peer`: never older than the newest
+    /// one it already sends with (no going back after a rotation).
+    fn key_ids_for(cfg: &Config, peer: &Peer) -> Vec<u8> {
+        let ids: Vec<u8> = cfg
+            .keys
+            .as_ref()
+            .map(|k| k.entries.iter().map(|e| e.id).collect())
+            .unwrap_or_default();
+        let newest_used = ids
+            .iter()
+            .rposition(|id| peer.outbound.keys().any(|(_, k)| k == id));
+        match newest_used {
+            Some(i) => ids[i..].to_vec(),
+            None => ids,
+        }
+    }
+
+    fn families(cfg: &Config, peer: &str) -> Vec<Family> {
+        match cfg.inventory.node(peer) {
+            Some(p) => plan::families(cfg.me(), p),
+            None => Vec::new(),
+        }
+    }
+
+    /// Make the kernel match the plan. Returns the number of objects changed.
+    pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
+        let policies = plan::policies(cfg);
+        let states = plan::states(cfg, &self.boot, &self.peers);
+        let kp = self.xfrm.dump_policies()?;
+        let ks = self.xfrm.dump_states()?;
+        let ops = reconcile::diff(&policies, &states, &kp, &ks);
+        self.handle_gaps(cfg, &ops);
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        let n = ops.add_policies.len()
+            + ops.update_policies.len()
+            + ops.delete_policies.len()
+            + ops.add_states.len()
+            + ops.delete_states.len();
+        // Policies first, so traffic is dropped rather than leaked while SAs change;
+        // new SAs before old ones go; stale policies last.
+        self.xfrm.add_policies(&ops.add_policies)?;
+        self.xfrm.update_policies(&ops.update_policies)?;
+        self.xfrm.add_states(&ops.add_states)?;
+        self.xfrm.delete_states(&ops.delete_states)?;
+        self.xfrm.delete_policies(&ops.delete_policies)?;
+        debug!(
+            "xfrm: +{} ~{} -{} policies, +{} -{} states",
+            ops.add_policies.len(),
+            ops.update_policies.len(),
+            ops.delete_policies.len(),
+            ops.add_states.len(),
+            ops.delete_states.len()
+        );
+        Ok(n)
+    }
+
+    /// SAs that vanished from the kernel, or whose key is not what the plan derives (an
+    /// adopted SA from an older epoch): never re-created under the same SPI. Outbound:
+    /// a new nonce makes the peer offer a new SPI; inbound: a new SPI is offered.
+    fn handle_gaps(&mut self, cfg: &Config, ops: &reconcile::Ops) {
+        for id in ops.missing.iter().chain(&ops.conflicts) {
+            let Some((peer, slot, outbound)) = plan::slot_of(cfg, id) else {
+                continue;
+            };
+            let Some(p) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            warn!(peer = peer.as_str(), spi = id.spi; "SA {id} is gone or stale; re-keying it");
+            if outbound {
+                p.outbound_lost(slot, random_bytes());
+            } else {
+                p.inbound.remove(&slot);
+            }
+            self.next_hello.insert(peer, Instant::now());
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let retire = self.retire.values().map(|(t, _)| *t);
+        self.next_hello
+            .values()
+            .copied()
+            .chain(retire)
+            .chain(std::iter::once(self.next_rescan))
+            .min()
+    }
+
+    fn hello_keys(
+        cfg: &Config,
+        sender: &str,
+        receiver: &str,
+    ) -> Vec<(u8, zeroize::Zeroizing<Vec<u8>>)> {
+        cfg.keys
+            .iter()
+            .flat_map(|k| k.entries.iter())
+            .map(|e| (e.id, keys::hello_key(e, sender, receiver)))
+            .collect()
+    }
+
+    fn send_hello(&mut self, cfg: &Config, peer: &str) {
+        let me = cfg.me();
+        let Some(node) = cfg.inventory.node(peer) else {
+            return;
+        };
+        let fams = plan::families(me, node);
+        let ids = self
+            .peers
+            .get(peer)
+            .map(|p| Self::key_ids_for(cfg, p))
+            .unwrap_or_default();
+        let bits = cfg
+            .keys
+            .iter()
+            .flat_map(|k| k.entries.iter())
+            .fold(0u16, |b, e| b | 1 << e.id);
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let local = Local {
+            boot: &self.boot,
+            key_ids: &ids,
+            families: &fams,
+        };
+        let h = p.hello(&me.name, &local, bits);
+        let keys = Self::hello_keys(cfg, &me.name, peer);
+        let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
+        let bytes = h.encode(&refs);
+        for f in fams {
+            if let Some(ip) = plan::endpoint(node, f) {
+                let to = SocketAddr::new(ip, cfg.settings.ipsec.hello_port);
+                if let Err(e) = self.socket.send_to(&bytes, to) {
+                    debug!("hello to {peer} at {to}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Read every pending datagram. Returns whether the plan may have changed.
+    pub fn on_readable(&mut self, cfg: &Config) -> bool {
+        let mut buf = [0u8; hello::MAX_LEN + 1];
+        let mut changed = false;
+        loop {
+            let (n, from) = match self.socket.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return changed,
+                Err(e) => {
+                    warn!("hello socket: {e}");
+                    return changed;
+                }
+            };
+            self.stats.received += 1;
+            changed |= self.on_datagram(cfg, &buf[..n], unmap(from.ip()));
+        }
+    }
+
+    fn on_datagram(&mut self, cfg: &Config, bytes: &[u8], from: IpAddr) -> bool {
+        let me = cfg.me();
+        let u = match hello::parse(bytes) {
+            Ok(u) => u,
+            Err(d) => {
+                self.stats.drop(match d {
+                    Drop::Oversized => "oversized",
+                    Drop::Truncated => "truncated",
+                    Drop::NotAHello => "not_a_hello",
+                    Drop::Malformed => "malformed",
+                    Drop::BadMac => "bad_mac",
+                });
+                return false;
+            }
+        };
+        let sender = u.hello.sender.clone();
+        if u.hello.receiver != me.name {
+            self.stats.drop("wrong_receiver");
+            return false;
+        }
+        let Some(node) = cfg.inventory.peers(&me.name).find(|n| n.name == sender) else {
+            self.stats.drop("unknown_sender");
+            return false;
+        };
+        if !node.addresses.contains(&from) {
+            self.stats.drop("wrong_source");
+            return false;
+        }
+        let keys = Self::hello_keys(cfg, &sender, &me.name);
+        let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
+        let h = match u.verify(&refs) {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.drop("bad_mac");
+                return false;
+            }
+        };
+        let fams = Self::families(cfg, &sender);
+        let Some(p) = self.peers.get_mut(&sender) else {
+            return false;
+        };
+        let ids = Self::key_ids_for(cfg, p);
+        let local = Local {
+            boot: &self.boot,
+            key_ids: &ids,
+            families: &fams,
+        };
+        // 28 random bits per SPI: a collision among one node's inbound SAs is checked
+        // by the kernel (EEXIST on add), which the next hello round repairs.
+        let mut spi = |k: u8| plan::make_spi(u32::from_ne_bytes(random_bytes()), k);
+        let mut nonce = random_bytes::<16>;
+        let outcome = p.on_hello(&h, &local, Instant::now(), &mut spi, &mut nonce);
+        if outcome.replayed {
+            self.stats.drop("replayed");
+            return false;
+        }
+        self.stats.accepted += 1;
+        if let Some(Some(_)) = outcome.boot_changed {
+            warn!(peer = sender.as_str(); "peer {sender} rebooted: replacing the pair's SAs with fresh keys");
+        }
+        // Answer at once whenever the exchange is not settled, so a pair converges in a
+        // few round trips instead of a few intervals.
+        let up = p.is_up(&fams);
+        if outcome.stale || outcome.sas_changed || !up {
+            self.next_hello.insert(sender.clone(), Instant::now());
+        }
+        self.note_up(&sender, up);
+        self.schedule_retirement(cfg, &sender);
+        outcome.sas_changed || outcome.boot_changed.is_some()
+    }
+
+    fn note_up(&mut self, peer: &str, up: bool) {
+        let was = self.up.insert(peer.to_string(), up).unwrap_or(false);
+        if up && !was {
+            info!(peer = peer; "peer {peer} up");
+        } else if !up && was {
+            warn!(peer = peer; "peer {peer} down");
+        }
+    }
+
+    /// Once a pair sends with the newest key in every family and the peer confirmed it,
+    /// the older keys' SAs go after `key_rotation_duration`.
+    fn schedule_retirement(&mut self, cfg: &Config, peer: &str) {
+        let fams = Self::families(cfg, peer);
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        let Some(current) = cfg.keys.as_ref().and_then(|k| k.current()).map(|e| e.id) else {
+            return;
+        };
+        let done = fams.iter().all(|f| {
+            p.outbound.contains_key(&(*f, current))
+                && p.inbound.get(&(*f, current)).is_some_and(|s| s.confirmed)
+        });
+        let old: Vec<Slot> = p
+            .inbound
+            .keys()
+            .chain(p.outbound.keys())
+            .filter(|(_, k)| *k != current)
+            .copied()
+            .collect();
+        if done && !old.is_empty() && !self.retire.contains_key(peer) {
+            let at = Instant::now() + cfg.settings.ipsec.key_rotation_duration;
+            info!(peer = peer, key_id = current; "pair with {peer} moved to key {current}; older SAs go in {:?}", cfg.settings.ipsec.key_rotation_duration);
+            self.retire.insert(peer.to_string(), (at, old));
+        }
+    }
+
+    /// Timers: hellos due, retirements due, and the periodic re-read of the kernel.
+    pub fn tick(&mut self, cfg: &Config, now: Instant) -> Result<(), Error> {
+        let due: Vec<String> = self
+            .next_hello
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for peer in due {
+            self.send_hello(cfg, &peer);
+            let fams = Self::families(cfg, &peer);
+            let p = &self.peers[&peer];
+            let up = p.is_up(&fams);
+            let stale = p
+                .last_fresh
+                .is_some_and(|t| now.duration_since(t) > STALE_AFTER);
+            if stale {
+                self.note_up(&peer, false);
+            }
+            let every = if up && !stale { HELLO_SLOW } else { HELLO_FAST };
+            self.next_hello.insert(peer, now + every);
+        }
+        let retired: Vec<String> = self
+            .retire
+            .iter()
+            .filter(|(_, (t, _))| *t <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut changed = false;
+        for peer in retired {
+            let (_, slots) = self.retire.remove(&peer).expect("listed above");
+            if let Some(p) = self.peers.get_mut(&peer) {
+                for s in &slots {
+                    p.inbound.remove(s);
+                    p.outbound.remove(s);
+                }
+                info!(peer = peer.as_str(); "removed {} old SA slot(s) of {peer} after the rotation", slots.len());
+                changed = true;
+            }
+        }
+        if changed || now >= self.next_rescan {
+            self.next_rescan = now + RESCAN;
+            if let Err(e) = self.apply(cfg) {
+                error!("reconcile: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A new configuration: new or removed peers, keys, policies.
+    pub fn reconfigure(&mut self, cfg: &Config) -> Result<usize, Error> {
+        self.sync_peers(cfg);
+        for p in self.next_hello.values_mut() {
+            *p = Instant::now();
+        }
+        self.apply(cfg)
+    }
+
+    /// (peers up, peers in total).
+    pub fn peers_up(&self, cfg: &Config) -> (usize, usize) {
+        let up = self
+            .peers
+            .iter()
+            .filter(|(n, p)| p.is_up(&Self::families(cfg, n)))
+            .count();
+        (up, self.peers.len())
+    }
+
+    pub fn netlink_messages(&self) -> u64 {
+        self.xfrm.stats().messages_sent
+    }
+}
+
+impl AsRawFd for Engine {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}

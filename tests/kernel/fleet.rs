@@ -1,0 +1,280 @@
+//! A fleet under test: the rig's namespaces as nodes, each with its own files (config,
+//! inventory, keys, boot ID) and an `encryptd run` of its own, watched through its log
+//! and a datagram socket standing in for systemd's NOTIFY_SOCKET.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::rig::{Topo, sh, wait_for};
+
+pub const KEY1: &str = "1+ rfc4106(gcm(aes)) 6b1c3f0e2d4a59788a9b0c1d2e3f40516273849a 128\n";
+pub const KEY2: &str = "2+ rfc4106(gcm(aes)) 00112233445566778899aabbccddeeff01020304 128\n";
+
+/// A boot ID as the kernel prints it, made from `seed`.
+pub fn boot_id(seed: u32) -> String {
+    format!(
+        "{seed:08x}-0000-4000-8000-{:012x}\n",
+        u64::from(seed) * 7919
+    )
+}
+
+pub fn write(path: &Path, content: &str) -> Result<(), String> {
+    std::fs::write(path, content).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Replace `path` the way Ansible does: a temporary file renamed over it.
+pub fn rename_over(path: &Path, content: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp~");
+    write(&tmp, content)?;
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
+pub fn write_keys(path: &Path, content: &str) -> Result<(), String> {
+    rename_over(path, content)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| e.to_string())
+}
+
+/// `n` nodes named n0.., node i at 10.77.0.(i+1) and fd77::(i+1), with 10.1.i.0/24 (a
+/// dummy interface holding 10.1.i.1) routed behind it.
+pub struct Fleet {
+    pub topo: Topo,
+    pub n: usize,
+    pub dirs: Vec<PathBuf>,
+    pub daemons: Vec<Option<TestDaemon>>,
+}
+
+pub fn node_entry(i: usize) -> String {
+    format!(
+        "[[node]]\nname = \"n{i}\"\naddresses = [\"10.77.0.{a}\", \"fd77::{a}\"]\nsubnets = [\"10.1.{i}.0/24\"]\n\n",
+        a = i + 1
+    )
+}
+
+impl Fleet {
+    pub fn new(tag: &str, n: usize, keys: &str) -> Result<Fleet, String> {
+        let topo = Topo::new(tag, n)?;
+        let root = std::env::temp_dir().join(format!("encryptd-{tag}"));
+        let _ = std::fs::remove_dir_all(&root);
+        let inventory: String = (0..n).map(node_entry).collect();
+        let mut dirs = Vec::new();
+        for i in 0..n {
+            let dir = root.join(format!("n{i}"));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            write(
+                &dir.join("encryptd.toml"),
+                &format!(
+                    "mode = \"ipsec\"\nnode = \"n{i}\"\nruntime_dir = \"run\"\nboot_id_path = \"boot_id\"\n\n[ipsec]\nkey_rotation_duration = \"3s\"\n"
+                ),
+            )?;
+            write(&dir.join("nodes.toml"), &inventory)?;
+            write_keys(&dir.join("ipsec.keys"), keys)?;
+            write(&dir.join("boot_id"), &boot_id(1000 + i as u32))?;
+            let ns = topo.ns(i).to_string();
+            let mut cmds = format!(
+                "ip -n {ns} link add sub0 type dummy && ip -n {ns} addr add 10.1.{i}.1/24 dev sub0 && ip -n {ns} link set sub0 up"
+            );
+            for j in (0..n).filter(|j| *j != i) {
+                cmds += &format!(
+                    " && ip -n {ns} route add 10.1.{j}.0/24 via 10.77.0.{}",
+                    j + 1
+                );
+            }
+            sh(&cmds)?;
+            dirs.push(dir);
+        }
+        Ok(Fleet {
+            topo,
+            n,
+            dirs,
+            daemons: (0..n).map(|_| None).collect(),
+        })
+    }
+
+    pub fn start(&mut self, i: usize) -> Result<(), String> {
+        let d = TestDaemon::spawn(&self.dirs[i], self.topo.ns(i))?;
+        self.daemons[i] = Some(d);
+        Ok(())
+    }
+
+    pub fn daemon(&mut self, i: usize) -> &mut TestDaemon {
+        self.daemons[i].as_mut().expect("daemon started")
+    }
+
+    /// Every running daemon reports READY=1 with all its peers up.
+    pub fn wait_all_up(&mut self, timeout: Duration) -> Result<(), String> {
+        let want = format!("{}/{} peers up", self.n - 1, self.n - 1);
+        for i in 0..self.n {
+            if let Some(d) = self.daemons[i].as_mut() {
+                let st = d.wait_notify("READY=1", timeout)?;
+                if !st.contains(&want) {
+                    return Err(format!(
+                        "n{i} ready with {st:?}, want {want}; log:\n{}",
+                        d.log()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `ip xfrm` output of node i (keys included: for comparing across events).
+    pub fn xfrm_states(&self, i: usize) -> Result<String, String> {
+        self.topo.exec(i, "ip xfrm state")
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, d) in self.daemons.iter().enumerate() {
+            if let Some(d) = d {
+                s += &format!("---- n{i}\n{}", d.log());
+            }
+        }
+        s
+    }
+}
+
+/// A daemon under test: its files in a directory, stderr to a log, and a datagram
+/// socket standing in for systemd's NOTIFY_SOCKET.
+pub struct TestDaemon {
+    pub dir: PathBuf,
+    child: Child,
+    notify: UnixDatagram,
+    log: PathBuf,
+    pub notes: Vec<String>,
+}
+
+impl TestDaemon {
+    /// Start `encryptd run` on `dir/encryptd.toml`, inside network namespace `ns`.
+    pub fn spawn(dir: &Path, ns: &str) -> Result<TestDaemon, String> {
+        let sock = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&sock);
+        let notify =
+            UnixDatagram::bind(&sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        let log = dir.join("daemon.log");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                env!("CARGO_BIN_EXE_encryptd"),
+                "run",
+                "--config",
+            ])
+            .arg(dir.join("encryptd.toml"))
+            .env("NOTIFY_SOCKET", &sock)
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .map_err(|e| e.to_string())?,
+            )
+            .spawn()
+            .map_err(|e| format!("spawn encryptd: {e}"))?;
+        Ok(TestDaemon {
+            dir: dir.to_path_buf(),
+            child,
+            notify,
+            log,
+            notes: Vec::new(),
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the log holds `needle`; the time it took.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<Duration, String> {
+        let t0 = Instant::now();
+        if wait_for(timeout, || self.log().contains(needle)) {
+            Ok(t0.elapsed())
+        } else {
+            Err(format!(
+                "no `{needle}` in the log within {timeout:?}; log:\n{}",
+                self.log()
+            ))
+        }
+    }
+
+    /// Receive notifications until one contains `needle`.
+    pub fn wait_notify(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let t0 = Instant::now();
+        let mut buf = [0u8; 4096];
+        while t0.elapsed() < timeout {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.notes.push(msg.clone());
+                if msg.contains(needle) {
+                    return Ok(msg);
+                }
+            }
+        }
+        Err(format!(
+            "no {needle} notification within {timeout:?}; got {:?}; log:\n{}",
+            self.notes,
+            self.log()
+        ))
+    }
+
+    /// Replace `file` the way Ansible does: write a temporary file, rename it over.
+    pub fn rename_over(&self, file: &str, content: &str) -> Result<(), String> {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, content).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, self.dir.join(file)).map_err(|e| e.to_string())
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up (as in a crash).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; the exit status code.
+    pub fn stop(mut self) -> Result<(i32, Vec<String>, String), String> {
+        self.signal(libc::SIGTERM);
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().map_err(|e| e.to_string())? {
+                let _ = self.wait_notify("STOPPING=1", Duration::from_millis(300));
+                let mut rest = String::new();
+                let _ =
+                    std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut rest));
+                return Ok((
+                    st.code().unwrap_or(-1),
+                    std::mem::take(&mut self.notes),
+                    rest,
+                ));
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                return Err("daemon did not exit within 5 s of SIGTERM".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
