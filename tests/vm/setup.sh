@@ -10,7 +10,8 @@
 # package present and the cache built, it runs as any user.
 #
 # Env: VM_CACHE (default ${XDG_CACHE_HOME:-~/.cache}/encryptd-kernel-vm),
-#      PRELOAD (modules loaded from the initramfs; see below).
+#      PRELOAD (modules loaded from the initramfs; see below),
+#      VM_EXTRA_PKGS (more packages to install in the same apt run; tests/run.sh uses it).
 # The initramfs is rebuilt when this script changes; `rm -rf "$VM_CACHE"` starts over
 # (it also picks up the newest kernel package).
 set -euo pipefail
@@ -25,7 +26,7 @@ trap 'die "command failed at line $LINENO of $0"' ERR
 # xz-utils: vmlinuz -> vmlinux; kmod: depmod/modprobe -d; cpio+gzip: the initramfs;
 # procps: the guest watchdog's process list.
 # Without --no-install-recommends, wireguard-tools pulls a whole kernel and a systemd upgrade.
-PKGS="qemu-system-x86 iproute2 iputils-ping nftables tcpdump wireguard-tools kmod cpio gzip xz-utils procps"
+PKGS="qemu-system-x86 iproute2 iputils-ping nftables tcpdump wireguard-tools kmod cpio gzip xz-utils procps ${VM_EXTRA_PKGS:-}"
 apt_lists_present() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
 apt_update() { log "apt-get update"; apt-get update -qq >&2 || die "apt-get update failed"; }
 missing=$(for p in $PKGS; do
