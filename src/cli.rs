@@ -1,6 +1,192 @@
-//! The command line.
-use std::ffi::OsString;
+//! The command line: `run`, `check`, `status`, `keygen`, `pubkey`, `teardown`.
+//! Exit codes are part of the interface: 0 success, 1 failure (invalid input, daemon
+//! error), 2 usage.
 
-pub fn main(_args: Vec<OsString>) -> i32 {
-    2
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::config::{self, Paths, settings::DEFAULT_CONFIG};
+
+pub const USAGE: &str = "\
+usage: encryptd <command> [options]
+
+commands:
+  run [--config PATH]                      run the daemon in the foreground
+  check [--config PATH] [--inventory PATH] [--keys PATH] [CONFIG]
+                                           validate the files offline; exit 0 valid, 1 invalid
+  status [--json] [--config PATH]          show peers, keys and counters
+  keygen                                   print a new WireGuard private key
+  pubkey                                   print this node's WireGuard public key
+  teardown [--config PATH]                 remove every kernel object encryptd owns
+
+The default config is /etc/encryptd/encryptd.toml.";
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAIL: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Run(Paths),
+    Check(Paths),
+    Help,
+    Version,
+}
+
+/// Parse arguments (without the program name). `Err` is a usage message.
+pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
+    let mut it = args.into_iter().map(|a| {
+        a.into_string()
+            .map_err(|a| format!("argument {a:?} is not UTF-8"))
+    });
+    let cmd = match it.next().transpose()? {
+        None => return Err("missing command".into()),
+        Some(c) => c,
+    };
+    let (allowed, allow_positional): (&[&str], bool) = match cmd.as_str() {
+        "-h" | "--help" | "help" => return Ok(Command::Help),
+        "-V" | "--version" => return Ok(Command::Version),
+        "run" => (&["--config"], false),
+        "check" => (&["--config", "--inventory", "--keys"], true),
+        other => return Err(format!("unknown command \"{other}\"")),
+    };
+    let mut paths = Paths {
+        config: PathBuf::new(),
+        inventory: None,
+        keys: None,
+    };
+    let mut config = None;
+    while let Some(arg) = it.next().transpose()? {
+        if arg == "-h" || arg == "--help" {
+            return Ok(Command::Help);
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if flag.starts_with('-') {
+            if !allowed.contains(&flag.as_str()) {
+                return Err(format!("{cmd}: unknown option {flag}"));
+            }
+            let value = match inline {
+                Some(v) => v,
+                None => it
+                    .next()
+                    .transpose()?
+                    .ok_or_else(|| format!("{cmd}: {flag} needs a path"))?,
+            };
+            let slot = match flag.as_str() {
+                "--config" => &mut config,
+                "--inventory" => &mut paths.inventory,
+                _ => &mut paths.keys,
+            };
+            if slot.replace(PathBuf::from(value)).is_some() {
+                return Err(format!("{cmd}: {flag} given twice"));
+            }
+        } else if allow_positional && config.is_none() {
+            config = Some(PathBuf::from(arg));
+        } else {
+            return Err(format!("{cmd}: unexpected argument \"{arg}\""));
+        }
+    }
+    paths.config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    Ok(match cmd.as_str() {
+        "run" => Command::Run(paths),
+        _ => Command::Check(paths),
+    })
+}
+
+pub fn main(args: Vec<OsString>) -> i32 {
+    match parse(args) {
+        Err(e) => {
+            eprintln!("encryptd: {e}\n\n{USAGE}");
+            EXIT_USAGE
+        }
+        Ok(Command::Help) => {
+            println!("{USAGE}");
+            EXIT_OK
+        }
+        Ok(Command::Version) => {
+            println!("encryptd {}", env!("CARGO_PKG_VERSION"));
+            EXIT_OK
+        }
+        Ok(Command::Check(paths)) => check(&paths),
+        Ok(Command::Run(paths)) => crate::daemon::run(paths),
+    }
+}
+
+fn check(paths: &Paths) -> i32 {
+    match config::load(paths) {
+        Ok(c) => {
+            let key = c
+                .keys
+                .as_ref()
+                .and_then(|k| k.current())
+                .map(|k| format!(", key {}", k.id))
+                .unwrap_or_default();
+            println!(
+                "{}: valid: mode {}, node {}, {} nodes{key}",
+                paths.config.display(),
+                c.settings.mode.as_str(),
+                c.settings.node,
+                c.inventory.nodes.len()
+            );
+            EXIT_OK
+        }
+        Err(diags) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            eprintln!("encryptd: {} problem(s) found", diags.len());
+            EXIT_FAIL
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Command, String> {
+        parse(args.iter().map(OsString::from).collect())
+    }
+
+    #[test]
+    fn check_arguments() {
+        let Command::Check(paths) = p(&["check", "etc/encryptd.toml", "--keys=k"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(paths.config, PathBuf::from("etc/encryptd.toml"));
+        assert_eq!(paths.keys, Some(PathBuf::from("k")));
+        let Command::Check(paths) = p(&["check", "--inventory", "/tmp/x"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(paths.config, PathBuf::from(DEFAULT_CONFIG));
+        assert_eq!(paths.inventory, Some(PathBuf::from("/tmp/x")));
+    }
+
+    #[test]
+    fn usage_errors() {
+        assert_eq!(p(&[]).unwrap_err(), "missing command");
+        assert_eq!(
+            p(&["frobnicate"]).unwrap_err(),
+            "unknown command \"frobnicate\""
+        );
+        assert_eq!(
+            p(&["run", "--keys", "x"]).unwrap_err(),
+            "run: unknown option --keys"
+        );
+        assert_eq!(
+            p(&["check", "--config"]).unwrap_err(),
+            "check: --config needs a path"
+        );
+        assert_eq!(
+            p(&["run", "x"]).unwrap_err(),
+            "run: unexpected argument \"x\""
+        );
+        assert_eq!(
+            p(&["check", "--config", "a", "--config", "b"]).unwrap_err(),
+            "check: --config given twice"
+        );
+    }
 }

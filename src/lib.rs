@@ -7,7 +7,9 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod hello;
 pub mod kernel;
+pub mod keys;
 pub mod logging;
 pub mod net;
 pub mod watch;

@@ -48,7 +48,7 @@ impl Cidr {
         self.addr
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -133,10 +133,16 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        assert_eq!("10.1.0.0/24".parse::<Cidr>().unwrap().to_string(), "10.1.0.0/24");
+        assert_eq!(
+            "10.1.0.0/24".parse::<Cidr>().unwrap().to_string(),
+            "10.1.0.0/24"
+        );
         assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
-        assert_eq!("192.0.2.1".parse::<Cidr>().unwrap().to_string(), "192.0.2.1/32");
-        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().len(), 0);
+        assert_eq!(
+            "192.0.2.1".parse::<Cidr>().unwrap().to_string(),
+            "192.0.2.1/32"
+        );
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().prefix_len(), 0);
     }
 
     #[test]
@@ -147,14 +153,26 @@ mod tests {
             "10.1.0.1/24 has host bits set; did you mean 10.1.0.0/24?"
         );
         let e = "fd00::1/64".parse::<Cidr>().unwrap_err();
-        assert_eq!(e.to_string(), "fd00::1/64 has host bits set; did you mean fd00::/64?");
+        assert_eq!(
+            e.to_string(),
+            "fd00::1/64 has host bits set; did you mean fd00::/64?"
+        );
     }
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!("10.1.0/24".parse::<Cidr>(), Err(CidrError::Syntax(_))));
-        assert!(matches!("10.0.0.0/33".parse::<Cidr>(), Err(CidrError::Syntax(_))));
-        assert!(matches!("10.0.0.0/+8".parse::<Cidr>(), Err(CidrError::Syntax(_))));
+        assert!(matches!(
+            "10.1.0/24".parse::<Cidr>(),
+            Err(CidrError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Cidr>(),
+            Err(CidrError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/+8".parse::<Cidr>(),
+            Err(CidrError::Syntax(_))
+        ));
     }
 
     #[test]

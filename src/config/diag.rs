@@ -1,0 +1,144 @@
+//! Problems found in the input files, each pinned to `file:line:col`.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// One problem in one file. Messages never contain key material.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// A file's path and text, able to turn byte offsets into 1-based line and column.
+pub struct Source<'a> {
+    pub path: &'a Path,
+    pub text: &'a str,
+    line_starts: Vec<usize>,
+}
+
+impl<'a> Source<'a> {
+    pub fn new(path: &'a Path, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Source {
+            path,
+            text,
+            line_starts,
+        }
+    }
+
+    /// 1-based line and column (in characters) of byte offset `at`.
+    pub fn line_col(&self, at: usize) -> (usize, usize) {
+        let at = at.min(self.text.len());
+        let line = self.line_starts.partition_point(|&s| s <= at) - 1;
+        let start = self.line_starts[line];
+        let col = self.text[start..at].chars().count() + 1;
+        (line + 1, col)
+    }
+
+    pub fn diag(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
+        let (line, col) = self.line_col(span.start);
+        Diagnostic {
+            file: self.path.to_path_buf(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+}
+
+/// A problem about a whole file (unreadable, wrong mode): reported at 1:1.
+pub fn file_diag(path: &Path, message: impl Into<String>) -> Diagnostic {
+    Diagnostic {
+        file: path.to_path_buf(),
+        line: 1,
+        col: 1,
+        message: message.into(),
+    }
+}
+
+/// Collects diagnostics from code that holds shared borrows of the parsed document.
+#[derive(Default)]
+pub struct Diags(RefCell<Vec<Diagnostic>>);
+
+impl Diags {
+    pub fn push(&self, d: Diagnostic) {
+        self.0.borrow_mut().push(d);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.borrow().is_empty()
+    }
+
+    pub fn into_sorted(self) -> Vec<Diagnostic> {
+        let mut v = self.0.into_inner();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// The closest of `candidates` to `word`, if it is a plausible typo (edit distance ≤ 2).
+pub fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    candidates
+        .iter()
+        .map(|c| (distance(word, c), *c))
+        .filter(|(d, c)| *d <= 2.min(c.len() / 2).max(1))
+        .min()
+        .map(|(_, c)| c)
+}
+
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column() {
+        let s = Source::new(Path::new("f"), "ab\ncdé\nx");
+        assert_eq!(s.line_col(0), (1, 1));
+        assert_eq!(s.line_col(3), (2, 1));
+        assert_eq!(s.line_col(8), (3, 1));
+        assert_eq!(s.diag(4..5, "m").to_string(), "f:2:2: m");
+    }
+
+    #[test]
+    fn typo_suggestions() {
+        let keys = ["interface", "keys", "hello_port"];
+        assert_eq!(suggest("intreface", &keys), Some("interface"));
+        assert_eq!(suggest("hello-port", &keys), Some("hello_port"));
+        assert_eq!(suggest("zzz", &keys), None);
+    }
+}

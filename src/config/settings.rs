@@ -1,0 +1,308 @@
+//! `encryptd.toml`: mode, this node's name, paths, strict mode and tunables.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::diag::{Diags, Source};
+use super::doc::{At, Table, parse};
+use crate::net::Cidr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Ipsec,
+    Wireguard,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ipsec => "ipsec",
+            Mode::Wireguard => "wireguard",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipsec {
+    pub keys: PathBuf,
+    /// `None`: the link of the default route.
+    pub interface: Option<String>,
+    pub key_rotation_duration: Duration,
+    pub replay_window: u32,
+    pub hello_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wireguard {
+    pub interface: String,
+    pub listen_port: u16,
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// Traffic that strict mode lets through in plaintext (management, such as SSH).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Exception {
+    pub proto: Proto,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Strict {
+    pub enabled: bool,
+    pub cidrs: Vec<Cidr>,
+    pub ingress: bool,
+    pub allow_remote_node_identities: bool,
+    pub exceptions: Vec<Exception>,
+}
+
+/// The validated `encryptd.toml`. Relative paths are resolved against its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub mode: Mode,
+    pub node: String,
+    /// Where `node` was written, for messages about it (`None`: taken from the hostname).
+    pub node_span: Option<std::ops::Range<usize>>,
+    pub inventory: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub boot_id_path: PathBuf,
+    pub ipsec: Ipsec,
+    pub wireguard: Wireguard,
+    pub strict: Strict,
+    /// Spans of `strict.cidrs` entries, parallel to `strict.cidrs`.
+    pub strict_cidr_spans: Vec<std::ops::Range<usize>>,
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/encryptd/encryptd.toml";
+
+/// Parse a duration such as `300ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn port(t: &Table, key: &'static str, default: u16) -> u16 {
+    t.integer(key, 1..65536).map_or(default, |n| n.value as u16)
+}
+
+/// Read `encryptd.toml`. Problems go to `diags`; the result is meaningful only if none were added.
+pub fn read(src: &Source, diags: &Diags) -> Settings {
+    let doc = parse(src, diags);
+    let base = src.path.parent().unwrap_or(Path::new("/"));
+    let top = Table::new(src, diags, &doc, "the top level");
+    let path = |t: &Table, key: &'static str, default: &str| {
+        let v = t.string(key);
+        match v {
+            Some(At { value, span }) if value.is_empty() => {
+                t.error(span, format!("`{key}` must not be empty"));
+                PathBuf::new()
+            }
+            Some(v) => resolve(base, &v.value),
+            None => resolve(base, default),
+        }
+    };
+
+    let mode = match top.required_string("mode") {
+        Some(At { value, span }) => match value.as_str() {
+            "ipsec" => Mode::Ipsec,
+            "wireguard" => Mode::Wireguard,
+            other => {
+                top.error(
+                    span,
+                    format!("`mode` must be \"ipsec\" or \"wireguard\", not \"{other}\""),
+                );
+                Mode::Ipsec
+            }
+        },
+        None => Mode::Ipsec,
+    };
+    let (node, node_span) = match top.string("node") {
+        Some(At { value, span }) if value.is_empty() => {
+            top.error(
+                span.clone(),
+                "`node` must not be empty (omit it to use the hostname)",
+            );
+            (value, Some(span))
+        }
+        Some(At { value, span }) => (value, Some(span)),
+        None => (hostname(), None),
+    };
+    let inventory = path(&top, "inventory", "nodes.toml");
+    let runtime_dir = path(&top, "runtime_dir", "/run/encryptd");
+    let boot_id_path = path(&top, "boot_id_path", "/proc/sys/kernel/random/boot_id");
+
+    let empty = toml::Spanned::new(0..0, toml::de::DeTable::new());
+    let sub = |key: &'static str| {
+        top.table(key)
+            .unwrap_or_else(|| Table::new(src, diags, &empty, format!("[{key}]")))
+    };
+
+    let t = sub("ipsec");
+    let ipsec = Ipsec {
+        keys: path(&t, "keys", "ipsec.keys"),
+        interface: t.string("interface").map(|v| v.value).filter(|s| !s.is_empty()),
+        key_rotation_duration: match t.string("key_rotation_duration") {
+            None => Duration::from_secs(300),
+            Some(At { value, span }) => parse_duration(&value).unwrap_or_else(|| {
+                t.error(
+                    span,
+                    format!(
+                        "`key_rotation_duration` \"{value}\" is not a duration such as \"30s\", \"5m\" or \"1h\""
+                    ),
+                );
+                Duration::from_secs(300)
+            }),
+        },
+        // 4096 is the kernel's limit for the ESN replay bitmap.
+        replay_window: t
+            .integer("replay_window", 1..4097)
+            .map_or(4096, |n| n.value as u32),
+        hello_port: port(&t, "hello_port", 4510),
+    };
+    t.finish();
+
+    let t = sub("wireguard");
+    let wireguard = Wireguard {
+        interface: match t.string("interface") {
+            Some(At { value, span }) if value.is_empty() || value.len() > 15 => {
+                t.error(
+                    span,
+                    "`interface` must be 1 to 15 characters (a Linux interface name)",
+                );
+                value
+            }
+            Some(v) => v.value,
+            None => "encryptd0".into(),
+        },
+        listen_port: port(&t, "listen_port", 51871),
+        private_key: path(&t, "private_key", "/var/lib/encryptd/wireguard.key"),
+    };
+    t.finish();
+
+    let t = sub("strict");
+    let mut cidrs = Vec::new();
+    let mut strict_cidr_spans = Vec::new();
+    for At { value, span } in t.strings("cidrs").unwrap_or_default() {
+        match value.parse::<Cidr>() {
+            Ok(c) => {
+                cidrs.push(c);
+                strict_cidr_spans.push(span);
+            }
+            Err(e) => t.error(span, format!("strict.cidrs: {e}")),
+        }
+    }
+    let mut exceptions = Vec::new();
+    for e in t.tables("exceptions") {
+        let proto = match e.required_string("proto") {
+            Some(At { value, span }) => match value.as_str() {
+                "tcp" => Some(Proto::Tcp),
+                "udp" => Some(Proto::Udp),
+                other => {
+                    e.error(
+                        span,
+                        format!("`proto` must be \"tcp\" or \"udp\", not \"{other}\""),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let port = e.integer("port", 1..65536);
+        if port.is_none() && !diags_has_port_error(&e) {
+            e.missing("port");
+        }
+        if let (Some(proto), Some(port)) = (proto, port) {
+            exceptions.push(Exception {
+                proto,
+                port: port.value as u16,
+            });
+        }
+        e.finish();
+    }
+    let strict = Strict {
+        enabled: t.boolean("enabled").unwrap_or(false),
+        cidrs,
+        ingress: t.boolean("ingress").unwrap_or(true),
+        allow_remote_node_identities: t.boolean("allow_remote_node_identities").unwrap_or(false),
+        exceptions,
+    };
+    if strict.enabled && strict.cidrs.is_empty() {
+        t.error(
+            t.span(),
+            "strict mode is enabled but `cidrs` lists no protected range",
+        );
+    }
+    t.finish();
+    top.finish();
+
+    Settings {
+        mode,
+        node,
+        node_span,
+        inventory,
+        runtime_dir,
+        boot_id_path,
+        ipsec,
+        wireguard,
+        strict,
+        strict_cidr_spans,
+    }
+}
+
+/// `port` was present but bad (already reported) rather than absent.
+fn diags_has_port_error(t: &Table) -> bool {
+    t.has_key("port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("5 m"), None);
+    }
+}
