@@ -17,9 +17,14 @@ mod daemon;
 mod nft;
 mod xfrm;
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// A kernel test case: its name and the function; `Err` carries what went wrong.
 pub type Case = (&'static str, fn() -> Result<(), String>);
@@ -123,19 +128,22 @@ fn boot_vm(args: &[String], selected: usize, filtered_out: usize) -> ExitCode {
         .status();
     match status {
         Ok(s) if s.success() => ExitCode::SUCCESS,
-        // 125: the VM itself failed (no boot, panic, timeout); vmrun.sh said why on stderr
-        Ok(s) if s.code() == Some(125) => {
-            eprintln!(
-                "kernel tests: the VM did not complete the run ({vmrun} exit 125, see above)"
-            );
-            println!(
-                "\nkernel tests: the VM failed; counting all {selected} selected cases as failed"
-            );
-            print_result(0, selected, filtered_out);
+        // 1: this binary ran in the VM and reported its failures itself
+        Ok(s) if s.code() == Some(1) => {
+            eprintln!("kernel tests in the VM failed ({s})");
             ExitCode::FAILURE
         }
+        // 125: the VM itself failed (no boot, panic, host timeout), vmrun.sh said why;
+        // anything else: the run was cut short (e.g. 143, the guest watchdog's SIGTERM)
         Ok(s) => {
-            eprintln!("kernel tests in the VM failed ({s})");
+            let why = if s.code() == Some(125) {
+                "the VM failed (see above)".to_string()
+            } else {
+                format!("the run in the VM did not finish ({s})")
+            };
+            eprintln!("kernel tests: {why}");
+            println!("\nkernel tests: {why}; counting all {selected} selected cases as failed");
+            print_result(0, selected, filtered_out);
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -157,9 +165,11 @@ fn run_here(selected: &[&Case], filtered_out: usize) -> ExitCode {
     println!("\nrunning {} kernel tests", selected.len());
     let (mut passed, mut failed) = (0, Vec::new());
     for (name, f) in selected {
-        // the name first: if a case hangs, the output says which one
+        // The name first: if a case hangs, the output says which one. What the case (or a
+        // process it starts) prints comes on the lines below, and then the whole result
+        // line again, so that every case ends in a complete `test NAME ... ok` line.
         print!("test {name} ... ");
-        let _ = std::io::stdout().flush();
+        let capture = Capture::start();
         let t0 = Instant::now();
         let r = std::panic::catch_unwind(f).unwrap_or_else(|p| {
             Err(p
@@ -169,6 +179,9 @@ fn run_here(selected: &[&Case], filtered_out: usize) -> ExitCode {
                 .unwrap_or_else(|| "panicked".into()))
         });
         let secs = t0.elapsed().as_secs_f64();
+        if capture.map(Capture::stop).unwrap_or(false) {
+            print!("test {name} ... ");
+        }
         match r {
             Ok(()) => {
                 passed += 1;
@@ -192,5 +205,78 @@ fn run_here(selected: &[&Case], filtered_out: usize) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Fds 1 and 2 redirected into a pipe for the duration of one case; a thread copies what
+/// comes through to the real stdout, starting on a new line.
+struct Capture {
+    saved_out: OwnedFd,
+    saved_err: OwnedFd,
+    done: mpsc::Receiver<()>,
+    wrote: Arc<AtomicBool>,
+}
+
+impl Capture {
+    /// `None` (no capture, output goes straight through) if the fds cannot be set up.
+    fn start() -> Option<Capture> {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        let mut p = [0; 2];
+        // SAFETY: plain fd syscalls on fds this function owns or on 1 and 2; every result
+        // is checked, and the fds are wrapped in OwnedFd right away.
+        unsafe {
+            if libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                return None;
+            }
+            let (r, w) = (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1]));
+            let out = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
+            let err = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
+            if out < 0 || err < 0 {
+                return None;
+            }
+            let (saved_out, saved_err) = (OwnedFd::from_raw_fd(out), OwnedFd::from_raw_fd(err));
+            let mut sink = File::from(saved_out.try_clone().ok()?);
+            if libc::dup2(w.as_raw_fd(), 1) < 0 || libc::dup2(w.as_raw_fd(), 2) < 0 {
+                libc::dup2(saved_out.as_raw_fd(), 1);
+                libc::dup2(saved_err.as_raw_fd(), 2);
+                return None;
+            }
+            drop(w);
+            let wrote = Arc::new(AtomicBool::new(false));
+            let (tx, done) = mpsc::channel();
+            let flag = wrote.clone();
+            std::thread::spawn(move || {
+                let mut r = File::from(r);
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = r.read(&mut buf) {
+                    if !flag.swap(true, Ordering::SeqCst) {
+                        let _ = sink.write_all(b"\n");
+                    }
+                    let _ = sink.write_all(&buf[..n]);
+                }
+                let _ = tx.send(());
+            });
+            Some(Capture {
+                saved_out,
+                saved_err,
+                done,
+                wrote,
+            })
+        }
+    }
+
+    /// Put fds 1 and 2 back; whether anything was printed meanwhile.
+    fn stop(self) -> bool {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: dup2 of fds this struct owns back onto 1 and 2.
+        unsafe {
+            libc::dup2(self.saved_out.as_raw_fd(), 1);
+            libc::dup2(self.saved_err.as_raw_fd(), 2);
+        }
+        // a process the case left running may hold the pipe open: do not wait for it long
+        let _ = self.done.recv_timeout(Duration::from_secs(2));
+        self.wrote.load(Ordering::SeqCst)
     }
 }

@@ -75,4 +75,5 @@ fi
 echo "vm: FAILED: the VM $why. Kernel log tail ($CTL/console.log):" >&2
 # (SeaBIOS's terminal escapes and the \r of the serial console stripped)
 tail -n 30 "$CTL/console.log" 2>/dev/null | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\r//g; s/^/    /' >&2
+echo >&2
 exit 125
