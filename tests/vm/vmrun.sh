@@ -55,8 +55,19 @@ timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -device virtio-9p-pci,fsdev=root,mount_tag=hostroot \
     -fsdev "local,id=ctl,path=$CTL,security_model=none" \
     -device virtio-9p-pci,fsdev=ctl,mount_tag=ctl \
-    "${RWDEV[@]}" </dev/null
+    "${RWDEV[@]}" </dev/null &
+qpid=$!
+# `timeout` runs qemu in its own process group, so a Ctrl-C (or a TERM to this script)
+# would not reach it and the VM would run on: pass it on (timeout forwards it to qemu).
+interrupted=
+trap 'interrupted=1; kill -TERM "$qpid" 2>/dev/null' INT TERM HUP
+wait "$qpid"
 qrc=$?
+while kill -0 "$qpid" 2>/dev/null; do wait "$qpid"; qrc=$?; done
+if [ -n "$interrupted" ]; then
+    echo "vm: interrupted; VM stopped" >&2
+    exit 130
+fi
 wall=$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{printf "%.1f", a-b}')
 if [ "${VM_VERBOSE:-0}" = 1 ]; then
     echo "vm: command started at $(cat "$CTL/boot_s" 2>/dev/null || echo "?") s guest uptime; VM wall time ${wall} s" >&2
