@@ -20,7 +20,7 @@ export VM_CACHE
 HERE=$(cd "$(dirname "$0")" && pwd)
 TIMEOUT=${VM_TIMEOUT:-900}
 [ $# -gt 0 ] || { echo "usage: vmrun.sh CMD [ARGS...]" >&2; exit 2; }
-# Idempotent; a few ms when everything is in place, and it rebuilds a stale initramfs.
+# Idempotent: ~0.15 s when everything is in place; rebuilds a stale initramfs.
 "$HERE/setup.sh" || { echo "vm: setup failed ($HERE/setup.sh)" >&2; exit 125; }
 KDIR=$VM_CACHE/kernel
 CTL=$(mktemp -d "${TMPDIR:-/tmp}/encryptd-vm.XXXXXX")
