@@ -15,7 +15,7 @@
 #      VM_KEEP=1 keeps the control dir, VM_VERBOSE=1 reports boot and run times on stderr.
 # The command sees ENCRYPTD_VM=1 (the kernel test harness then runs its cases directly).
 set -u
-VM_CACHE=${VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/encryptd-kernel-vm}
+VM_CACHE=${VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/encryptd-kernel-vm}
 export VM_CACHE
 HERE=$(cd "$(dirname "$0")" && pwd)
 TIMEOUT=${VM_TIMEOUT:-900}
