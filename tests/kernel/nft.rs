@@ -15,7 +15,7 @@ pub const CASES: &[Case] = &[
         "nft::strict_rule_drops_and_counts",
         strict_rule_drops_and_counts,
     ),
-    ("nft::replace_is_atomic", replace_is_atomic),
+    ("nft_replace_is_atomic", replace_is_atomic),
     (
         "nft::rejected_ruleset_keeps_the_previous_one",
         rejected_ruleset_keeps_the_previous_one,
