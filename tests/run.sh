@@ -13,6 +13,7 @@
 # With CI set, cargo runs with --locked. Exit status: 0 when everything passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export HOME=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 export PATH="$HOME/.cargo/bin:$PATH"
 T0=$SECONDS
 declare -a TIMES=()

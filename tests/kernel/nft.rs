@@ -12,16 +12,16 @@ use crate::rig::{Topo, ensure, in_netns};
 
 pub const CASES: &[Case] = &[
     (
-        "nft::strict_rule_drops_and_counts",
+        "nft_strict_rule_drops_and_counts",
         strict_rule_drops_and_counts,
     ),
-    ("nft::replace_is_atomic", replace_is_atomic),
+    ("nft_replace_is_atomic", replace_is_atomic),
     (
-        "nft::rejected_ruleset_keeps_the_previous_one",
+        "nft_rejected_ruleset_keeps_the_previous_one",
         rejected_ruleset_keeps_the_previous_one,
     ),
     (
-        "nft::delete_removes_only_our_table",
+        "nft_delete_removes_only_our_table",
         delete_removes_only_our_table,
     ),
 ];

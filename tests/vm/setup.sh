@@ -16,7 +16,7 @@
 # (it also picks up the newest kernel package).
 set -euo pipefail
 export LC_ALL=C
-VM_CACHE=${VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/encryptd-kernel-vm}
+VM_CACHE=${VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/encryptd-kernel-vm}
 HERE=$(cd "$(dirname "$0")" && pwd)
 log() { echo "vm setup: $*" >&2; }
 die() { echo "vm setup: error: $*" >&2; exit 1; }

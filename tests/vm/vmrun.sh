@@ -15,12 +15,12 @@
 #      VM_KEEP=1 keeps the control dir, VM_VERBOSE=1 reports boot and run times on stderr.
 # The command sees ENCRYPTD_VM=1 (the kernel test harness then runs its cases directly).
 set -u
-VM_CACHE=${VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/encryptd-kernel-vm}
+VM_CACHE=${VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/encryptd-kernel-vm}
 export VM_CACHE
 HERE=$(cd "$(dirname "$0")" && pwd)
 TIMEOUT=${VM_TIMEOUT:-900}
 [ $# -gt 0 ] || { echo "usage: vmrun.sh CMD [ARGS...]" >&2; exit 2; }
-# Idempotent; a few ms when everything is in place, and it rebuilds a stale initramfs.
+# Idempotent: ~0.15 s when everything is in place; rebuilds a stale initramfs.
 "$HERE/setup.sh" || { echo "vm: setup failed ($HERE/setup.sh)" >&2; exit 125; }
 KDIR=$VM_CACHE/kernel
 CTL=$(mktemp -d "${TMPDIR:-/tmp}/encryptd-vm.XXXXXX")
