@@ -94,7 +94,7 @@ for i in $(seq 0 $((N - 1))); do
     echo $! >"$W/n$i/pid"
 done
 for i in $(seq 0 $((N - 1))); do
-    for _ in $(seq 100); do [ "$(grep -c ' up$' "$W/n$i/log")" -ge $((N - 1)) ] && break; sleep 0.2; done
+    for _ in $(seq 100); do [ "$(grep -c 'INFO peer .* up' "$W/n$i/log")" -ge $((N - 1)) ] && break; sleep 0.2; done
 done
 for i in $(seq 0 $((N - 1))); do sed "s/^/   n$i: /" "$W/n$i/log"; done
 
@@ -116,7 +116,7 @@ esp=$(grep -c 'ESP(' "$W/cap" || true)
 hello=$(grep -c '\.4510: UDP' "$W/cap" || true)
 clear=$(grep -cE 'ICMP echo|ICMP6, echo' "$W/cap" || true)
 echo "== on the wire: $total packets: $esp ESP, $hello hello, $clear plaintext pings. A sample:"
-grep 'ESP(' "$W/cap" | head -6 | sed 's/^/   /'
+{ grep 'ESP(' "$W/cap" || true; } | head -6 | sed 's/^/   /'
 echo "== n0's SAs (2 per peer per family; keys not shown):"
 ip -n $P-n0 xfrm state | grep -E '^src' | sed 's/^/   /'
 [ "$fail" = 0 ] && [ "$clear" = 0 ] && [ "$esp" -gt 0 ] || { echo "demo: FAILED"; exit 1; }
