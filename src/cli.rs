@@ -124,6 +124,23 @@ fn check(paths: &Paths) -> i32 {
                 .and_then(|k| k.current())
                 .map(|k| format!(", key {}", k.id))
                 .unwrap_or_default();
+            if let Some(table) = crate::strict::ruleset(&c) {
+                // nft -c needs CAP_NET_ADMIN: as another user the ruleset is only rendered.
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0 {
+                    if let Err(e) = crate::kernel::nft::Nft::default().check(&table) {
+                        eprintln!(
+                            "{}: the strict-mode ruleset is rejected by nft: {e}",
+                            paths.config.display()
+                        );
+                        return EXIT_FAIL;
+                    }
+                } else {
+                    eprintln!(
+                        "note: not root, the strict-mode ruleset was not checked with `nft -c`"
+                    );
+                }
+            }
             println!(
                 "{}: valid: mode {}, node {}, {} nodes{key}",
                 paths.config.display(),

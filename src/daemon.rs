@@ -42,6 +42,8 @@ pub enum Error {
     Ipsec(#[from] crate::ipsec::Error),
     #[error("mode = \"wireguard\" is not available in this version yet")]
     WireguardUnavailable,
+    #[error("strict mode: {0}")]
+    Strict(#[from] crate::kernel::nft::NftError),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
@@ -93,6 +95,8 @@ struct Daemon {
     /// Interval and next deadline of WATCHDOG=1 pings.
     watchdog: Option<(Duration, Instant)>,
     engine: Option<Engine>,
+    /// The strict-mode table last applied (`None`: strict mode off).
+    strict: Option<String>,
     /// Until READY=1 is sent: the latest time to send it.
     ready_by: Option<Instant>,
 }
@@ -108,6 +112,7 @@ impl Daemon {
             reload_at: None,
             watchdog,
             engine: None,
+            strict: None,
             ready_by: Some(Instant::now() + READY_WAIT),
         })
     }
@@ -165,6 +170,9 @@ impl Daemon {
             .register(&mut SourceFd(&ifd), INOTIFY, Interest::READABLE)
             .map_err(io_err("register inotify"))?;
         self.rewatch();
+        // Strict rules go in before any tunnel: nothing may leave in plaintext while the
+        // tunnels are being built. If they cannot be installed, the daemon does not start.
+        self.apply_strict(&crate::strict::ruleset(&self.config))?;
         match self.config.settings.mode {
             Mode::Ipsec => {
                 let mut engine = Engine::start(&self.config)?;
@@ -230,6 +238,7 @@ impl Daemon {
                                 _ => {
                                     info!("stopping on signal {sig}");
                                     notify(&[NotifyState::Stopping]);
+                                    self.on_stop();
                                     return Ok(());
                                 }
                             }
@@ -264,6 +273,39 @@ impl Daemon {
         }
     }
 
+    /// Install (or replace, or remove) the strict-mode table; unchanged text is not re-sent.
+    fn apply_strict(&mut self, table: &Option<String>) -> Result<(), Error> {
+        if *table == self.strict && table.is_some() {
+            return Ok(());
+        }
+        let nft = crate::kernel::nft::Nft::default();
+        match table {
+            Some(t) => {
+                nft.apply(t)?;
+                info!("strict mode: rules installed (table inet encryptd)");
+            }
+            // Strict mode off: a table left from when it was on goes.
+            None => {
+                if let Err(e) = nft.delete() {
+                    warn!("strict mode is off, but the old table could not be removed: {e}");
+                }
+            }
+        }
+        self.strict = table.clone();
+        Ok(())
+    }
+
+    fn on_stop(&mut self) {
+        if self.strict.is_some() && !self.config.settings.strict.keep_on_stop {
+            match crate::kernel::nft::Nft::default().delete() {
+                Ok(()) => info!("strict mode: rules removed (keep_on_stop = false)"),
+                Err(e) => error!("strict mode: removing the rules: {e}"),
+            }
+        } else if self.strict.is_some() {
+            info!("strict mode: rules stay in place while the daemon is stopped");
+        }
+    }
+
     /// READY=1 once every peer is up, or after READY_WAIT for those that are not.
     fn maybe_ready(&mut self, now: Instant) {
         let Some(by) = self.ready_by else {
@@ -293,6 +335,17 @@ impl Daemon {
                 Ok(new)
             } else {
                 Err(problems)
+            }
+        });
+        // The new strict table must install before the new configuration counts as applied.
+        let loaded = loaded.and_then(|new| {
+            let table = crate::strict::ruleset(&new);
+            match self.apply_strict(&table) {
+                Ok(()) => Ok(new),
+                Err(e) => Err(vec![config::diag::file_diag(
+                    &self.paths.config,
+                    e.to_string(),
+                )]),
             }
         });
         match loaded {

@@ -16,4 +16,5 @@ pub mod net;
 pub mod peer;
 pub mod plan;
 pub mod reconcile;
+pub mod strict;
 pub mod watch;

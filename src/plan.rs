@@ -239,7 +239,7 @@ pub fn slot_of(cfg: &Config, s: &StateId) -> Option<(String, Slot, bool)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::inventory::Inventory;
     use crate::config::keys::{Algorithm as KAlg, KeyEntry, KeyRing};
@@ -249,7 +249,7 @@ mod tests {
     use std::time::Duration;
     use zeroize::Zeroizing;
 
-    fn node(name: &str, addrs: &[&str], subnets: &[&str]) -> Node {
+    pub fn node(name: &str, addrs: &[&str], subnets: &[&str]) -> Node {
         Node {
             name: name.into(),
             addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
@@ -282,6 +282,7 @@ mod tests {
                 },
                 strict: Strict {
                     enabled: false,
+                    keep_on_stop: true,
                     cidrs: vec![],
                     ingress: true,
                     allow_remote_node_identities: false,

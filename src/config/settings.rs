@@ -64,6 +64,8 @@ pub struct Exception {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Strict {
     pub enabled: bool,
+    /// Leave the rules in place when the daemon stops (fail closed); `teardown` removes them.
+    pub keep_on_stop: bool,
     pub cidrs: Vec<Cidr>,
     pub ingress: bool,
     pub allow_remote_node_identities: bool,
@@ -259,6 +261,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
     }
     let strict = Strict {
         enabled: t.boolean("enabled").unwrap_or(false),
+        keep_on_stop: t.boolean("keep_on_stop").unwrap_or(true),
         cidrs,
         ingress: t.boolean("ingress").unwrap_or(true),
         allow_remote_node_identities: t.boolean("allow_remote_node_identities").unwrap_or(false),

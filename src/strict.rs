@@ -1,0 +1,242 @@
+//! Strict mode: the `inet encryptd` nftables table that drops, instead of sending or
+//! accepting in plaintext, traffic to or from a protected range that is not encrypted.
+//! Rendered here as nft text (pure); `kernel::nft` applies it in one transaction.
+//!
+//! IPsec mode: egress `rt ipsec missing` (no XFRM bundle on the route), ingress
+//! `meta ipsec missing` (not decrypted). WireGuard mode: egress leaving by any interface
+//! but the tunnel, ingress arriving by any but the tunnel. Both: IPv4 and IPv6, output,
+//! input and forward (subnets routed behind the node). What must stay plaintext is
+//! exempted first: loopback, ESP itself (it re-enters the output hook after encryption),
+//! the daemons' hellos or the tunnel's UDP, IPv6 neighbour discovery, and the operator's
+//! exceptions (e.g. tcp/22).
+
+use std::fmt::Write;
+
+use crate::config::settings::Mode;
+use crate::config::{Config, Node};
+use crate::net::Cidr;
+
+/// Rule comments; `encryptd status` maps counters back by them.
+pub const EGRESS: &str = "egress";
+pub const INGRESS: &str = "ingress";
+pub const FORWARD_OUT: &str = "forward-egress";
+pub const FORWARD_IN: &str = "forward-ingress";
+
+fn set(out: &mut String, name: &str, ty: &str, items: &[String]) {
+    let _ = writeln!(out, "    set {name} {{\n        type {ty}; flags interval;");
+    if !items.is_empty() {
+        let _ = writeln!(out, "        elements = {{ {} }}", items.join(", "));
+    }
+    out.push_str("    }\n");
+}
+
+fn addrs(nodes: &[&Node], v4: bool) -> Vec<String> {
+    nodes
+        .iter()
+        .flat_map(|n| n.addresses.iter())
+        .filter(|a| a.is_ipv4() == v4)
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn cidrs(c: &[Cidr], v4: bool) -> Vec<String> {
+    c.iter()
+        .filter(|c| c.is_ipv4() == v4)
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// The table, or `None` when strict mode is off.
+pub fn ruleset(cfg: &Config) -> Option<String> {
+    let s = &cfg.settings;
+    if !s.strict.enabled {
+        return None;
+    }
+    let nodes: Vec<&Node> = cfg.inventory.nodes.iter().collect();
+    let mut t = String::from("table inet encryptd {\n");
+    set(
+        &mut t,
+        "protected4",
+        "ipv4_addr",
+        &cidrs(&s.strict.cidrs, true),
+    );
+    set(
+        &mut t,
+        "protected6",
+        "ipv6_addr",
+        &cidrs(&s.strict.cidrs, false),
+    );
+    set(&mut t, "nodes4", "ipv4_addr", &addrs(&nodes, true));
+    set(&mut t, "nodes6", "ipv6_addr", &addrs(&nodes, false));
+
+    // What passes in plaintext whatever the direction.
+    let mut common = String::new();
+    common.push_str("        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept\n");
+    for e in &s.strict.exceptions {
+        let p = e.proto.as_str();
+        let _ = writeln!(
+            common,
+            "        {p} dport {port} accept\n        {p} sport {port} accept",
+            port = e.port
+        );
+    }
+    // The daemons' own plaintext (hellos, or the tunnel's UDP) only between node addresses.
+    let between_nodes = |dir: &str, what: &str| {
+        format!("        ip {dir} @nodes4 {what} accept\n        ip6 {dir} @nodes6 {what} accept\n")
+    };
+    let (tunnel_out, tunnel_in, plain_out, plain_in) = match s.mode {
+        Mode::Ipsec => {
+            let hello = format!("udp dport {}", s.ipsec.hello_port);
+            (
+                "rt ipsec missing".to_string(),
+                "meta ipsec missing".to_string(),
+                format!(
+                    "        meta l4proto esp accept\n{}",
+                    between_nodes("daddr", &hello)
+                ),
+                format!(
+                    "        meta l4proto esp accept\n{}",
+                    between_nodes("saddr", &hello)
+                ),
+            )
+        }
+        Mode::Wireguard => {
+            let i = &s.wireguard.interface;
+            let p = s.wireguard.listen_port;
+            (
+                format!("oifname != \"{i}\""),
+                format!("iifname != \"{i}\""),
+                between_nodes("daddr", &format!("udp sport {p}")),
+                between_nodes("saddr", &format!("udp dport {p}")),
+            )
+        }
+    };
+    let remote = |dir: &str| {
+        if s.strict.allow_remote_node_identities {
+            format!("        ip {dir} @nodes4 accept\n        ip6 {dir} @nodes6 accept\n")
+        } else {
+            String::new()
+        }
+    };
+    let drops = |field: &str, cond: &str, comment: &str| {
+        format!(
+            "        ip {field} @protected4 {cond} counter drop comment \"{comment}\"\n        ip6 {field} @protected6 {cond} counter drop comment \"{comment}\"\n"
+        )
+    };
+
+    let _ = write!(
+        t,
+        "    chain output {{\n        type filter hook output priority filter; policy accept;\n        oifname \"lo\" accept\n{plain_out}{common}{}{}    }}\n",
+        remote("daddr"),
+        drops("daddr", &tunnel_out, EGRESS)
+    );
+    if s.strict.ingress {
+        let _ = write!(
+            t,
+            "    chain input {{\n        type filter hook input priority filter; policy accept;\n        iifname \"lo\" accept\n{plain_in}{common}{}{}    }}\n",
+            remote("saddr"),
+            drops("saddr", &tunnel_in, INGRESS)
+        );
+    }
+    let fwd_in = if s.strict.ingress {
+        drops("saddr", &tunnel_in, FORWARD_IN)
+    } else {
+        String::new()
+    };
+    let _ = write!(
+        t,
+        "    chain forward {{\n        type filter hook forward priority filter; policy accept;\n{plain_out}{common}{}{}{fwd_in}    }}\n",
+        remote("daddr"),
+        drops("daddr", &tunnel_out, FORWARD_OUT)
+    );
+    t.push_str("}\n");
+    Some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::settings::{Exception, Proto};
+
+    fn cfg(mode: Mode) -> Config {
+        let mut c = crate::plan::tests::config(vec![
+            crate::plan::tests::node("a", &["10.0.0.1", "fd00::1"], &["10.1.0.0/24"]),
+            crate::plan::tests::node("b", &["10.0.0.2"], &[]),
+        ]);
+        c.settings.mode = mode;
+        c.settings.strict.enabled = true;
+        c.settings.strict.cidrs = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        c.settings.strict.exceptions = vec![Exception {
+            proto: Proto::Tcp,
+            port: 22,
+        }];
+        c
+    }
+
+    #[test]
+    fn off_means_no_table() {
+        let mut c = cfg(Mode::Ipsec);
+        c.settings.strict.enabled = false;
+        assert_eq!(ruleset(&c), None);
+    }
+
+    #[test]
+    fn ipsec_rules_exempt_esp_hello_nd_and_exceptions_before_dropping() {
+        let r = ruleset(&cfg(Mode::Ipsec)).unwrap();
+        assert!(r.contains("elements = { 10.0.0.0/8 }"), "{r}");
+        assert!(r.contains("elements = { fd00::/8 }"));
+        assert!(r.contains("elements = { 10.0.0.1, 10.0.0.2 }"));
+        for needle in [
+            "ip daddr @protected4 rt ipsec missing counter drop comment \"egress\"",
+            "ip6 daddr @protected6 rt ipsec missing counter drop comment \"egress\"",
+            "ip saddr @protected4 meta ipsec missing counter drop comment \"ingress\"",
+            "ip6 saddr @protected6 meta ipsec missing counter drop comment \"forward-ingress\"",
+            "meta l4proto esp accept",
+            "ip daddr @nodes4 udp dport 4510 accept",
+            "ip6 saddr @nodes6 udp dport 4510 accept",
+            "tcp dport 22 accept",
+            "tcp sport 22 accept",
+            "oifname \"lo\" accept",
+            "nd-neighbor-solicit",
+        ] {
+            assert!(r.contains(needle), "missing `{needle}` in\n{r}");
+        }
+        // Every exemption comes before the first drop of its chain.
+        for chain in r.split("    chain ").skip(1) {
+            let first_drop = chain.find("drop").unwrap();
+            assert!(chain.find("accept").unwrap() < first_drop, "{chain}");
+            assert!(
+                !chain[first_drop..].contains("accept"),
+                "accept after drop in {chain}"
+            );
+        }
+        assert!(
+            !r.contains("@nodes4 accept"),
+            "node identities are not allowed by default"
+        );
+    }
+
+    #[test]
+    fn wireguard_rules_use_the_tunnel_interface() {
+        let r = ruleset(&cfg(Mode::Wireguard)).unwrap();
+        assert!(
+            r.contains("ip daddr @protected4 oifname != \"encryptd0\" counter drop"),
+            "{r}"
+        );
+        assert!(r.contains("ip saddr @protected4 iifname != \"encryptd0\" counter drop"));
+        assert!(r.contains("ip daddr @nodes4 udp sport 51871 accept"));
+        assert!(r.contains("ip saddr @nodes4 udp dport 51871 accept"));
+        assert!(!r.contains("esp"));
+    }
+
+    #[test]
+    fn ingress_off_and_remote_node_identities() {
+        let mut c = cfg(Mode::Ipsec);
+        c.settings.strict.ingress = false;
+        c.settings.strict.allow_remote_node_identities = true;
+        let r = ruleset(&c).unwrap();
+        assert!(!r.contains("chain input"));
+        assert!(!r.contains("saddr @protected4"));
+        assert!(r.contains("ip daddr @nodes4 accept"));
+    }
+}
