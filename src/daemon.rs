@@ -97,6 +97,8 @@ struct Daemon {
     engine: Option<Engine>,
     /// The strict-mode table last applied (`None`: strict mode off).
     strict: Option<String>,
+    /// The STATUS= line last sent, so that a change (a peer up or down) is sent once.
+    last_status: String,
     /// Until READY=1 is sent: the latest time to send it.
     ready_by: Option<Instant>,
 }
@@ -113,6 +115,7 @@ impl Daemon {
             watchdog,
             engine: None,
             strict: None,
+            last_status: String::new(),
             ready_by: Some(Instant::now() + READY_WAIT),
         })
     }
@@ -260,6 +263,13 @@ impl Daemon {
                 e.tick(&self.config, now)?;
             }
             self.maybe_ready(now);
+            if self.ready_by.is_none() {
+                let status = self.status_line();
+                if status != self.last_status {
+                    notify(&[NotifyState::Status(&status)]);
+                    self.last_status = status;
+                }
+            }
             if self.reload_at.is_some_and(|t| t <= now) {
                 self.reload_at = None;
                 self.reload("a file change");

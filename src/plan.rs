@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use crate::config::settings::Proto;
 use crate::config::{Config, Node};
 use crate::hello::Family;
 use crate::kernel::xfrm::{
@@ -71,7 +72,8 @@ fn exempt(selector: Selector, dir: Direction) -> XfrmPolicy {
     }
 }
 
-/// Policies: exemptions for the hello (and IPv6 neighbour discovery), then for every
+/// Policies: exemptions for the hello, the management exceptions and IPv6 neighbour
+/// discovery, then for every
 /// peer and family, out/in/fwd between every prefix of each side through the tunnel.
 pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
     let me = cfg.me();
@@ -88,6 +90,31 @@ pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
         let hello = Selector::new(any(f), any(f)).udp_dport(cfg.settings.ipsec.hello_port);
         out.push(exempt(hello, Direction::Out));
         out.push(exempt(hello, Direction::In));
+        // The operator's management exceptions (e.g. SSH) never go through a tunnel, so
+        // a broken tunnel cannot lock the operators out.
+        for e in &cfg.settings.strict.exceptions {
+            let proto = match e.proto {
+                Proto::Tcp => libc::IPPROTO_TCP as u8,
+                Proto::Udp => libc::IPPROTO_UDP as u8,
+            };
+            let base = Selector {
+                proto: Some(proto),
+                ..Selector::new(any(f), any(f))
+            };
+            for sel in [
+                Selector {
+                    dport: Some(e.port),
+                    ..base
+                },
+                Selector {
+                    sport: Some(e.port),
+                    ..base
+                },
+            ] {
+                out.push(exempt(sel, Direction::Out));
+                out.push(exempt(sel, Direction::In));
+            }
+        }
         if f == Family::V6 {
             for t in ND_TYPES {
                 let nd = Selector::new(any(f), any(f)).icmp_type(t);

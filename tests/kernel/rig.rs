@@ -128,6 +128,17 @@ impl Topo {
     }
 
     /// Run `cmd` inside node i's namespace.
+    /// Start `cmd` inside node i's namespace without waiting (output discarded).
+    pub fn exec_bg(&self, i: usize, cmd: &str) -> Result<Child, String> {
+        Command::new("ip")
+            .args(["netns", "exec", self.ns(i), "bash", "-c", cmd])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{cmd}: {e}"))
+    }
+
     pub fn exec(&self, i: usize, cmd: &str) -> Result<String, String> {
         sh(&format!("ip netns exec {} {cmd}", self.ns(i)))
     }
