@@ -12,8 +12,8 @@ use crate::config::settings::Proto;
 use crate::config::{Config, Node};
 use crate::hello::Family;
 use crate::kernel::xfrm::{
-    Action, Algorithm, Direction, Mode, PRIORITY_EXEMPT, PRIORITY_TUNNEL, REQID_MIN, Selector,
-    StateId, Template, XfrmPolicy, XfrmState,
+    Action, Algorithm, Direction, Mode, PRIORITY_BLOCK, PRIORITY_EXEMPT, PRIORITY_TUNNEL,
+    REQID_MIN, Selector, StateId, Template, XfrmPolicy, XfrmState,
 };
 use crate::keys::{BootId, SaContext, SaKey, sa_key};
 use crate::net::Cidr;
@@ -121,6 +121,29 @@ pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
                 out.push(exempt(nd, Direction::Out));
                 out.push(exempt(nd, Direction::In));
             }
+        }
+    }
+    // Strict mode's defence in depth: a low-priority `block` for the protected ranges, so
+    // that a gap between tunnel policies (a replacement, a node not yet inventoried) drops
+    // (XfrmOutPolBlock) instead of leaking. This node's own prefixes stay reachable.
+    if cfg.settings.strict.enabled {
+        let cidrs = &cfg.settings.strict.cidrs;
+        for f in [Family::V4, Family::V6] {
+            for own in prefixes(me, f) {
+                if cidrs.iter().any(|c| c.overlaps(&own)) {
+                    out.push(exempt(Selector::new(any(f), own), Direction::Out));
+                }
+            }
+        }
+        for c in cidrs {
+            let f = family(&c.addr());
+            out.push(XfrmPolicy {
+                selector: Selector::new(any(f), *c),
+                dir: Direction::Out,
+                priority: PRIORITY_BLOCK,
+                action: Action::Block,
+                template: None,
+            });
         }
     }
     for peer in cfg.inventory.peers(&me.name) {
@@ -372,6 +395,36 @@ pub(crate) mod tests {
             p.iter()
                 .all(|p| crate::kernel::xfrm::is_our_priority(p.priority))
         );
+    }
+
+    #[test]
+    fn strict_adds_a_block_policy_per_range_and_keeps_own_prefixes_reachable() {
+        let mut cfg = mesh();
+        cfg.settings.strict.enabled = true;
+        cfg.settings.strict.cidrs = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "10.128.0.0/9".parse().unwrap(),
+            "fd00::/8".parse().unwrap(),
+        ];
+        let p = policies(&cfg);
+        let blocks: Vec<_> = p.iter().filter(|p| p.action == Action::Block).collect();
+        assert_eq!(blocks.len(), 3);
+        assert!(
+            blocks
+                .iter()
+                .all(|b| b.priority == PRIORITY_BLOCK && b.dir == Direction::Out)
+        );
+        // a's own 10.0.0.1, 10.1.0.0/24 and fd00::1, once each despite two v4 ranges.
+        let own: Vec<_> = p
+            .iter()
+            .filter(|p| {
+                p.template.is_none() && p.action == Action::Allow && p.selector.proto.is_none()
+            })
+            .map(|p| p.selector.dst.to_string())
+            .collect();
+        assert_eq!(own, vec!["10.0.0.1/32", "10.1.0.0/24", "fd00::1/128"]);
+        let ids: std::collections::HashSet<_> = p.iter().map(|p| p.id()).collect();
+        assert_eq!(ids.len(), p.len(), "no duplicate policy");
     }
 
     #[test]
