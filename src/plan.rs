@@ -197,9 +197,13 @@ fn algorithm(k: SaKey) -> Algorithm {
     }
 }
 
-/// A desired SA: fully specified when its key can be derived; `None` when its key-id is no
-/// longer in the keys file, in which case the SA installed earlier is kept as it is.
+/// A desired SA: fully specified when its key can be derived; `None` when it cannot be
+/// (its key-id is no longer in the keys file, or it was adopted from the kernel and the
+/// peer's boot ID is not known yet), in which case the SA installed earlier is kept as it is.
 pub type DesiredStates = BTreeMap<StateId, Option<XfrmState>>;
+
+/// The boot ID of an adopted SA's peer until the peer's first fresh hello tells it.
+const UNKNOWN_BOOT: BootId = [0; 16];
 
 /// SAs for every peer's agreed slots.
 pub fn states(cfg: &Config, boot: &BootId, peers: &BTreeMap<String, Peer>) -> DesiredStates {
@@ -235,7 +239,13 @@ pub fn states(cfg: &Config, boot: &BootId, peers: &BTreeMap<String, Peer>) -> De
                     spi,
                     reqid: REQID,
                 };
-                let entry = cfg.keys.as_ref().and_then(|k| k.get(key_id));
+                // An adopted SA's key cannot be derived before the peer's boot ID is
+                // known: keep it as the kernel has it, do not call it stale.
+                let entry = cfg
+                    .keys
+                    .as_ref()
+                    .and_then(|k| k.get(key_id))
+                    .filter(|_| peer_boot != UNKNOWN_BOOT);
                 let state = entry.map(|e| {
                     let key = sa_key(
                         e,
@@ -463,6 +473,18 @@ pub(crate) mod tests {
             assert_eq!((peer.as_str(), slot), ("b", (Family::V4, 1)));
             assert_eq!(outbound, st.src.to_string() == "10.0.0.1");
         }
+        // Adopted after a restart, before the peer's first hello: keep what is installed.
+        let mut adopted = peers.clone();
+        let b = adopted.get_mut("b").unwrap();
+        for sa in b.inbound.values_mut() {
+            sa.peer_boot = [0; 16];
+        }
+        for sa in b.outbound.values_mut() {
+            sa.peer_boot = [0; 16];
+        }
+        let kept = states(&cfg, &[1; 16], &adopted);
+        assert_eq!(kept.len(), 2);
+        assert!(kept.values().all(Option::is_none));
         // A key-id no longer in the keys file: keep what is installed.
         let mut cfg2 = mesh();
         cfg2.keys.as_mut().unwrap().entries[0].id = 2;

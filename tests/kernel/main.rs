@@ -16,6 +16,7 @@ mod rig;
 
 mod daemon;
 mod ipsec;
+mod ipsec_ops;
 mod nft;
 mod strict;
 mod xfrm;
@@ -40,6 +41,7 @@ fn cases() -> Vec<Case> {
         nft::CASES,
         daemon::CASES,
         ipsec::CASES,
+        ipsec_ops::CASES,
         strict::CASES,
     ]
     .concat()
