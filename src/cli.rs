@@ -29,6 +29,7 @@ pub const EXIT_USAGE: i32 = 2;
 pub enum Command {
     Run(Paths),
     Check(Paths),
+    Teardown,
     Help,
     Version,
 }
@@ -48,6 +49,9 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         "-V" | "--version" => return Ok(Command::Version),
         "run" => (&["--config"], false),
         "check" => (&["--config", "--inventory", "--keys"], true),
+        // Ownership is by encryptd's reqid/priority bands and table name, not by the
+        // configuration, so teardown works even when the files are gone or broken.
+        "teardown" => (&["--config"], false),
         other => return Err(format!("unknown command \"{other}\"")),
     };
     let mut paths = Paths {
@@ -92,6 +96,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
     paths.config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     Ok(match cmd.as_str() {
         "run" => Command::Run(paths),
+        "teardown" => Command::Teardown,
         _ => Command::Check(paths),
     })
 }
@@ -112,7 +117,46 @@ pub fn main(args: Vec<OsString>) -> i32 {
         }
         Ok(Command::Check(paths)) => check(&paths),
         Ok(Command::Run(paths)) => crate::daemon::run(paths),
+        Ok(Command::Teardown) => teardown(),
     }
+}
+
+/// Remove every kernel object encryptd owns in this network namespace: its XFRM states
+/// and policies (by reqid and priority band) and the `inet encryptd` table. Foreign
+/// objects are never touched.
+fn teardown() -> i32 {
+    let mut failed = false;
+    match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| {
+        let states: Vec<_> = x
+            .dump_states()?
+            .into_iter()
+            .filter(|d| d.is_ours())
+            .map(|d| d.state)
+            .collect();
+        let policies: Vec<_> = x
+            .dump_policies()?
+            .into_iter()
+            .filter(|d| d.is_ours())
+            .map(|d| d.policy)
+            .collect();
+        x.delete_policies(&policies)?;
+        x.delete_states(&states)?;
+        Ok((states.len(), policies.len()))
+    }) {
+        Ok((s, p)) => println!("removed {p} XFRM policies and {s} XFRM states"),
+        Err(e) => {
+            eprintln!("encryptd teardown: XFRM: {e}");
+            failed = true;
+        }
+    }
+    match crate::kernel::nft::Nft::default().delete() {
+        Ok(()) => println!("removed the nftables table inet encryptd (if it was there)"),
+        Err(e) => {
+            eprintln!("encryptd teardown: nftables: {e}");
+            failed = true;
+        }
+    }
+    if failed { EXIT_FAIL } else { EXIT_OK }
 }
 
 fn check(paths: &Paths) -> i32 {

@@ -167,6 +167,30 @@ fn ipsec_leaks_nothing() -> Result<(), String> {
         "n0 replied to spoofed plaintext",
     )?;
 
+    // `encryptd teardown` (package purge) removes what encryptd owns in n0, nothing else.
+    let ns0 = f.topo.ns(0).to_string();
+    sh(&format!(
+        "ip -n {ns0} xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x4242 mode tunnel \
+         aead 'rfc4106(gcm(aes))' 0x0000000000000000000000000000000000000000 128"
+    ))?;
+    f.topo
+        .exec(0, &format!("{} teardown", env!("CARGO_BIN_EXE_encryptd")))?;
+    let states = f.topo.exec(0, "ip xfrm state")?;
+    let policies = f.topo.exec(0, "ip xfrm policy")?;
+    ensure(
+        states.lines().filter(|l| l.starts_with("src")).count() == 1
+            && states.contains("spi 0x00004242"),
+        format!("after teardown, only the foreign state should remain:\n{states}"),
+    )?;
+    ensure(
+        policies.trim().is_empty(),
+        format!("policies left after teardown:\n{policies}"),
+    )?;
+    ensure(
+        f.topo.exec(0, "nft list table inet encryptd").is_err(),
+        "the strict table survived teardown",
+    )?;
+
     report.push(format!("{} packets captured, 0 plaintext", lines.len()));
     println!("    {}", report.join("; "));
     Ok(())
