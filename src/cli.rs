@@ -30,6 +30,7 @@ pub enum Command {
     Run(Paths),
     Check(Paths),
     Teardown,
+    Status(Paths, bool),
     Help,
     Version,
 }
@@ -52,6 +53,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         // Ownership is by encryptd's reqid/priority bands and table name, not by the
         // configuration, so teardown works even when the files are gone or broken.
         "teardown" => (&["--config"], false),
+        "status" => (&["--config", "--json"], false),
         other => return Err(format!("unknown command \"{other}\"")),
     };
     let mut paths = Paths {
@@ -60,6 +62,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         keys: None,
     };
     let mut config = None;
+    let mut json = false;
     while let Some(arg) = it.next().transpose()? {
         if arg == "-h" || arg == "--help" {
             return Ok(Command::Help);
@@ -71,6 +74,10 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         if flag.starts_with('-') {
             if !allowed.contains(&flag.as_str()) {
                 return Err(format!("{cmd}: unknown option {flag}"));
+            }
+            if flag == "--json" {
+                json = true;
+                continue;
             }
             let value = match inline {
                 Some(v) => v,
@@ -97,6 +104,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
     Ok(match cmd.as_str() {
         "run" => Command::Run(paths),
         "teardown" => Command::Teardown,
+        "status" => Command::Status(paths, json),
         _ => Command::Check(paths),
     })
 }
@@ -118,6 +126,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Ok(Command::Check(paths)) => check(&paths),
         Ok(Command::Run(paths)) => crate::daemon::run(paths),
         Ok(Command::Teardown) => teardown(),
+        Ok(Command::Status(paths, json)) => crate::status::main(&paths, json),
     }
 }
 

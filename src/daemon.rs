@@ -26,6 +26,9 @@ const HELLO: Token = Token(2);
 /// yet must not hold the boot of this one).
 const READY_WAIT: Duration = Duration::from_secs(10);
 
+/// The status snapshot is rewritten on every change and at least this often.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
+
 /// Editors and config management touch a file several times in a row (write, rename,
 /// chmod); wait this long after the last event before reading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -99,6 +102,8 @@ struct Daemon {
     strict: Option<String>,
     /// The STATUS= line last sent, so that a change (a peer up or down) is sent once.
     last_status: String,
+    /// Next periodic rewrite of the status snapshot.
+    snapshot_at: Instant,
     /// Until READY=1 is sent: the latest time to send it.
     ready_by: Option<Instant>,
 }
@@ -116,6 +121,7 @@ impl Daemon {
             engine: None,
             strict: None,
             last_status: String::new(),
+            snapshot_at: Instant::now(),
             ready_by: Some(Instant::now() + READY_WAIT),
         })
     }
@@ -211,6 +217,7 @@ impl Daemon {
                 self.reload_at,
                 self.watchdog.map(|w| w.1),
                 self.ready_by,
+                Some(self.snapshot_at),
                 self.engine.as_ref().and_then(Engine::next_deadline),
             ]
             .into_iter()
@@ -268,7 +275,12 @@ impl Daemon {
                 if status != self.last_status {
                     notify(&[NotifyState::Status(&status)]);
                     self.last_status = status;
+                    self.snapshot_at = now;
                 }
+            }
+            if self.snapshot_at <= now {
+                self.write_snapshot(now);
+                self.snapshot_at = now + SNAPSHOT_EVERY;
             }
             if self.reload_at.is_some_and(|t| t <= now) {
                 self.reload_at = None;
@@ -280,6 +292,42 @@ impl Daemon {
                 notify(&[NotifyState::Watchdog]);
                 *due = now + *every;
             }
+        }
+    }
+
+    /// The state `encryptd status` shows, in the runtime directory.
+    fn write_snapshot(&self, now: Instant) {
+        let c = &self.config;
+        let snap = crate::status::Snapshot {
+            mode: c.settings.mode.as_str().into(),
+            node: c.settings.node.clone(),
+            pid: std::process::id(),
+            written: crate::status::now_secs(),
+            status_line: self.status_line(),
+            current_key_id: c.keys.as_ref().and_then(|k| k.current()).map(|k| k.id),
+            strict: self.strict.is_some(),
+            config_refused: self.refused.clone(),
+            peers: self
+                .engine
+                .as_ref()
+                .map(|e| e.peer_statuses(c, now))
+                .unwrap_or_default(),
+            hello_received: self.engine.as_ref().map_or(0, |e| e.stats.received),
+            hello_accepted: self.engine.as_ref().map_or(0, |e| e.stats.accepted),
+            hello_dropped: self
+                .engine
+                .as_ref()
+                .map(|e| {
+                    e.stats
+                        .dropped
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), *v))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        if let Err(e) = crate::status::write(&c.settings.runtime_dir, &snap) {
+            warn!("writing {}: {e}", c.settings.runtime_dir.display());
         }
     }
 

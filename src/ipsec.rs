@@ -517,6 +517,35 @@ impl Engine {
         (up, self.peers.len())
     }
 
+    /// Per-peer state for `encryptd status`.
+    pub fn peer_statuses(&self, cfg: &Config, now: Instant) -> Vec<crate::status::PeerStatus> {
+        self.peers
+            .iter()
+            .map(|(name, p)| {
+                let fams = Self::families(cfg, name);
+                let stale = p
+                    .last_fresh
+                    .is_some_and(|t| now.duration_since(t) > STALE_AFTER);
+                let state = if stale {
+                    "stale"
+                } else if p.is_up(&fams) {
+                    "up"
+                } else {
+                    "waiting"
+                };
+                let mut key_ids: Vec<u8> = p.outbound.keys().map(|(_, k)| *k).collect();
+                key_ids.sort_unstable();
+                key_ids.dedup();
+                crate::status::PeerStatus {
+                    name: name.clone(),
+                    state: state.into(),
+                    key_ids,
+                    last_hello_secs: p.last_fresh.map(|t| now.duration_since(t).as_secs()),
+                }
+            })
+            .collect()
+    }
+
     pub fn netlink_messages(&self) -> u64 {
         self.xfrm.stats().messages_sent
     }

@@ -16,5 +16,6 @@ pub mod net;
 pub mod peer;
 pub mod plan;
 pub mod reconcile;
+pub mod status;
 pub mod strict;
 pub mod watch;

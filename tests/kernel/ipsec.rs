@@ -127,6 +127,33 @@ fn mesh_three_nodes() -> Result<(), String> {
         n == 8,
         format!("n0 has {n} states, want 8 (2 peers x 2 families x in/out):\n{states}"),
     )?;
+    // `encryptd status` in n0: both peers up, 8 keys in use, exit 0; JSON says the same.
+    let cfg = f.dirs[0].join("encryptd.toml");
+    let bin = env!("CARGO_BIN_EXE_encryptd");
+    let text = f
+        .topo
+        .exec(0, &format!("{bin} status --config {}", cfg.display()))?;
+    for want in ["Keys in use: 8", "Strict mode: off", "Current key-id: 1"] {
+        ensure(
+            text.contains(want),
+            format!("status lacks `{want}`:\n{text}"),
+        )?;
+    }
+    ensure(
+        text.lines()
+            .filter(|l| l.contains(" up ") && l.contains("key 1"))
+            .count()
+            == 2,
+        format!("status should list 2 peers up with key 1:\n{text}"),
+    )?;
+    let json = f.topo.exec(
+        0,
+        &format!("{bin} status --json --config {}", cfg.display()),
+    )?;
+    ensure(
+        json.contains("\"keys_in_use\": 8") && json.contains("\"daemon_running\": true"),
+        format!("status --json:\n{json}"),
+    )?;
     println!(
         "    {} packets captured, {esp} ESP, 0 plaintext",
         lines.len()

@@ -1,0 +1,309 @@
+//! `encryptd status`: what the daemon last wrote to its runtime directory (peers, hello
+//! counters, configuration state) joined with what the kernel says now (SAs in use,
+//! sequence numbers, XFRM error counters with their meaning, strict-mode drops).
+//! `--json` prints the same as one JSON object; its fields are documented in
+//! docs/status.md and only ever added to.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, Paths};
+
+/// The file the daemon keeps current in `runtime_dir`.
+pub const SNAPSHOT: &str = "status.json";
+
+/// A snapshot older than this means the daemon is not running (it rewrites every 10 s).
+const FRESH_SECS: u64 = 60;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub name: String,
+    /// `up`, `waiting` or `stale`.
+    pub state: String,
+    /// Key-ids this node sends to the peer with.
+    pub key_ids: Vec<u8>,
+    /// Seconds since the last fresh hello, if any.
+    pub last_hello_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub mode: String,
+    pub node: String,
+    pub pid: u32,
+    /// Unix time of this snapshot.
+    pub written: u64,
+    pub status_line: String,
+    pub current_key_id: Option<u8>,
+    pub strict: bool,
+    /// Why the newest configuration files were refused, while they are.
+    pub config_refused: Option<String>,
+    pub peers: Vec<PeerStatus>,
+    pub hello_received: u64,
+    pub hello_accepted: u64,
+    pub hello_dropped: std::collections::BTreeMap<String, u64>,
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Write atomically (temporary file + rename), mode 0600 in a 0700 directory.
+pub fn write(dir: &Path, s: &Snapshot) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = dir.join(".status.json.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(
+        &mut f,
+        &serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, dir.join(SNAPSHOT))
+}
+
+/// The troubleshooting table of the seed documents, for the counters encryptd can cause.
+pub fn explain(counter: &str) -> &'static str {
+    match counter {
+        "XfrmInError" => {
+            "a decrypted packet could not be routed (destination gone) or memory ran out"
+        }
+        "XfrmInNoStates" => {
+            "ESP arrived for an SPI this node has no SA for: a peer rebooted or re-keyed and the new SAs are being set up, or the old key was removed too early"
+        }
+        "XfrmInStateProtoError" => {
+            "key or anti-replay sequence mismatch between nodes: a key changed without a new key-id; rotate again, properly"
+        }
+        "XfrmInStateInvalid" => {
+            "a packet matched an SA being deleted (node removal, rotation cleanup)"
+        }
+        "XfrmInTmplMismatch" => {
+            "a packet did not come through the SA its policy requires (plaintext from a peer, or a misconfiguration)"
+        }
+        "XfrmInNoPols" => "no policy for a decrypted packet: configuration bug",
+        "XfrmInPolBlock" => "an inbound block policy dropped a packet",
+        "XfrmOutNoStates" => {
+            "traffic to a peer without SAs was dropped (not sent in plaintext): the pair is still being set up or the peer is not answering hellos"
+        }
+        "XfrmOutStateSeqError" => {
+            "an outbound SA's sequence number reached its maximum: rotate the key"
+        }
+        "XfrmOutPolBlock" => {
+            "strict mode's block policy dropped traffic that would have left in plaintext"
+        }
+        "XfrmFwdHdrError" => {
+            "a decrypted packet could not be forwarded (destination gone) or memory ran out"
+        }
+        "XfrmInStateSeqError" => {
+            "replayed or too-old sequence numbers (replay window too small for the reordering?)"
+        }
+        _ => "see the kernel's Documentation/networking/xfrm_proc.rst",
+    }
+}
+
+/// Non-zero counters of `/proc/net/xfrm_stat` of this network namespace.
+pub fn xfrm_errors() -> Vec<(String, u64)> {
+    std::fs::read_to_string("/proc/net/xfrm_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (k, v) = (it.next()?, it.next()?.parse::<u64>().ok()?);
+            (v > 0).then(|| (k.to_string(), v))
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    daemon: Option<Snapshot>,
+    daemon_running: bool,
+    keys_in_use: usize,
+    max_seq: u64,
+    max_seq_limit: u64,
+    xfrm_errors: Vec<XfrmCounter>,
+    strict_drops: Vec<StrictDrop>,
+    problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct XfrmCounter {
+    name: String,
+    value: u64,
+    meaning: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct StrictDrop {
+    rule: String,
+    packets: u64,
+}
+
+fn runtime_dir(paths: &Paths) -> PathBuf {
+    // The snapshot is found even when the files are broken (that is when status matters).
+    config::load(paths)
+        .map(|c| c.settings.runtime_dir)
+        .unwrap_or_else(|_| PathBuf::from("/run/encryptd"))
+}
+
+pub fn main(paths: &Paths, json: bool) -> i32 {
+    let dir = runtime_dir(paths);
+    let daemon: Option<Snapshot> = std::fs::read(dir.join(SNAPSHOT))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let running = daemon
+        .as_ref()
+        .is_some_and(|d| now_secs().saturating_sub(d.written) < FRESH_SECS);
+    let mut problems = Vec::new();
+    if daemon.is_none() {
+        problems.push(format!(
+            "no status from the daemon in {}: is it running?",
+            dir.display()
+        ));
+    } else if !running {
+        problems.push("the daemon's status is older than 60 s: it is not running".into());
+    }
+    if let Some(d) = &daemon {
+        for p in d.peers.iter().filter(|p| p.state != "up") {
+            problems.push(format!("peer {} is {}", p.name, p.state));
+        }
+        if let Some(r) = &d.config_refused {
+            problems.push(format!("newest configuration refused: {r}"));
+        }
+    }
+    let (keys_in_use, max_seq) =
+        match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| x.dump_states()) {
+            Ok(states) => {
+                let ours: Vec<_> = states.into_iter().filter(|s| s.is_ours()).collect();
+                (
+                    ours.len(),
+                    ours.iter().map(|s| s.counters.oseq).max().unwrap_or(0),
+                )
+            }
+            Err(e) => {
+                problems.push(format!("cannot read XFRM states: {e}"));
+                (0, 0)
+            }
+        };
+    let xfrm_errors: Vec<XfrmCounter> = xfrm_errors()
+        .into_iter()
+        .map(|(name, value)| XfrmCounter {
+            meaning: explain(&name),
+            name,
+            value,
+        })
+        .collect();
+    for c in &xfrm_errors {
+        if matches!(
+            c.name.as_str(),
+            "XfrmInStateProtoError" | "XfrmOutStateSeqError"
+        ) {
+            problems.push(format!("{} = {}: {}", c.name, c.value, c.meaning));
+        }
+    }
+    let strict_drops = crate::kernel::nft::Nft::default()
+        .counters()
+        .map(|cs| {
+            cs.into_iter()
+                .filter_map(|c| {
+                    Some(StrictDrop {
+                        rule: format!("{}/{}", c.chain, c.comment?),
+                        packets: c.packets,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let r = Report {
+        daemon,
+        daemon_running: running,
+        keys_in_use,
+        max_seq,
+        // ESN: 64-bit sequence numbers.
+        max_seq_limit: u64::MAX,
+        xfrm_errors,
+        strict_drops,
+        problems,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        print_text(&r);
+    }
+    i32::from(!r.problems.is_empty())
+}
+
+fn print_text(r: &Report) {
+    match &r.daemon {
+        Some(d) => {
+            println!("Mode: {} (node {}, pid {})", d.mode, d.node, d.pid);
+            println!("Status: {}", d.status_line);
+            if let Some(k) = d.current_key_id {
+                println!("Current key-id: {k}");
+            }
+            println!("Strict mode: {}", if d.strict { "on" } else { "off" });
+            println!("Peers:");
+            for p in &d.peers {
+                let seen = p
+                    .last_hello_secs
+                    .map_or("never".to_string(), |s| format!("{s} s ago"));
+                let keys: Vec<String> = p.key_ids.iter().map(u8::to_string).collect();
+                println!(
+                    "  {:<20} {:<8} key {:<6} last hello {seen}",
+                    p.name,
+                    p.state,
+                    if keys.is_empty() {
+                        "-".into()
+                    } else {
+                        keys.join(",")
+                    }
+                );
+            }
+            let dropped: Vec<String> = d
+                .hello_dropped
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!(
+                "Hellos: {} received, {} accepted, dropped: {}",
+                d.hello_received,
+                d.hello_accepted,
+                if dropped.is_empty() {
+                    "none".into()
+                } else {
+                    dropped.join(", ")
+                }
+            );
+        }
+        None => println!("Daemon: no status"),
+    }
+    println!("Keys in use: {}", r.keys_in_use);
+    println!("Max Seq. Number: {:#x}/{:#x}", r.max_seq, r.max_seq_limit);
+    println!(
+        "Errors: {}",
+        r.xfrm_errors.iter().map(|c| c.value).sum::<u64>()
+    );
+    for c in &r.xfrm_errors {
+        println!("  {}: {} — {}", c.name, c.value, c.meaning);
+    }
+    if !r.strict_drops.is_empty() {
+        println!("Strict-mode drops:");
+        for d in &r.strict_drops {
+            println!("  {}: {} packets", d.rule, d.packets);
+        }
+    }
+    for p in &r.problems {
+        println!("PROBLEM: {p}");
+    }
+}
