@@ -26,6 +26,10 @@ const HELLO_SLOW: Duration = Duration::from_secs(10);
 const STALE_AFTER: Duration = Duration::from_secs(35);
 /// How often the kernel is re-read to notice SAs deleted from under us.
 const RESCAN: Duration = Duration::from_secs(5);
+/// Dropped hellos are reported in one log line per burst: this long after the first
+/// drop, and at most once per `DROP_REPORT_EVERY`.
+const DROP_REPORT_DELAY: Duration = Duration::from_secs(1);
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,6 +59,8 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 pub struct HelloStats {
     pub received: u64,
     pub accepted: u64,
+    /// Second copies of accepted hellos (one per extra family): normal, not drops.
+    pub duplicates: u64,
     pub dropped: BTreeMap<&'static str, u64>,
 }
 
@@ -74,6 +80,10 @@ pub struct Engine {
     retire: BTreeMap<String, (Instant, Vec<Slot>)>,
     next_rescan: Instant,
     pub stats: HelloStats,
+    /// Drops already in the log, when the next report is due, and when the last was.
+    drops_reported: BTreeMap<&'static str, u64>,
+    drop_report_at: Option<Instant>,
+    last_drop_report: Option<Instant>,
     /// Peers already logged as up, to log transitions once.
     up: BTreeMap<String, bool>,
 }
@@ -120,6 +130,9 @@ impl Engine {
             retire: BTreeMap::new(),
             next_rescan: Instant::now() + RESCAN,
             stats: HelloStats::default(),
+            drops_reported: BTreeMap::new(),
+            drop_report_at: None,
+            last_drop_report: None,
             up: BTreeMap::new(),
         };
         e.sync_peers(cfg);
@@ -269,6 +282,7 @@ impl Engine {
             .values()
             .copied()
             .chain(retire)
+            .chain(self.drop_report_at)
             .chain(std::iter::once(self.next_rescan))
             .min()
     }
@@ -330,15 +344,42 @@ impl Engine {
         loop {
             let (n, from) = match self.socket.recv_from(&mut buf) {
                 Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return changed,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     warn!("hello socket: {e}");
-                    return changed;
+                    break;
                 }
             };
             self.stats.received += 1;
             changed |= self.on_datagram(cfg, &buf[..n], unmap(from.ip()));
         }
+        if self.drop_report_at.is_none() && self.stats.dropped != self.drops_reported {
+            let now = Instant::now();
+            let soonest = self.last_drop_report.map(|t| t + DROP_REPORT_EVERY);
+            self.drop_report_at = Some(soonest.map_or(now, |t| t.max(now)) + DROP_REPORT_DELAY);
+        }
+        changed
+    }
+
+    /// One line for the drops since the last report, by reason.
+    fn report_drops(&mut self, now: Instant) {
+        self.drop_report_at = None;
+        self.last_drop_report = Some(now);
+        let new: Vec<(&str, u64)> = self
+            .stats
+            .dropped
+            .iter()
+            .map(|(k, v)| (*k, v - self.drops_reported.get(k).copied().unwrap_or(0)))
+            .filter(|(_, d)| *d > 0)
+            .collect();
+        let n: u64 = new.iter().map(|(_, d)| d).sum();
+        let total: u64 = self.stats.dropped.values().sum();
+        let why: Vec<String> = new.iter().map(|(k, d)| format!("{k} {d}")).collect();
+        warn!(
+            "hello: dropped {n} datagram(s) ({}); {total} since start",
+            why.join(", ")
+        );
+        self.drops_reported = self.stats.dropped.clone();
     }
 
     fn on_datagram(&mut self, cfg: &Config, bytes: &[u8], from: IpAddr) -> bool {
@@ -393,6 +434,10 @@ impl Engine {
         let mut spi = |k: u8| plan::make_spi(u32::from_ne_bytes(random_bytes()), k);
         let mut nonce = random_bytes::<16>;
         let outcome = p.on_hello(&h, &local, Instant::now(), &mut spi, &mut nonce);
+        if outcome.duplicate {
+            self.stats.duplicates += 1;
+            return false;
+        }
         if outcome.replayed {
             self.stats.drop("replayed");
             return false;
@@ -470,6 +515,9 @@ impl Engine {
             }
             let every = if up && !stale { HELLO_SLOW } else { HELLO_FAST };
             self.next_hello.insert(peer, now + every);
+        }
+        if self.drop_report_at.is_some_and(|t| t <= now) {
+            self.report_drops(now);
         }
         let retired: Vec<String> = self
             .retire

@@ -38,6 +38,9 @@ pub struct Outcome {
     pub stale: bool,
     /// A replay or reordering under the same nonce: ignored.
     pub replayed: bool,
+    /// The hello just accepted, once more: every hello goes out over each family the
+    /// pair shares, so its second copy lands here. Ignored, and not a replay.
+    pub duplicate: bool,
     /// First boot ID heard, or a changed one (`Some(old)`).
     pub boot_changed: Option<Option<BootId>>,
     /// The set of desired SAs changed.
@@ -112,7 +115,11 @@ impl Peer {
             && n == h.nonce
             && h.seq <= s
         {
-            out.replayed = true;
+            if h.seq == s {
+                out.duplicate = true;
+            } else {
+                out.replayed = true;
+            }
             return out;
         }
         self.seq_in = Some((h.nonce, h.seq));
@@ -388,6 +395,22 @@ mod tests {
         let o = a.recv(&old);
         assert!(o.replayed, "{o:?}");
         assert_eq!(snapshot, format!("{:?}", a.peer));
+    }
+
+    #[test]
+    fn the_copy_over_the_other_family_is_a_duplicate_not_a_replay() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let older = b.send();
+        let h = b.send();
+        let first = a.recv(&h);
+        assert!(!first.duplicate && !first.replayed && !first.stale);
+        let snapshot = format!("{:?}", a.peer);
+        let again = a.recv(&h);
+        assert!(again.duplicate && !again.replayed, "{again:?}");
+        assert_eq!(snapshot, format!("{:?}", a.peer));
+        let o = a.recv(&older);
+        assert!(o.replayed && !o.duplicate, "{o:?}");
     }
 
     #[test]

@@ -22,14 +22,11 @@ pub const CASES: &[Case] = &[
     ),
     ("ipsec_ops_reboot_rekeys_without_plaintext", reboot_rekeys),
     ("ipsec_ops_add_node_touches_only_it", add_node),
+    (
+        "ipsec_ops_forged_and_replayed_hellos",
+        forged_and_replayed_hellos,
+    ),
 ];
-
-/// Not passing yet.
-#[allow(dead_code)]
-const PENDING: &[Case] = &[(
-    "ipsec_ops_forged_and_replayed_hellos",
-    forged_and_replayed_hellos,
-)];
 
 /// One SA as `ip -s xfrm state` shows it: what identifies it and when the kernel added it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,6 +46,9 @@ impl Sa {
         u32::from_str_radix(self.spi.trim_start_matches("0x"), 16).unwrap_or(0) & 0xF
     }
 }
+
+/// A captured UDP packet: source, destination, payload, time.
+type Captured = (String, String, Vec<u8>, f64);
 
 /// A node's policies and SAs.
 type Snapshot = (Vec<Pol>, Vec<Sa>);
@@ -797,7 +797,6 @@ fn add_node() -> Result<(), String> {
 /// Case 5: Hellos replayed, forged, cut short, too long or plain garbage, sent to a peer's
 /// hello port from a node's own address: dropped and counted, the SAs stay as they are
 /// and the pair keeps working.
-#[allow(dead_code)]
 fn forged_and_replayed_hellos() -> Result<(), String> {
     let mut f = Fleet::new("if", 3, KEY1)?;
     // Record every hello from the start, as an on-path attacker would.
@@ -836,13 +835,20 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
     // SAFETY: kill(2) of our own child; SIGINT makes tcpdump flush and exit.
     unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
     let _ = dump.wait();
-    ready.map_err(|e| format!("{e}\n{}", f.logs()))?;
     let captured = read_pcap(&pcap)?;
+    ready.map_err(|e| {
+        let t0 = captured.first().map_or(0.0, |c| c.3);
+        let hellos: Vec<String> = captured
+            .iter()
+            .map(|(s, d, p, t)| format!("{:8.3} {s} > {d}: {}", t - t0, describe_hello(p)))
+            .collect();
+        format!("{e}\n{}\nhellos:\n{}", f.logs(), hellos.join("\n"))
+    })?;
     let from_n0 = |dst: &str| -> Vec<Vec<u8>> {
         captured
             .iter()
-            .filter(|(s, d, _)| (*s == v4(0) || *s == v6(0)) && d == dst)
-            .map(|(_, _, p)| p.clone())
+            .filter(|(s, d, _, _)| (*s == v4(0) || *s == v6(0)) && d == dst)
+            .map(|(_, _, p, _)| p.clone())
             .collect()
     };
     let v4_hellos = from_n0(&v4(1));
@@ -955,7 +961,11 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
 fn drop_counts(log: &str) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
     for l in log.lines().filter(|l| l.contains("hello: dropped")) {
-        let Some(inner) = l.split('(').nth(1).and_then(|s| s.split(')').next()) else {
+        let Some(inner) = l
+            .split("datagram(s) (")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+        else {
             continue;
         };
         for part in inner.split(", ") {
@@ -983,19 +993,49 @@ fn send_udp(ns: &str, src: &str, dst: &str, dgrams: &[(&str, Vec<u8>)]) -> Resul
     })
 }
 
-/// (source, destination, UDP payload) of every IPv4/IPv6 UDP packet in a pcap file of an
-/// Ethernet capture.
-fn read_pcap(path: &std::path::Path) -> Result<Vec<(String, String, Vec<u8>)>, String> {
+/// A hello's header fields, for a failure's report (docs/hello.md has the layout).
+fn describe_hello(p: &[u8]) -> String {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let parse = || -> Option<String> {
+        let mut at = 6;
+        let mut name = || {
+            let n = usize::from(*p.get(at)?);
+            let s = String::from_utf8_lossy(p.get(at + 1..at + 1 + n)?).into_owned();
+            at += 1 + n;
+            Some(s)
+        };
+        let (from, to) = (name()?, name()?);
+        let f = |o: usize, n: usize| p.get(at + o..at + o + n);
+        let seq = u64::from_be_bytes(f(32, 8)?.try_into().ok()?);
+        let offers = usize::from(f(74, 1)?[0]);
+        let outb = usize::from(*p.get(at + 75 + offers * 7)?);
+        Some(format!(
+            "{from}->{to} boot {} nonce {} seq {seq} echo boot {} nonce {} keys {:04x} offers {offers} outbound {outb}",
+            hex(f(0, 2)?),
+            hex(f(16, 4)?),
+            hex(f(40, 2)?),
+            hex(f(56, 4)?),
+            u16::from_be_bytes(f(72, 2)?.try_into().ok()?),
+        ))
+    };
+    parse().unwrap_or_else(|| format!("{} bytes, not a hello", p.len()))
+}
+
+/// (source, destination, UDP payload, time) of every IPv4/IPv6 UDP packet in a pcap file
+/// of an Ethernet capture.
+fn read_pcap(path: &std::path::Path) -> Result<Vec<Captured>, String> {
     let b = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     ensure(
         b.len() >= 24 && b[..4] == [0xd4, 0xc3, 0xb2, 0xa1],
         "not a little-endian pcap file",
     )?;
     let u32le = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap()) as usize;
+    let time = |i: usize| u32le(i) as f64 + u32le(i + 4) as f64 / 1e6;
     let mut out = Vec::new();
     let mut at = 24;
     while at + 16 <= b.len() {
         let len = u32le(at + 8);
+        let t = time(at);
         let frame = b
             .get(at + 16..at + 16 + len)
             .ok_or("truncated pcap record")?;
@@ -1025,7 +1065,7 @@ fn read_pcap(path: &std::path::Path) -> Result<Vec<(String, String, Vec<u8>)>, S
             continue;
         }
         let ulen = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
-        out.push((src, dst, l4[8..ulen.clamp(8, l4.len())].to_vec()));
+        out.push((src, dst, l4[8..ulen.clamp(8, l4.len())].to_vec(), t));
     }
     Ok(out)
 }
