@@ -329,6 +329,12 @@ impl Daemon {
         if let Err(e) = crate::status::write(&c.settings.runtime_dir, &snap) {
             warn!("writing {}: {e}", c.settings.runtime_dir.display());
         }
+        if let Some(path) = &c.settings.metrics_path {
+            let text = crate::status::metrics(&snap, &crate::status::xfrm_errors());
+            if let Err(e) = crate::status::write_metrics(path, &text) {
+                warn!("writing metrics to {}: {e}", path.display());
+            }
+        }
     }
 
     /// Install (or replace, or remove) the strict-mode table; unchanged text is not re-sent.

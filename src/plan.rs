@@ -348,6 +348,7 @@ pub(crate) mod tests {
                     allow_remote_node_identities: false,
                     exceptions: vec![],
                 },
+                metrics_path: None,
                 strict_cidr_spans: vec![],
             },
             inventory: Inventory { nodes },

@@ -73,6 +73,96 @@ pub fn write(dir: &Path, s: &Snapshot) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join(SNAPSHOT))
 }
 
+/// The snapshot and the kernel's XFRM counters in the node_exporter textfile format.
+pub fn metrics(s: &Snapshot, xfrm: &[(String, u64)]) -> String {
+    let mut m = String::new();
+    let mut metric = |name: &str, help: &str, ty: &str, samples: &[(String, u64)]| {
+        m += &format!("# HELP encryptd_{name} {help}\n# TYPE encryptd_{name} {ty}\n");
+        for (labels, v) in samples {
+            m += &format!("encryptd_{name}{labels} {v}\n");
+        }
+    };
+    let up = s.peers.iter().filter(|p| p.state == "up").count() as u64;
+    metric(
+        "peers",
+        "Inventoried peers.",
+        "gauge",
+        &[(String::new(), s.peers.len() as u64)],
+    );
+    metric(
+        "peers_up",
+        "Peers with working SAs or handshakes.",
+        "gauge",
+        &[(String::new(), up)],
+    );
+    let per_peer: Vec<(String, u64)> = s
+        .peers
+        .iter()
+        .map(|p| {
+            (
+                format!("{{peer=\"{}\"}}", p.name),
+                u64::from(p.state == "up"),
+            )
+        })
+        .collect();
+    metric("peer_up", "1 when the peer is up.", "gauge", &per_peer);
+    if let Some(k) = s.current_key_id {
+        metric(
+            "key_id",
+            "Current IPsec key-id.",
+            "gauge",
+            &[(String::new(), u64::from(k))],
+        );
+    }
+    metric(
+        "strict",
+        "1 when strict-mode rules are installed.",
+        "gauge",
+        &[(String::new(), u64::from(s.strict))],
+    );
+    metric(
+        "config_refused",
+        "1 while the newest configuration files are refused.",
+        "gauge",
+        &[(String::new(), u64::from(s.config_refused.is_some()))],
+    );
+    metric(
+        "hello_received_total",
+        "Hello datagrams received.",
+        "counter",
+        &[(String::new(), s.hello_received)],
+    );
+    let drops: Vec<(String, u64)> = s
+        .hello_dropped
+        .iter()
+        .map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v))
+        .collect();
+    metric(
+        "hello_dropped_total",
+        "Hello datagrams dropped, by reason.",
+        "counter",
+        &drops,
+    );
+    let x: Vec<(String, u64)> = xfrm
+        .iter()
+        .map(|(k, v)| (format!("{{counter=\"{k}\"}}"), *v))
+        .collect();
+    metric(
+        "xfrm_errors_total",
+        "Non-zero /proc/net/xfrm_stat counters.",
+        "counter",
+        &x,
+    );
+    m
+}
+
+/// Write the metrics file atomically (node_exporter must never read half a file).
+pub fn write_metrics(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("prom.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The troubleshooting table of the seed documents, for the counters encryptd can cause.
 pub fn explain(counter: &str) -> &'static str {
     match counter {
@@ -123,6 +213,47 @@ pub fn xfrm_errors() -> Vec<(String, u64)> {
             (v > 0).then(|| (k.to_string(), v))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_text_format() {
+        let s = Snapshot {
+            peers: vec![
+                PeerStatus {
+                    name: "b".into(),
+                    state: "up".into(),
+                    key_ids: vec![1],
+                    last_hello_secs: Some(2),
+                },
+                PeerStatus {
+                    name: "c".into(),
+                    state: "waiting".into(),
+                    key_ids: vec![],
+                    last_hello_secs: None,
+                },
+            ],
+            current_key_id: Some(3),
+            hello_dropped: [("bad_mac".to_string(), 4)].into_iter().collect(),
+            ..Snapshot::default()
+        };
+        let m = metrics(&s, &[("XfrmOutNoStates".into(), 7)]);
+        for line in [
+            "# TYPE encryptd_peers_up gauge",
+            "encryptd_peers_up 1",
+            "encryptd_peers 2",
+            "encryptd_peer_up{peer=\"b\"} 1",
+            "encryptd_peer_up{peer=\"c\"} 0",
+            "encryptd_key_id 3",
+            "encryptd_hello_dropped_total{reason=\"bad_mac\"} 4",
+            "encryptd_xfrm_errors_total{counter=\"XfrmOutNoStates\"} 7",
+        ] {
+            assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

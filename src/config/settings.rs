@@ -85,6 +85,8 @@ pub struct Settings {
     pub ipsec: Ipsec,
     pub wireguard: Wireguard,
     pub strict: Strict,
+    /// node_exporter textfile to keep current (`None`: no metrics).
+    pub metrics_path: Option<PathBuf>,
     /// Spans of `strict.cidrs` entries, parallel to `strict.cidrs`.
     pub strict_cidr_spans: Vec<std::ops::Range<usize>>,
 }
@@ -274,6 +276,13 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         );
     }
     t.finish();
+
+    let t = sub("metrics");
+    let metrics_path = t
+        .string("path")
+        .filter(|v| !v.value.is_empty())
+        .map(|v| resolve(base, &v.value));
+    t.finish();
     top.finish();
 
     Settings {
@@ -286,6 +295,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         ipsec,
         wireguard,
         strict,
+        metrics_path,
         strict_cidr_spans,
     }
 }

@@ -63,6 +63,7 @@ fn tcp_echo(f: &Fleet, from: usize, to: usize, addr: SocketAddr, n: usize) -> Re
 
 fn mesh_three_nodes() -> Result<(), String> {
     let mut f = Fleet::new("im", 3, KEY1)?;
+    f.configure_all("\n[metrics]\npath = \"metrics.prom\"\n")?;
     for i in 0..3 {
         f.start(i)?;
     }
@@ -153,6 +154,14 @@ fn mesh_three_nodes() -> Result<(), String> {
     ensure(
         json.contains("\"keys_in_use\": 8") && json.contains("\"daemon_running\": true"),
         format!("status --json:\n{json}"),
+    )?;
+    // The node_exporter textfile is kept current.
+    let prom = std::fs::read_to_string(f.dirs[0].join("metrics.prom"))
+        .map_err(|e| format!("metrics.prom: {e}"))?;
+    ensure(
+        prom.lines().any(|l| l == "encryptd_peers_up 2")
+            && prom.contains("encryptd_peer_up{peer=\"n1\"} 1"),
+        format!("metrics:\n{prom}"),
     )?;
     println!(
         "    {} packets captured, {esp} ESP, 0 plaintext",
