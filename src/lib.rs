@@ -17,3 +17,4 @@ pub mod peer;
 pub mod plan;
 pub mod reconcile;
 pub mod watch;
+pub mod wgplan;
