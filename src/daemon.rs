@@ -15,8 +15,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{self, Config, Diagnostic, Mode, Paths};
-use crate::ipsec::Engine;
+use crate::engine::{self, Engine};
 use crate::watch::Watcher;
+use crate::{ipsec, wireguard};
 
 const INOTIFY: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -38,10 +39,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("ipsec: {0}")]
-    Ipsec(#[from] crate::ipsec::Error),
-    #[error("mode = \"wireguard\" is not available in this version yet")]
-    WireguardUnavailable,
+    #[error(transparent)]
+    Engine(#[from] engine::Error),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
@@ -167,7 +166,7 @@ impl Daemon {
         self.rewatch();
         match self.config.settings.mode {
             Mode::Ipsec => {
-                let mut engine = Engine::start(&self.config)?;
+                let engine = ipsec::Engine::start(&self.config).map_err(engine::Error::from)?;
                 poll.registry()
                     .register(
                         &mut SourceFd(&engine.as_raw_fd()),
@@ -175,10 +174,14 @@ impl Daemon {
                         Interest::READABLE,
                     )
                     .map_err(io_err("register hello socket"))?;
+                let mut engine = Engine::Ipsec(engine);
                 engine.tick(&self.config, Instant::now())?;
                 self.engine = Some(engine);
             }
-            Mode::Wireguard => return Err(Error::WireguardUnavailable),
+            Mode::Wireguard => {
+                let engine = wireguard::Engine::start(&self.config).map_err(engine::Error::from)?;
+                self.engine = Some(Engine::Wireguard(engine));
+            }
         }
 
         let me = self.config.me();
@@ -276,7 +279,7 @@ impl Daemon {
         if up == total || now >= by {
             self.ready_by = None;
             if up < total {
-                warn!("ready with {up}/{total} peers up; the others get SAs when they answer");
+                warn!("ready with {up}/{total} peers up; the others come up when they answer");
             }
             notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
         }
@@ -288,7 +291,12 @@ impl Daemon {
         states.extend(NotifyState::monotonic_usec_now().ok());
         notify(&states);
         let loaded = config::load(&self.paths).and_then(|new| {
-            let problems = config::check_key_change(&self.config, &new);
+            let mut problems = config::check_key_change(&self.config, &new);
+            problems.extend(config::check_mode_change(
+                &self.config,
+                &new,
+                &self.paths.config,
+            ));
             if problems.is_empty() {
                 Ok(new)
             } else {

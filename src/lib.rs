@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod engine;
 pub mod hello;
 pub mod ipsec;
 pub mod kernel;
@@ -18,3 +19,4 @@ pub mod plan;
 pub mod reconcile;
 pub mod watch;
 pub mod wgplan;
+pub mod wireguard;

@@ -194,6 +194,21 @@ fn cross_check(src: &Source, s: &Settings, inv: &Inventory, diags: &Diags) {
     }
 }
 
+/// The mode's engine is chosen at start: a reload cannot switch it.
+pub fn check_mode_change(old: &Config, new: &Config, config_path: &Path) -> Option<Diagnostic> {
+    let (o, n) = (old.settings.mode, new.settings.mode);
+    (o != n).then(|| {
+        file_diag(
+            config_path,
+            format!(
+                "`mode` changed from \"{}\" to \"{}\": a change of mode takes a restart (systemctl restart encryptd)",
+                o.as_str(),
+                n.as_str()
+            ),
+        )
+    })
+}
+
 /// A reload may add a key-id or drop one, but never change the key under a key-id that is
 /// in use: peers would decrypt with the old key (XfrmInStateProtoError everywhere).
 pub fn check_key_change(old: &Config, new: &Config) -> Vec<Diagnostic> {

@@ -481,6 +481,9 @@ fn parse_rule(r: &RuleMessage) -> Rule {
             RuleAttribute::FwMask(_) => {}
             RuleAttribute::Table(t) => rule.table = *t,
             RuleAttribute::Protocol(_) => {}
+            // -1: not set (the kernel reports these on every rule)
+            RuleAttribute::SuppressPrefixLen(u32::MAX)
+            | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
             _ => rule.other_selectors = true,
         }
     }
@@ -539,7 +542,11 @@ mod tests {
             table: 51871,
             other_selectors: false,
         };
-        let m = rule_message(&r);
+        let mut m = rule_message(&r);
+        // The kernel reports these on every rule, with -1 for "not set".
+        m.attributes
+            .push(RuleAttribute::SuppressPrefixLen(u32::MAX));
+        m.attributes.push(RuleAttribute::SuppressIfGroup(u32::MAX));
         let mut buf = vec![0; m.buffer_len()];
         m.emit(&mut buf);
         let back = RuleMessage::parse(&buf[..]).unwrap();
