@@ -17,6 +17,7 @@ mod rig;
 mod daemon;
 mod ipsec;
 mod nft;
+mod wireguard;
 mod xfrm;
 
 use std::fs::File;
@@ -34,7 +35,14 @@ pub type Case = (&'static str, fn() -> Result<(), String>);
 const IN_VM: &str = "ENCRYPTD_KERNEL_TESTS";
 
 fn cases() -> Vec<Case> {
-    [xfrm::CASES, nft::CASES, daemon::CASES, ipsec::CASES].concat()
+    [
+        xfrm::CASES,
+        nft::CASES,
+        daemon::CASES,
+        ipsec::CASES,
+        wireguard::CASES,
+    ]
+    .concat()
 }
 
 /// What libtest-style arguments ask for (`cargo test -- ARGS`); unknown flags are ignored.
