@@ -3,9 +3,12 @@
 //! error), 2 usage.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use crate::config::{self, Paths, settings::DEFAULT_CONFIG};
+use crate::config::diag::{Diags, Source};
+use crate::config::wgkey::{self, PrivateKey};
+use crate::config::{self, Paths, settings, settings::DEFAULT_CONFIG};
 
 pub const USAGE: &str = "\
 usage: encryptd <command> [options]
@@ -16,7 +19,8 @@ commands:
                                            validate the files offline; exit 0 valid, 1 invalid
   status [--json] [--config PATH]          show peers, keys and counters
   keygen                                   print a new WireGuard private key
-  pubkey                                   print this node's WireGuard public key
+  pubkey [--config PATH]                   print this node's WireGuard public key (from
+                                           [wireguard] private_key, created if missing)
   teardown [--config PATH]                 remove every kernel object encryptd owns
 
 The default config is /etc/encryptd/encryptd.toml.";
@@ -31,6 +35,8 @@ pub enum Command {
     Check(Paths),
     Teardown,
     Status(Paths, bool),
+    Keygen,
+    Pubkey(PathBuf),
     Help,
     Version,
 }
@@ -54,6 +60,8 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         // configuration, so teardown works even when the files are gone or broken.
         "teardown" => (&["--config"], false),
         "status" => (&["--config", "--json"], false),
+        "keygen" => (&[], false),
+        "pubkey" => (&["--config"], false),
         other => return Err(format!("unknown command \"{other}\"")),
     };
     let mut paths = Paths {
@@ -105,6 +113,8 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         "run" => Command::Run(paths),
         "teardown" => Command::Teardown,
         "status" => Command::Status(paths, json),
+        "keygen" => Command::Keygen,
+        "pubkey" => Command::Pubkey(paths.config),
         _ => Command::Check(paths),
     })
 }
@@ -124,6 +134,8 @@ pub fn main(args: Vec<OsString>) -> i32 {
             EXIT_OK
         }
         Ok(Command::Check(paths)) => check(&paths),
+        Ok(Command::Keygen) => keygen(),
+        Ok(Command::Pubkey(config)) => pubkey(&config),
         Ok(Command::Run(paths)) => crate::daemon::run(paths),
         Ok(Command::Teardown) => teardown(),
         Ok(Command::Status(paths, json)) => crate::status::main(&paths, json),
@@ -213,6 +225,60 @@ fn check(paths: &Paths) -> i32 {
     }
 }
 
+/// `encryptd keygen`: a new private key on stdout (as `wg genkey`).
+fn keygen() -> i32 {
+    let key = PrivateKey::generate();
+    let mut out = std::io::stdout().lock();
+    match out
+        .write_all(key.to_base64().as_bytes())
+        .and_then(|()| out.flush())
+    {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("encryptd: keygen: {e}");
+            EXIT_FAIL
+        }
+    }
+}
+
+/// `encryptd pubkey`: this node's public key, from the private key file that
+/// `encryptd.toml` names. Only `encryptd.toml` is read: the inventory may not list this
+/// node's key yet (this command is how Ansible collects the keys for it). A missing key
+/// file is created, as the daemon's first start would.
+fn pubkey(config: &Path) -> i32 {
+    let text = match std::fs::read_to_string(config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}:1:1: cannot read: {e}", config.display());
+            return EXIT_FAIL;
+        }
+    };
+    let diags = Diags::default();
+    let settings = settings::read(&Source::new(config, &text), &diags);
+    if !diags.is_empty() {
+        let diags = diags.into_sorted();
+        for d in &diags {
+            eprintln!("{d}");
+        }
+        eprintln!("encryptd: {} problem(s) found", diags.len());
+        return EXIT_FAIL;
+    }
+    let path = &settings.wireguard.private_key;
+    match wgkey::load_or_create(path) {
+        Ok((key, created)) => {
+            if created {
+                eprintln!("encryptd: created a new private key in {}", path.display());
+            }
+            println!("{}", wgkey::to_base64(&key.public()));
+            EXIT_OK
+        }
+        Err(d) => {
+            eprintln!("{d}");
+            EXIT_FAIL
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +299,27 @@ mod tests {
         };
         assert_eq!(paths.config, PathBuf::from(DEFAULT_CONFIG));
         assert_eq!(paths.inventory, Some(PathBuf::from("/tmp/x")));
+    }
+
+    #[test]
+    fn key_commands() {
+        assert_eq!(p(&["keygen"]).unwrap(), Command::Keygen);
+        assert_eq!(
+            p(&["pubkey"]).unwrap(),
+            Command::Pubkey(PathBuf::from(DEFAULT_CONFIG))
+        );
+        assert_eq!(
+            p(&["pubkey", "--config", "x.toml"]).unwrap(),
+            Command::Pubkey(PathBuf::from("x.toml"))
+        );
+        assert_eq!(
+            p(&["keygen", "--config", "x"]).unwrap_err(),
+            "keygen: unknown option --config"
+        );
+        assert_eq!(
+            p(&["pubkey", "x"]).unwrap_err(),
+            "pubkey: unexpected argument \"x\""
+        );
     }
 
     #[test]

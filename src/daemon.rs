@@ -15,8 +15,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{self, Config, Diagnostic, Mode, Paths};
-use crate::ipsec::Engine;
+use crate::engine::{self, Engine};
 use crate::watch::Watcher;
+use crate::{ipsec, wireguard};
 
 const INOTIFY: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -41,10 +42,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("ipsec: {0}")]
-    Ipsec(#[from] crate::ipsec::Error),
-    #[error("mode = \"wireguard\" is not available in this version yet")]
-    WireguardUnavailable,
+    #[error(transparent)]
+    Engine(#[from] engine::Error),
     #[error("strict mode: {0}")]
     Strict(#[from] crate::kernel::nft::NftError),
 }
@@ -184,7 +183,7 @@ impl Daemon {
         self.apply_strict(&crate::strict::ruleset(&self.config))?;
         match self.config.settings.mode {
             Mode::Ipsec => {
-                let mut engine = Engine::start(&self.config)?;
+                let engine = ipsec::Engine::start(&self.config).map_err(engine::Error::from)?;
                 poll.registry()
                     .register(
                         &mut SourceFd(&engine.as_raw_fd()),
@@ -192,10 +191,14 @@ impl Daemon {
                         Interest::READABLE,
                     )
                     .map_err(io_err("register hello socket"))?;
+                let mut engine = Engine::Ipsec(engine);
                 engine.tick(&self.config, Instant::now())?;
                 self.engine = Some(engine);
             }
-            Mode::Wireguard => return Err(Error::WireguardUnavailable),
+            Mode::Wireguard => {
+                let engine = wireguard::Engine::start(&self.config).map_err(engine::Error::from)?;
+                self.engine = Some(Engine::Wireguard(engine));
+            }
         }
 
         let me = self.config.me();
@@ -298,6 +301,7 @@ impl Daemon {
     /// The state `encryptd status` shows, in the runtime directory.
     fn write_snapshot(&self, now: Instant) {
         let c = &self.config;
+        let hello = self.engine.as_ref().and_then(|e| e.hello_stats());
         let snap = crate::status::Snapshot {
             mode: c.settings.mode.as_str().into(),
             node: c.settings.node.clone(),
@@ -312,18 +316,10 @@ impl Daemon {
                 .as_ref()
                 .map(|e| e.peer_statuses(c, now))
                 .unwrap_or_default(),
-            hello_received: self.engine.as_ref().map_or(0, |e| e.stats.received),
-            hello_accepted: self.engine.as_ref().map_or(0, |e| e.stats.accepted),
-            hello_dropped: self
-                .engine
-                .as_ref()
-                .map(|e| {
-                    e.stats
-                        .dropped
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), *v))
-                        .collect()
-                })
+            hello_received: hello.map_or(0, |h| h.received),
+            hello_accepted: hello.map_or(0, |h| h.accepted),
+            hello_dropped: hello
+                .map(|h| h.dropped.iter().map(|(k, v)| (k.to_string(), *v)).collect())
                 .unwrap_or_default(),
         };
         if let Err(e) = crate::status::write(&c.settings.runtime_dir, &snap) {
@@ -382,7 +378,7 @@ impl Daemon {
         if up == total || now >= by {
             self.ready_by = None;
             if up < total {
-                warn!("ready with {up}/{total} peers up; the others get SAs when they answer");
+                warn!("ready with {up}/{total} peers up; the others come up when they answer");
             }
             notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
         }
@@ -394,7 +390,12 @@ impl Daemon {
         states.extend(NotifyState::monotonic_usec_now().ok());
         notify(&states);
         let loaded = config::load(&self.paths).and_then(|new| {
-            let problems = config::check_key_change(&self.config, &new);
+            let mut problems = config::check_key_change(&self.config, &new);
+            problems.extend(config::check_mode_change(
+                &self.config,
+                &new,
+                &self.paths.config,
+            ));
             if problems.is_empty() {
                 Ok(new)
             } else {

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod engine;
 pub mod hello;
 pub mod ipsec;
 pub mod kernel;
@@ -19,3 +20,5 @@ pub mod reconcile;
 pub mod status;
 pub mod strict;
 pub mod watch;
+pub mod wgplan;
+pub mod wireguard;

@@ -103,8 +103,10 @@ fn priority(level: Level) -> u8 {
     }
 }
 
+/// `neli` (under `wireguard-uapi`) logs every netlink message whole at debug level,
+/// WireGuard private keys included: its records are never written.
 fn enabled(metadata: &Metadata) -> bool {
-    metadata.level() <= log::max_level()
+    metadata.level() <= log::max_level() && !metadata.target().starts_with("neli")
 }
 
 /// The stderr logger.

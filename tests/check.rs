@@ -336,7 +336,8 @@ fn strict_range_containing_own_address_needs_an_exception() {
         "cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]",
         "cidrs = [\"192.0.2.0/24\"]",
     );
-    assert_eq!(f.check(&[]).0, 0);
+    let (code, _, err) = f.check(&[]);
+    assert_eq!(code, 0, "{err}");
 }
 
 #[test]
@@ -375,4 +376,65 @@ fn inventory_override_for_ansible_validate() {
         err.starts_with("candidate.toml:3:14: \"192.0.2.1000\" is not an IPv4 or IPv6 address"),
         "{err}"
     );
+}
+
+#[test]
+fn wireguard_key_pair_commands() {
+    let f = Fixture::new();
+    f.edit("encryptd.toml", "mode = \"ipsec\"", "mode = \"wireguard\"")
+        .edit(
+            "encryptd.toml",
+            "private_key = \"/var/lib/encryptd/wireguard.key\"",
+            "private_key = \"state/wireguard.key\"",
+        );
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_encryptd"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, key, _) = run(&["keygen"]);
+    assert_eq!(code, 0);
+    assert_eq!(key.len(), 45, "{key:?}");
+    assert_ne!(run(&["keygen"]).1, key, "two keygens, two keys");
+
+    // `pubkey` creates the missing key file (0600) and prints the same key every time.
+    let config = f.dir.join("encryptd.toml");
+    let config = config.to_str().unwrap();
+    let (code, public, err) = run(&["pubkey", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("created a new private key in"), "{err}");
+    let keyfile = f.dir.join("state/wireguard.key");
+    let mode = std::fs::metadata(&keyfile).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(
+        run(&["pubkey", "--config", config]),
+        (0, public.clone(), String::new())
+    );
+
+    // The inventory lists another key for this node: `check` says which one to put there.
+    f.fails_with(&[&format!(
+        "nodes.toml:10:1: wireguard_public_key of this node \"node-a\" is not the public key of its private key state/wireguard.key ({}): put the output of `encryptd pubkey` on this node here",
+        public.trim()
+    )]);
+    f.edit(
+        "nodes.toml",
+        "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
+        public.trim(),
+    );
+    let (code, _, err) = f.check(&[]);
+    assert_eq!(code, 0, "{err}");
+
+    // A private key file others can read is refused, by `check` and by `pubkey`.
+    f.chmod("state/wireguard.key", 0o644);
+    let msg = "state/wireguard.key:1:1: private key file is accessible by group or others (mode 0644); it must be 0600: chmod 0600 state/wireguard.key";
+    f.fails_with(&[msg]);
+    let (code, out, err) = run(&["pubkey", "--config", config]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(err.contains("it must be 0600"), "{err}");
 }

@@ -7,6 +7,7 @@ pub mod doc;
 pub mod inventory;
 pub mod keys;
 pub mod settings;
+pub mod wgkey;
 
 use std::path::{Path, PathBuf};
 
@@ -61,7 +62,14 @@ pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
     }
 
     let inventory = match read_text(&settings.inventory) {
-        Ok(t) => inventory::read(&Source::new(&settings.inventory, &t), &diags, settings.mode),
+        Ok(t) => {
+            let isrc = Source::new(&settings.inventory, &t);
+            let inv = inventory::read(&isrc, &diags, settings.mode);
+            if settings.mode == Mode::Wireguard && diags.is_empty() {
+                check_own_public_key(&settings, &inv, &isrc, &diags);
+            }
+            inv
+        }
         Err(d) => {
             diags.push(d);
             Inventory::default()
@@ -104,6 +112,52 @@ pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
     }
 }
 
+/// WireGuard: if this node's private key file exists, it must be private and be the key
+/// whose public half the inventory lists for this node (a missing file is created at the
+/// daemon's first start, or by `encryptd pubkey`).
+fn check_own_public_key(s: &Settings, inv: &Inventory, isrc: &Source, diags: &Diags) {
+    let path = &s.wireguard.private_key;
+    if std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return;
+    }
+    let key = match wgkey::read(path) {
+        Ok(k) => k,
+        Err(d) => {
+            diags.push(d);
+            return;
+        }
+    };
+    let Some(me) = inv.node(&s.node) else {
+        return; // reported by cross_check
+    };
+    if let Some(listed) = me.wireguard_public_key
+        && let Some(d) = public_key_mismatch(isrc, me, &listed, &key.public(), path)
+    {
+        diags.push(d);
+    }
+}
+
+/// The message when the inventory's key for this node is not this node's public key.
+fn public_key_mismatch(
+    isrc: &Source,
+    me: &Node,
+    listed: &[u8; 32],
+    actual: &[u8; 32],
+    key_path: &Path,
+) -> Option<Diagnostic> {
+    (listed != actual).then(|| {
+        isrc.diag(
+            me.span.clone(),
+            format!(
+                "wireguard_public_key of this node \"{}\" is not the public key of its private key {} ({}): put the output of `encryptd pubkey` on this node here",
+                me.name,
+                key_path.display(),
+                wgkey::to_base64(actual)
+            ),
+        )
+    })
+}
+
 /// Checks that need more than one file: this node is inventoried, and strict mode does not lock this node out.
 fn cross_check(src: &Source, s: &Settings, inv: &Inventory, diags: &Diags) {
     if inv.nodes.is_empty() {
@@ -138,6 +192,21 @@ fn cross_check(src: &Source, s: &Settings, inv: &Inventory, diags: &Diags) {
             }
         }
     }
+}
+
+/// The mode's engine is chosen at start: a reload cannot switch it.
+pub fn check_mode_change(old: &Config, new: &Config, config_path: &Path) -> Option<Diagnostic> {
+    let (o, n) = (old.settings.mode, new.settings.mode);
+    (o != n).then(|| {
+        file_diag(
+            config_path,
+            format!(
+                "`mode` changed from \"{}\" to \"{}\": a change of mode takes a restart (systemctl restart encryptd)",
+                o.as_str(),
+                n.as_str()
+            ),
+        )
+    })
 }
 
 /// A reload may add a key-id or drop one, but never change the key under a key-id that is

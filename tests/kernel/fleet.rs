@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use encryptd::config::wgkey::{self, PrivateKey};
+
 use crate::rig::{Topo, sh, wait_for};
 
 pub const KEY1: &str = "1+ rfc4106(gcm(aes)) 6b1c3f0e2d4a59788a9b0c1d2e3f40516273849a 128\n";
@@ -74,25 +76,71 @@ fn warm_up_crypto() {
     });
 }
 
+/// The mode a fleet's daemons run in.
+#[derive(Clone, Copy)]
+pub enum Kind<'a> {
+    /// IPsec with this `ipsec.keys` content.
+    Ipsec(&'a str),
+    /// WireGuard: node i's private key is [`wg_key`]`(i)`, in `wireguard.key`.
+    Wireguard,
+}
+
+/// Node i's WireGuard private key (fixed, so inventories can be written ahead).
+pub fn wg_key(i: usize) -> PrivateKey {
+    PrivateKey::from_bytes([i as u8 + 1; 32])
+}
+
+pub fn wg_public(i: usize) -> String {
+    wgkey::to_base64(&wg_key(i).public())
+}
+
+/// [`node_entry`] with node i's WireGuard public key.
+pub fn wg_node_entry(i: usize) -> String {
+    node_entry(i).trim_end().to_string()
+        + &format!("\nwireguard_public_key = \"{}\"\n\n", wg_public(i))
+}
+
 impl Fleet {
     pub fn new(tag: &str, n: usize, keys: &str) -> Result<Fleet, String> {
+        Fleet::new_with(tag, n, Kind::Ipsec(keys))
+    }
+
+    pub fn new_with(tag: &str, n: usize, kind: Kind) -> Result<Fleet, String> {
         warm_up_crypto();
         let topo = Topo::new(tag, n)?;
         let root = std::env::temp_dir().join(format!("encryptd-{tag}"));
         let _ = std::fs::remove_dir_all(&root);
-        let inventory: String = (0..n).map(node_entry).collect();
+        let inventory: String = match kind {
+            Kind::Ipsec(_) => (0..n).map(node_entry).collect(),
+            Kind::Wireguard => (0..n).map(wg_node_entry).collect(),
+        };
         let mut dirs = Vec::new();
         for i in 0..n {
             let dir = root.join(format!("n{i}"));
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            write(
-                &dir.join("encryptd.toml"),
-                &format!(
-                    "mode = \"ipsec\"\nnode = \"n{i}\"\nruntime_dir = \"run\"\nboot_id_path = \"boot_id\"\n\n[ipsec]\nkey_rotation_duration = \"3s\"\n"
-                ),
-            )?;
+            let common =
+                format!("node = \"n{i}\"\nruntime_dir = \"run\"\nboot_id_path = \"boot_id\"\n");
+            match kind {
+                Kind::Ipsec(keys) => {
+                    write(
+                        &dir.join("encryptd.toml"),
+                        &format!(
+                            "mode = \"ipsec\"\n{common}\n[ipsec]\nkey_rotation_duration = \"3s\"\n"
+                        ),
+                    )?;
+                    write_keys(&dir.join("ipsec.keys"), keys)?;
+                }
+                Kind::Wireguard => {
+                    write(
+                        &dir.join("encryptd.toml"),
+                        &format!(
+                            "mode = \"wireguard\"\n{common}\n[wireguard]\nprivate_key = \"wireguard.key\"\n"
+                        ),
+                    )?;
+                    write_keys(&dir.join("wireguard.key"), &wg_key(i).to_base64())?;
+                }
+            }
             write(&dir.join("nodes.toml"), &inventory)?;
-            write_keys(&dir.join("ipsec.keys"), keys)?;
             write(&dir.join("boot_id"), &boot_id(1000 + i as u32))?;
             let ns = topo.ns(i).to_string();
             let mut cmds = format!(

@@ -19,6 +19,7 @@ mod ipsec;
 mod ipsec_ops;
 mod nft;
 mod strict;
+mod wireguard;
 mod xfrm;
 
 use std::fs::File;
@@ -43,6 +44,7 @@ fn cases() -> Vec<Case> {
         ipsec::CASES,
         ipsec_ops::CASES,
         strict::CASES,
+        wireguard::CASES,
     ]
     .concat()
 }

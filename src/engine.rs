@@ -1,0 +1,84 @@
+//! The mode's engine, as the daemon's poll loop drives it: IPsec (XFRM and the hello
+//! socket) or WireGuard (one interface). Both have the same shape: `apply` makes the
+//! kernel match the plan, `tick` runs the timers, `reconfigure` takes a new
+//! configuration, `peers_up` feeds STATUS=.
+
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::{ipsec, wireguard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ipsec: {0}")]
+    Ipsec(#[from] ipsec::Error),
+    #[error("wireguard: {0}")]
+    Wireguard(#[from] wireguard::Error),
+}
+
+pub enum Engine {
+    Ipsec(ipsec::Engine),
+    Wireguard(wireguard::Engine),
+}
+
+impl Engine {
+    /// The hello socket has data (IPsec). Returns whether the plan may have changed.
+    pub fn on_readable(&mut self, cfg: &Config) -> bool {
+        match self {
+            Engine::Ipsec(e) => e.on_readable(cfg),
+            Engine::Wireguard(_) => false,
+        }
+    }
+
+    pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
+        Ok(match self {
+            Engine::Ipsec(e) => e.apply(cfg)?,
+            Engine::Wireguard(e) => e.apply(cfg)?,
+        })
+    }
+
+    pub fn tick(&mut self, cfg: &Config, now: Instant) -> Result<(), Error> {
+        match self {
+            Engine::Ipsec(e) => e.tick(cfg, now)?,
+            Engine::Wireguard(e) => e.tick(cfg, now)?,
+        }
+        Ok(())
+    }
+
+    pub fn reconfigure(&mut self, cfg: &Config) -> Result<usize, Error> {
+        Ok(match self {
+            Engine::Ipsec(e) => e.reconfigure(cfg)?,
+            Engine::Wireguard(e) => e.reconfigure(cfg)?,
+        })
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self {
+            Engine::Ipsec(e) => e.next_deadline(),
+            Engine::Wireguard(e) => e.next_deadline(),
+        }
+    }
+
+    pub fn peers_up(&self, cfg: &Config) -> (usize, usize) {
+        match self {
+            Engine::Ipsec(e) => e.peers_up(cfg),
+            Engine::Wireguard(e) => e.peers_up(cfg),
+        }
+    }
+
+    /// Per-peer state for `encryptd status` (WireGuard: last handshake for last hello).
+    pub fn peer_statuses(&self, cfg: &Config, now: Instant) -> Vec<crate::status::PeerStatus> {
+        match self {
+            Engine::Ipsec(e) => e.peer_statuses(cfg, now),
+            Engine::Wireguard(e) => e.peer_statuses(cfg),
+        }
+    }
+
+    /// The hello socket's counters (IPsec mode only).
+    pub fn hello_stats(&self) -> Option<&ipsec::HelloStats> {
+        match self {
+            Engine::Ipsec(e) => Some(&e.stats),
+            Engine::Wireguard(_) => None,
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The rtnetlink executor: links, addresses, routes and policy rules as plain data, over
+//! a `NETLINK_ROUTE` [`NetlinkSocket`] with `netlink-packet-route` messages.
+//!
+//! WireGuard mode uses it to create its interface (`type wireguard`), set its MTU and
+//! bring it up, read the underlay's MTU, and keep the routes of its own table and the
+//! policy rules that send traffic there. What is encryptd's is decided by the caller (a
+//! table number, a rule priority); this module never deletes anything it was not given.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_route::address::AddressMessage;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage, address::AddressAttribute};
+
+use super::netlink::{Failure, NETLINK_ROUTE, NetlinkError, NetlinkSocket, NetlinkStats};
+use crate::net::Cidr;
+
+/// A network interface as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `IFLA_INFO_KIND` (`"wireguard"`, `"veth"`…); `None` for physical devices.
+    pub kind: Option<String>,
+    pub mtu: u32,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+}
+
+/// An address on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    pub index: u32,
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+/// A unicast route `dst dev oif [src src] table table proto protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub dst: Cidr,
+    pub table: u32,
+    pub oif: u32,
+    /// Preferred source address (`RTA_PREFSRC`).
+    pub src: Option<IpAddr>,
+    pub protocol: u8,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "route {} dev #{}", self.dst, self.oif)?;
+        if let Some(s) = self.src {
+            write!(f, " src {s}")?;
+        }
+        write!(f, " table {} proto {}", self.table, self.protocol)
+    }
+}
+
+/// A policy rule `[not] fwmark MARK lookup TABLE` at `priority`, in one family. Rules
+/// with other selectors are reported with `fwmark: None` and `other_selectors: true`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rule {
+    pub v6: bool,
+    pub priority: u32,
+    pub invert: bool,
+    pub fwmark: Option<u32>,
+    pub table: u32,
+    /// A dumped rule that also selects on something this type does not model (source,
+    /// destination, interface…); never equal to a rule encryptd wants.
+    pub other_selectors: bool,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} rule {}:",
+            if self.v6 { "IPv6" } else { "IPv4" },
+            self.priority
+        )?;
+        if self.invert {
+            f.write_str(" not")?;
+        }
+        if let Some(m) = self.fwmark {
+            write!(f, " fwmark {m:#x}")?;
+        }
+        if self.other_selectors {
+            f.write_str(" (more selectors)")?;
+        }
+        write!(f, " lookup {}", self.table)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("{what}: the kernel refused {}: {}", .failures.len(), list(.failures))]
+    Rejected {
+        what: String,
+        failures: Vec<(String, super::netlink::KernelError)>,
+    },
+}
+
+fn list(f: &[(String, super::netlink::KernelError)]) -> String {
+    f.iter()
+        .take(5)
+        .map(|(o, e)| format!("{o}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+        + if f.len() > 5 { "; …" } else { "" }
+}
+
+/// A `NETLINK_ROUTE` socket in the caller's network namespace.
+#[derive(Debug)]
+pub struct Rtnl {
+    sock: NetlinkSocket,
+}
+
+impl Rtnl {
+    pub fn open() -> Result<Rtnl, LinkError> {
+        let sock = NetlinkSocket::open(NETLINK_ROUTE).map_err(|source| LinkError::Netlink {
+            what: "rtnetlink".into(),
+            source,
+        })?;
+        Ok(Rtnl { sock })
+    }
+
+    pub fn stats(&self) -> NetlinkStats {
+        self.sock.stats()
+    }
+
+    fn dump(
+        &mut self,
+        what: &str,
+        req: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, LinkError> {
+        self.sock
+            .dump(what, &req)
+            .map_err(|source| LinkError::Netlink {
+                what: what.into(),
+                source,
+            })
+    }
+
+    /// Send `reqs` as one batch; `names` describe each request for error messages.
+    fn execute(
+        &mut self,
+        what: &str,
+        reqs: &[RouteNetlinkMessage],
+        names: impl Fn(usize) -> String,
+        flags: u16,
+    ) -> Result<(), LinkError> {
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let failures: Vec<Failure> =
+            self.sock
+                .execute(what, reqs, flags)
+                .map_err(|source| LinkError::Netlink {
+                    what: what.into(),
+                    source,
+                })?;
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(LinkError::Rejected {
+                what: what.into(),
+                failures: failures
+                    .into_iter()
+                    .map(|f| (names(f.index), f.error))
+                    .collect(),
+            })
+        }
+    }
+
+    /// Every link of the namespace.
+    pub fn links(&mut self) -> Result<Vec<Link>, LinkError> {
+        let replies = self.dump(
+            "dump links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(parse_link(&l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn link(&mut self, name: &str) -> Result<Option<Link>, LinkError> {
+        Ok(self.links()?.into_iter().find(|l| l.name == name))
+    }
+
+    /// `ip link add NAME type wireguard` (fails if the name is taken).
+    pub fn add_wireguard(&mut self, name: &str) -> Result<(), LinkError> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.into()));
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Wireguard,
+            )]));
+        self.execute(
+            &format!("create interface {name} (type wireguard)"),
+            &[RouteNetlinkMessage::NewLink(m)],
+            |_| name.to_string(),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Set the MTU and/or the administrative state of link `index`.
+    pub fn set_link(
+        &mut self,
+        index: u32,
+        mtu: Option<u32>,
+        up: Option<bool>,
+    ) -> Result<(), LinkError> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        if let Some(up) = up {
+            m.header.change_mask = LinkFlags::Up;
+            if up {
+                m.header.flags = LinkFlags::Up;
+            }
+        }
+        if let Some(mtu) = mtu {
+            m.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        self.execute(
+            &format!("set link #{index}"),
+            &[RouteNetlinkMessage::SetLink(m)],
+            |_| format!("link #{index}"),
+            0,
+        )
+    }
+
+    pub fn delete_link(&mut self, index: u32) -> Result<(), LinkError> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        self.execute(
+            &format!("delete link #{index}"),
+            &[RouteNetlinkMessage::DelLink(m)],
+            |_| format!("link #{index}"),
+            0,
+        )
+    }
+
+    /// Every address of the namespace, both families.
+    pub fn addresses(&mut self) -> Result<Vec<Address>, LinkError> {
+        let replies = self.dump(
+            "dump addresses",
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        )?;
+        let mut out = Vec::new();
+        for m in replies {
+            let RouteNetlinkMessage::NewAddress(a) = m else {
+                continue;
+            };
+            // IFA_LOCAL is the local address on point-to-point links, IFA_ADDRESS otherwise.
+            let local = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = local.or_else(|| {
+                a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(addr) = addr {
+                out.push(Address {
+                    index: a.header.index,
+                    addr,
+                    prefix_len: a.header.prefix_len,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The unicast routes of `table`, IPv4 and IPv6.
+    pub fn routes(&mut self, table: u32) -> Result<Vec<Route>, LinkError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = RouteMessage::default();
+            req.header.address_family = family;
+            let replies = self.dump("dump routes", RouteNetlinkMessage::GetRoute(req))?;
+            out.extend(replies.into_iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => parse_route(&r).filter(|r| r.table == table),
+                _ => None,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Add or replace routes (`ip route replace`).
+    pub fn replace_routes(&mut self, routes: &[Route]) -> Result<(), LinkError> {
+        let reqs: Vec<_> = routes
+            .iter()
+            .map(|r| RouteNetlinkMessage::NewRoute(route_message(r)))
+            .collect();
+        self.execute(
+            "install routes",
+            &reqs,
+            |i| routes[i].to_string(),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    pub fn delete_routes(&mut self, routes: &[Route]) -> Result<(), LinkError> {
+        let reqs: Vec<_> = routes
+            .iter()
+            .map(|r| RouteNetlinkMessage::DelRoute(route_message(r)))
+            .collect();
+        self.execute("delete routes", &reqs, |i| routes[i].to_string(), 0)
+    }
+
+    /// Every policy rule, IPv4 and IPv6.
+    pub fn rules(&mut self) -> Result<Vec<Rule>, LinkError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = RuleMessage::default();
+            req.header.family = family;
+            let replies = self.dump("dump rules", RouteNetlinkMessage::GetRule(req))?;
+            out.extend(replies.into_iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => Some(parse_rule(&r)),
+                _ => None,
+            }));
+        }
+        Ok(out)
+    }
+
+    pub fn add_rules(&mut self, rules: &[Rule]) -> Result<(), LinkError> {
+        let reqs: Vec<_> = rules
+            .iter()
+            .map(|r| RouteNetlinkMessage::NewRule(rule_message(r)))
+            .collect();
+        self.execute(
+            "add rules",
+            &reqs,
+            |i| rules[i].to_string(),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    pub fn delete_rules(&mut self, rules: &[Rule]) -> Result<(), LinkError> {
+        let reqs: Vec<_> = rules
+            .iter()
+            .map(|r| RouteNetlinkMessage::DelRule(rule_message(r)))
+            .collect();
+        self.execute("delete rules", &reqs, |i| rules[i].to_string(), 0)
+    }
+}
+
+fn parse_link(l: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: l.header.index,
+        name: String::new(),
+        kind: None,
+        mtu: 0,
+        up: l.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        link.kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// A unicast route with a destination and an output interface; `None` for anything else
+/// (multipath, gateways, local/broadcast routes).
+fn parse_route(r: &RouteMessage) -> Option<Route> {
+    if r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(r.header.table);
+    let (mut dst, mut oif, mut src) = (None, None, None);
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = ip_of(d),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::PrefSource(s) => src = ip_of(s),
+            RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) => return None,
+            _ => {}
+        }
+    }
+    let dst = match dst {
+        Some(d) => Cidr::new(d, r.header.destination_prefix_length)?,
+        None => {
+            let any: IpAddr = if r.header.address_family == AddressFamily::Inet6 {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            Cidr::new(any, 0)?
+        }
+    };
+    Some(Route {
+        dst,
+        table,
+        oif: oif?,
+        src,
+        protocol: u8::from(r.header.protocol),
+    })
+}
+
+fn route_message(r: &Route) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = if r.dst.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    m.header.destination_prefix_length = r.dst.prefix_len();
+    // The table goes in RTA_TABLE: the header's byte holds only 0..=255.
+    m.header.table = if r.table < 256 {
+        r.table as u8
+    } else {
+        RouteHeader::RT_TABLE_UNSPEC
+    };
+    m.header.protocol = RouteProtocol::from(r.protocol);
+    m.header.scope = RouteScope::Link;
+    m.header.kind = RouteType::Unicast;
+    m.attributes.push(RouteAttribute::Table(r.table));
+    m.attributes
+        .push(RouteAttribute::Destination(r.dst.addr().into()));
+    m.attributes.push(RouteAttribute::Oif(r.oif));
+    if let Some(s) = r.src {
+        m.attributes.push(RouteAttribute::PrefSource(s.into()));
+    }
+    m
+}
+
+fn parse_rule(r: &RuleMessage) -> Rule {
+    let mut rule = Rule {
+        v6: r.header.family == AddressFamily::Inet6,
+        priority: 0,
+        invert: r.header.flags.contains(RuleFlags::Invert),
+        fwmark: None,
+        table: u32::from(r.header.table),
+        other_selectors: r.header.dst_len != 0
+            || r.header.src_len != 0
+            || r.header.tos != 0
+            || r.header.action != RuleAction::ToTable,
+    };
+    for a in &r.attributes {
+        match a {
+            RuleAttribute::Priority(p) => rule.priority = *p,
+            RuleAttribute::FwMark(m) => rule.fwmark = Some(*m),
+            RuleAttribute::FwMask(m) if *m != u32::MAX => rule.other_selectors = true,
+            RuleAttribute::FwMask(_) => {}
+            RuleAttribute::Table(t) => rule.table = *t,
+            RuleAttribute::Protocol(_) => {}
+            // -1: not set (the kernel reports these on every rule)
+            RuleAttribute::SuppressPrefixLen(u32::MAX)
+            | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
+            _ => rule.other_selectors = true,
+        }
+    }
+    rule
+}
+
+fn rule_message(r: &Rule) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = if r.v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    m.header.action = RuleAction::ToTable;
+    m.header.table = if r.table < 256 { r.table as u8 } else { 0 };
+    if r.invert {
+        m.header.flags = RuleFlags::Invert;
+    }
+    m.attributes.push(RuleAttribute::Priority(r.priority));
+    m.attributes.push(RuleAttribute::Table(r.table));
+    if let Some(mark) = r.fwmark {
+        m.attributes.push(RuleAttribute::FwMark(mark));
+        m.attributes.push(RuleAttribute::FwMask(u32::MAX));
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::{Emitable, Parseable};
+
+    #[test]
+    fn route_round_trip() {
+        let r = Route {
+            dst: "10.1.2.0/24".parse().unwrap(),
+            table: 51871,
+            oif: 7,
+            src: Some("10.77.0.1".parse().unwrap()),
+            protocol: 0xec,
+        };
+        let m = route_message(&r);
+        let mut buf = vec![0; m.buffer_len()];
+        m.emit(&mut buf);
+        let back = RouteMessage::parse(&buf[..]).unwrap();
+        assert_eq!(parse_route(&back), Some(r));
+    }
+
+    #[test]
+    fn rule_round_trip() {
+        let r = Rule {
+            v6: true,
+            priority: 31871,
+            invert: true,
+            fwmark: Some(0xca9f),
+            table: 51871,
+            other_selectors: false,
+        };
+        let mut m = rule_message(&r);
+        // The kernel reports these on every rule, with -1 for "not set".
+        m.attributes
+            .push(RuleAttribute::SuppressPrefixLen(u32::MAX));
+        m.attributes.push(RuleAttribute::SuppressIfGroup(u32::MAX));
+        let mut buf = vec![0; m.buffer_len()];
+        m.emit(&mut buf);
+        let back = RuleMessage::parse(&buf[..]).unwrap();
+        assert_eq!(parse_rule(&back), r);
+        assert_eq!(
+            r.to_string(),
+            "IPv6 rule 31871: not fwmark 0xca9f lookup 51871"
+        );
+    }
+}

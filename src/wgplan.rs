@@ -1,0 +1,563 @@
+//! WireGuard mode, pure: the desired device, peers, routes and rules from the validated
+//! configuration and two local facts (the interface's index, the underlay MTU), and the
+//! diff against what the kernel reports.
+//!
+//! # Routing (wg-quick's pattern)
+//! Every peer's addresses and subnets are routed into the interface in a table of
+//! encryptd's own ([`TABLE`]), which a policy rule consults for every packet *not*
+//! carrying [`FWMARK`] (`not fwmark 0xca9f lookup 51871`, priority [`RULE_PRIORITY`],
+//! before `main`). The WireGuard socket marks its own UDP with [`FWMARK`], so the
+//! encrypted packets to a peer's underlay address skip the rule and leave through the
+//! underlay (`main`) instead of looping back into the tunnel. The routes carry this
+//! node's own address of the family as their preferred source, so that what a peer
+//! receives comes from an address in this node's AllowedIPs there.
+//!
+//! # MTU
+//! Interface MTU = underlay MTU − [`OVERHEAD`] (80 = IPv6 outer header 40 + UDP 8 +
+//! WireGuard data header 16 + Poly1305 tag 16; with an IPv4 outer header 20 bytes are
+//! spare). WireGuard pads the plaintext to a multiple of 16 but never beyond the
+//! interface MTU, so the padding needs no room of its own. TCP's MSS follows the
+//! interface MTU: nothing is fragmented on the wire.
+//!
+//! # Reconciling
+//! Only the difference is sent: a restart or a reload keeps the device, its key and
+//! every peer that did not change (their sessions stay). A peer's allowed IPs are
+//! added (never replaced); IPs it must lose are moved to a throw-away peer that is then
+//! removed, so its other IPs never leave it (see [`crate::kernel::wireguard`]). The
+//! endpoint is the peer's first address in a family this node has; an endpoint the
+//! kernel learned by roaming to another of the peer's own addresses is left alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use crate::config::{Config, Node};
+use crate::kernel::link::{Route, Rule};
+use crate::kernel::wireguard::{Device, PeerUpdate};
+use crate::net::Cidr;
+
+/// Routing table of the routes into the tunnel.
+pub const TABLE: u32 = 51871;
+/// Mark of the WireGuard socket's own packets (they skip [`TABLE`]).
+pub const FWMARK: u32 = 0xca9f;
+/// Priority of the `not fwmark FWMARK lookup TABLE` rules: after any rule an operator
+/// adds with a lower number, before `main` (32766).
+pub const RULE_PRIORITY: u32 = 31871;
+/// `proto` of encryptd's routes (`ip route show table 51871 proto 236`).
+pub const ROUTE_PROTO: u8 = 236;
+/// Worst-case WireGuard overhead (IPv6 outer header).
+pub const OVERHEAD: u32 = 80;
+/// The smallest MTU IPv6 allows on a link.
+pub const MIN_MTU: u32 = 1280;
+/// Persistent keepalive, seconds: keeps handshakes fresh (so "up" means something) and
+/// NAT/conntrack state alive; 2 packets of 32 bytes per peer per 25 s.
+pub const KEEPALIVE: u16 = 25;
+/// A peer is up while its last handshake is younger than this (WireGuard's
+/// REJECT_AFTER_TIME: older session keys are useless). With the keepalive above, a
+/// pair that can talk re-handshakes every 2 minutes.
+pub const UP_WINDOW: Duration = Duration::from_secs(180);
+
+/// One desired peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPlan {
+    pub name: String,
+    pub endpoint: SocketAddr,
+    /// Every address of the peer at the listen port: a roamed endpoint among them is kept.
+    pub endpoints: Vec<SocketAddr>,
+    /// The peer's addresses (as /32, /128) and subnets, sorted.
+    pub allowed_ips: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub public_key: [u8; 32],
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub mtu: u32,
+    pub peers: BTreeMap<[u8; 32], PeerPlan>,
+    pub routes: Vec<Route>,
+    pub rules: Vec<Rule>,
+}
+
+/// What the kernel has now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub mtu: u32,
+    pub up: bool,
+    pub device: Device,
+    /// The routes of [`TABLE`].
+    pub routes: Vec<Route>,
+    /// Every policy rule (encryptd's are told apart by priority and table).
+    pub rules: Vec<Rule>,
+}
+
+/// What to change, in the order the engine applies it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ops {
+    pub private_key: bool,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+    pub mtu: Option<u32>,
+    pub up: bool,
+    pub set_peers: Vec<PeerUpdate>,
+    pub detach_ips: Vec<Cidr>,
+    pub remove_peers: Vec<[u8; 32]>,
+    pub replace_routes: Vec<Route>,
+    pub add_rules: Vec<Rule>,
+    pub delete_routes: Vec<Route>,
+    pub delete_rules: Vec<Rule>,
+}
+
+impl Ops {
+    /// The number of kernel objects this changes.
+    pub fn count(&self) -> usize {
+        usize::from(self.private_key || self.listen_port.is_some() || self.fwmark.is_some())
+            + usize::from(self.mtu.is_some() || self.up)
+            + self.set_peers.len()
+            + usize::from(!self.detach_ips.is_empty())
+            + self.remove_peers.len()
+            + self.replace_routes.len()
+            + self.add_rules.len()
+            + self.delete_routes.len()
+            + self.delete_rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count() == 0
+    }
+}
+
+fn same_family(a: &IpAddr, b: &IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+}
+
+/// The peer's endpoint: its first address in a family this node has an address in
+/// (its first address at all if there is none).
+pub fn endpoint(me: &Node, peer: &Node, port: u16) -> Option<SocketAddr> {
+    let ip = peer
+        .addresses
+        .iter()
+        .find(|a| me.addresses.iter().any(|m| same_family(m, a)))
+        .or(peer.addresses.first())?;
+    Some(SocketAddr::new(*ip, port))
+}
+
+pub fn allowed_ips(n: &Node) -> Vec<Cidr> {
+    let set: BTreeSet<Cidr> = n
+        .addresses
+        .iter()
+        .map(|a| Cidr::host(*a))
+        .chain(n.subnets.iter().copied())
+        .collect();
+    set.into_iter().collect()
+}
+
+pub fn mtu(underlay: u32) -> u32 {
+    underlay.saturating_sub(OVERHEAD).max(MIN_MTU)
+}
+
+/// The desired state, for interface `ifindex` over an underlay of MTU `underlay_mtu`.
+pub fn plan(cfg: &Config, public_key: [u8; 32], ifindex: u32, underlay_mtu: u32) -> Desired {
+    let me = cfg.me();
+    let port = cfg.settings.wireguard.listen_port;
+    let mut peers = BTreeMap::new();
+    let mut routes = Vec::new();
+    for p in cfg.inventory.peers(&me.name) {
+        let (Some(key), Some(endpoint)) = (p.wireguard_public_key, endpoint(me, p, port)) else {
+            continue; // validation requires both in mode wireguard
+        };
+        let ips = allowed_ips(p);
+        for dst in &ips {
+            routes.push(Route {
+                dst: *dst,
+                table: TABLE,
+                oif: ifindex,
+                src: me
+                    .addresses
+                    .iter()
+                    .copied()
+                    .find(|a| same_family(a, &dst.addr())),
+                protocol: ROUTE_PROTO,
+            });
+        }
+        peers.insert(
+            key,
+            PeerPlan {
+                name: p.name.clone(),
+                endpoint,
+                endpoints: p
+                    .addresses
+                    .iter()
+                    .map(|a| SocketAddr::new(*a, port))
+                    .collect(),
+                allowed_ips: ips,
+            },
+        );
+    }
+    routes.sort();
+    let rules = [false, true]
+        .into_iter()
+        .filter(|v6| routes.iter().any(|r| r.dst.is_ipv4() != *v6))
+        .map(|v6| Rule {
+            v6,
+            priority: RULE_PRIORITY,
+            invert: true,
+            fwmark: Some(FWMARK),
+            table: TABLE,
+            other_selectors: false,
+        })
+        .collect();
+    Desired {
+        public_key,
+        listen_port: port,
+        fwmark: FWMARK,
+        mtu: mtu(underlay_mtu),
+        peers,
+        routes,
+        rules,
+    }
+}
+
+/// Whether a rule is encryptd's: its priority and its table.
+pub fn is_our_rule(r: &Rule) -> bool {
+    r.priority == RULE_PRIORITY && r.table == TABLE
+}
+
+/// The operations that make `have` match `want`.
+pub fn diff(want: &Desired, have: &Observed) -> Ops {
+    let mut ops = Ops {
+        private_key: have.device.public_key != Some(want.public_key),
+        listen_port: (have.device.listen_port != want.listen_port).then_some(want.listen_port),
+        fwmark: (have.device.fwmark != want.fwmark).then_some(want.fwmark),
+        mtu: (have.mtu != want.mtu).then_some(want.mtu),
+        up: !have.up,
+        ..Ops::default()
+    };
+
+    let kernel: BTreeMap<[u8; 32], &crate::kernel::wireguard::Peer> = have
+        .device
+        .peers
+        .iter()
+        .map(|p| (p.public_key, p))
+        .collect();
+    let wanted_ips: BTreeSet<Cidr> = want
+        .peers
+        .values()
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect();
+    for (key, p) in &want.peers {
+        match kernel.get(key) {
+            None => ops.set_peers.push(PeerUpdate {
+                public_key: *key,
+                endpoint: Some(p.endpoint),
+                keepalive: Some(KEEPALIVE),
+                add_ips: p.allowed_ips.clone(),
+            }),
+            Some(k) => {
+                let endpoint =
+                    (!k.endpoint.is_some_and(|e| p.endpoints.contains(&e))).then_some(p.endpoint);
+                let keepalive = (k.keepalive != KEEPALIVE).then_some(KEEPALIVE);
+                let add_ips: Vec<Cidr> = p
+                    .allowed_ips
+                    .iter()
+                    .filter(|c| !k.allowed_ips.contains(c))
+                    .copied()
+                    .collect();
+                if endpoint.is_some() || keepalive.is_some() || !add_ips.is_empty() {
+                    ops.set_peers.push(PeerUpdate {
+                        public_key: *key,
+                        endpoint,
+                        keepalive,
+                        add_ips,
+                    });
+                }
+                // IPs this peer must lose: those another peer wants move there with that
+                // peer's update; the others are detached.
+                ops.detach_ips.extend(
+                    k.allowed_ips
+                        .iter()
+                        .filter(|c| !p.allowed_ips.contains(c) && !wanted_ips.contains(c)),
+                );
+            }
+        }
+    }
+    ops.remove_peers = kernel
+        .keys()
+        .filter(|k| !want.peers.contains_key(*k))
+        .copied()
+        .collect();
+    ops.detach_ips.sort();
+    ops.detach_ips.dedup();
+
+    let have_routes: BTreeMap<Cidr, &Route> = have.routes.iter().map(|r| (r.dst, r)).collect();
+    let want_routes: BTreeMap<Cidr, &Route> = want.routes.iter().map(|r| (r.dst, r)).collect();
+    ops.replace_routes = want
+        .routes
+        .iter()
+        .filter(|r| have_routes.get(&r.dst) != Some(r))
+        .copied()
+        .collect();
+    ops.delete_routes = have
+        .routes
+        .iter()
+        .filter(|r| !want_routes.contains_key(&r.dst))
+        .copied()
+        .collect();
+
+    ops.add_rules = want
+        .rules
+        .iter()
+        .filter(|r| !have.rules.contains(r))
+        .copied()
+        .collect();
+    ops.delete_rules = have
+        .rules
+        .iter()
+        .filter(|r| is_our_rule(r) && !want.rules.contains(r))
+        .copied()
+        .collect();
+    ops
+}
+
+/// Whether a peer counts as up at `now`: a handshake within [`UP_WINDOW`].
+pub fn is_up(last_handshake: Option<SystemTime>, now: SystemTime) -> bool {
+    last_handshake.is_some_and(|t| now.duration_since(t).unwrap_or(Duration::ZERO) < UP_WINDOW)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Inventory, Settings};
+    use crate::kernel::wireguard::Peer;
+
+    fn key(i: u8) -> [u8; 32] {
+        [i; 32]
+    }
+
+    fn node(i: u8, subnets: &[&str]) -> Node {
+        Node {
+            name: format!("n{i}"),
+            addresses: vec![
+                format!("10.77.0.{}", i + 1).parse().unwrap(),
+                format!("fd77::{}", i + 1).parse().unwrap(),
+            ],
+            subnets: subnets.iter().map(|s| s.parse().unwrap()).collect(),
+            wireguard_public_key: Some(key(i + 1)),
+            span: 0..0,
+        }
+    }
+
+    fn config(nodes: Vec<Node>) -> Config {
+        let text = "mode = \"wireguard\"\nnode = \"n0\"\n";
+        let path = std::path::Path::new("/etc/encryptd/encryptd.toml");
+        let diags = crate::config::diag::Diags::default();
+        let settings: Settings =
+            crate::config::settings::read(&crate::config::diag::Source::new(path, text), &diags);
+        assert!(diags.is_empty());
+        Config {
+            settings,
+            inventory: Inventory { nodes },
+            keys: None,
+        }
+    }
+
+    fn three() -> Config {
+        config(vec![
+            node(0, &["10.1.0.0/24"]),
+            node(1, &["10.1.1.0/24", "fd00:1::/64"]),
+            node(2, &[]),
+        ])
+    }
+
+    /// What the kernel would report after applying `d` (handshakes aside).
+    fn applied(d: &Desired) -> Observed {
+        Observed {
+            mtu: d.mtu,
+            up: true,
+            device: Device {
+                public_key: Some(d.public_key),
+                listen_port: d.listen_port,
+                fwmark: d.fwmark,
+                peers: d
+                    .peers
+                    .iter()
+                    .map(|(k, p)| Peer {
+                        public_key: *k,
+                        endpoint: Some(p.endpoint),
+                        allowed_ips: p.allowed_ips.clone(),
+                        keepalive: KEEPALIVE,
+                        last_handshake: None,
+                        rx_bytes: 0,
+                        tx_bytes: 0,
+                    })
+                    .collect(),
+            },
+            routes: d.routes.clone(),
+            rules: d.rules.clone(),
+        }
+    }
+
+    #[test]
+    fn plan_of_three_nodes() {
+        let d = plan(&three(), key(1), 9, 1500);
+        assert_eq!(d.mtu, 1420);
+        assert_eq!(d.listen_port, 51871);
+        assert_eq!(d.peers.len(), 2);
+        let p1 = &d.peers[&key(2)];
+        assert_eq!(p1.name, "n1");
+        assert_eq!(p1.endpoint, "10.77.0.2:51871".parse().unwrap());
+        let ips: Vec<String> = p1.allowed_ips.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            ips,
+            ["10.1.1.0/24", "10.77.0.2/32", "fd00:1::/64", "fd77::2/128"]
+        );
+        assert_eq!(d.routes.len(), 4 + 2);
+        let r = d
+            .routes
+            .iter()
+            .find(|r| r.dst.to_string() == "fd00:1::/64")
+            .unwrap();
+        assert_eq!(r.src, Some("fd77::1".parse().unwrap()));
+        assert_eq!((r.table, r.oif, r.protocol), (TABLE, 9, ROUTE_PROTO));
+        assert_eq!(d.rules.len(), 2, "IPv4 and IPv6");
+        assert!(d.rules.iter().all(|r| r.invert && r.fwmark == Some(FWMARK)));
+    }
+
+    #[test]
+    fn endpoint_prefers_a_family_this_node_has() {
+        let mut me = node(0, &[]);
+        me.addresses.retain(|a| a.is_ipv6());
+        let peer = node(1, &[]);
+        assert_eq!(
+            endpoint(&me, &peer, 7),
+            Some("[fd77::2]:7".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn mtu_floor() {
+        assert_eq!(mtu(9000), 8920);
+        assert_eq!(mtu(1300), MIN_MTU);
+    }
+
+    #[test]
+    fn empty_kernel_gets_everything() {
+        let d = plan(&three(), key(1), 9, 1500);
+        let have = Observed {
+            mtu: 1420,
+            up: false,
+            device: Device::default(),
+            routes: vec![],
+            rules: vec![],
+        };
+        let ops = diff(&d, &have);
+        assert!(ops.private_key && ops.up);
+        assert_eq!(ops.listen_port, Some(51871));
+        assert_eq!(ops.fwmark, Some(FWMARK));
+        assert_eq!(ops.mtu, None);
+        assert_eq!(ops.set_peers.len(), 2);
+        assert!(ops.set_peers.iter().all(|u| u.keepalive == Some(KEEPALIVE)));
+        assert_eq!(ops.replace_routes.len(), 6);
+        assert_eq!(ops.add_rules.len(), 2);
+        assert!(ops.remove_peers.is_empty() && ops.detach_ips.is_empty());
+    }
+
+    #[test]
+    fn applied_state_is_a_fixed_point() {
+        let d = plan(&three(), key(1), 9, 1500);
+        let ops = diff(&d, &applied(&d));
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
+    #[test]
+    fn roamed_endpoint_among_the_peers_addresses_is_kept() {
+        let d = plan(&three(), key(1), 9, 1500);
+        let mut have = applied(&d);
+        have.device.peers[0].endpoint = Some("[fd77::2]:51871".parse().unwrap());
+        assert!(diff(&d, &have).is_empty());
+        have.device.peers[0].endpoint = Some("192.0.2.99:51871".parse().unwrap());
+        let ops = diff(&d, &have);
+        assert_eq!(ops.set_peers.len(), 1);
+        assert_eq!(
+            ops.set_peers[0].endpoint,
+            Some("10.77.0.2:51871".parse().unwrap())
+        );
+        assert!(ops.set_peers[0].add_ips.is_empty());
+    }
+
+    #[test]
+    fn a_changed_node_changes_only_its_peer() {
+        let before = plan(&three(), key(1), 9, 1500);
+        let have = applied(&before);
+        // n1 loses one subnet and gains another.
+        let cfg = config(vec![
+            node(0, &["10.1.0.0/24"]),
+            node(1, &["10.1.9.0/24", "fd00:1::/64"]),
+            node(2, &[]),
+        ]);
+        let ops = diff(&plan(&cfg, key(1), 9, 1500), &have);
+        assert_eq!(ops.set_peers.len(), 1);
+        assert_eq!(ops.set_peers[0].public_key, key(2));
+        assert_eq!(ops.set_peers[0].endpoint, None);
+        assert_eq!(ops.set_peers[0].keepalive, None);
+        assert_eq!(
+            ops.set_peers[0].add_ips,
+            vec!["10.1.9.0/24".parse::<Cidr>().unwrap()]
+        );
+        assert_eq!(ops.detach_ips, vec!["10.1.1.0/24".parse::<Cidr>().unwrap()]);
+        assert!(ops.remove_peers.is_empty());
+        assert_eq!(ops.replace_routes.len(), 1);
+        assert_eq!(ops.delete_routes.len(), 1);
+        assert!(!ops.private_key && ops.add_rules.is_empty() && ops.delete_rules.is_empty());
+    }
+
+    #[test]
+    fn removed_node_and_new_key() {
+        let have = applied(&plan(&three(), key(1), 9, 1500));
+        // n2 leaves; n1 gets a new key pair.
+        let mut n1 = node(1, &["10.1.1.0/24", "fd00:1::/64"]);
+        n1.wireguard_public_key = Some(key(42));
+        let cfg = config(vec![node(0, &["10.1.0.0/24"]), n1]);
+        let d = plan(&cfg, key(1), 9, 1500);
+        let ops = diff(&d, &have);
+        // The new peer takes n1's IPs over (moved, not detached), then both old peers go.
+        assert_eq!(ops.set_peers.len(), 1);
+        assert_eq!(ops.set_peers[0].public_key, key(42));
+        assert_eq!(ops.set_peers[0].add_ips.len(), 4);
+        assert!(ops.detach_ips.is_empty());
+        assert_eq!(ops.remove_peers, vec![key(2), key(3)]);
+        assert_eq!(ops.delete_routes.len(), 2, "n2's two addresses");
+        assert!(ops.delete_rules.is_empty());
+    }
+
+    #[test]
+    fn foreign_rules_are_left_alone_and_stale_ones_go() {
+        let d = plan(&three(), key(1), 9, 1500);
+        let mut have = applied(&d);
+        let foreign = Rule {
+            v6: false,
+            priority: 100,
+            invert: false,
+            fwmark: None,
+            table: 200,
+            other_selectors: true,
+        };
+        let stale = Rule {
+            fwmark: Some(1),
+            ..d.rules[0]
+        };
+        have.rules.push(foreign);
+        have.rules.push(stale);
+        let ops = diff(&d, &have);
+        assert_eq!(ops.delete_rules, vec![stale]);
+        assert!(ops.add_rules.is_empty());
+    }
+
+    #[test]
+    fn up_window() {
+        let now = SystemTime::now();
+        assert!(!is_up(None, now));
+        assert!(is_up(Some(now - Duration::from_secs(179)), now));
+        assert!(!is_up(Some(now - Duration::from_secs(181)), now));
+    }
+}

@@ -1,0 +1,412 @@
+//! WireGuard mode: one interface, one peer per inventoried node, routes into it by
+//! policy routing (see [`crate::wgplan`] for the plan and the diff). The daemon's poll
+//! loop calls `tick` at `next_deadline`; every change ends in `apply`, which reads the
+//! kernel, diffs it against the plan and sends only the difference.
+//!
+//! A peer is *up* while its last handshake is younger than 3 minutes
+//! ([`wgplan::UP_WINDOW`]); every peer gets a persistent keepalive, so a pair that can
+//! talk handshakes at once and every 2 minutes after, and a peer that cannot is
+//! reported down within 3 minutes. The daemon leaves everything in place when it stops:
+//! a restart adopts the device and its peers, and their sessions go on.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{error, info, warn};
+
+use crate::config::Config;
+use crate::config::diag::Diagnostic;
+use crate::config::wgkey::{self, PrivateKey};
+use crate::kernel::link::{Link, LinkError, Rtnl};
+use crate::kernel::wireguard::{Device, Wg, WgError};
+use crate::wgplan::{self, Observed};
+
+/// How often the kernel is re-read (handshakes, drift) while every peer is up, and
+/// while one is not.
+const RESCAN: Duration = Duration::from_secs(5);
+const RESCAN_FAST: Duration = Duration::from_secs(1);
+/// Underlay MTU assumed when this node's address is on no local link.
+const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Key(Diagnostic),
+    #[error(
+        "this node's public key is {actual} (private key {path}), but the inventory lists {listed} for \"{node}\": put the output of `encryptd pubkey` in the inventory"
+    )]
+    KeyMismatch {
+        node: String,
+        path: String,
+        actual: String,
+        listed: String,
+    },
+    #[error(
+        "interface {name} exists and is not a WireGuard interface (kind {kind}); encryptd leaves it alone: choose another [wireguard] interface"
+    )]
+    NotWireguard { name: String, kind: String },
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Wg(#[from] WgError),
+}
+
+/// What the last read of the kernel said about one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+pub struct Engine {
+    rtnl: Rtnl,
+    /// Connected once the interface exists (creating it loads the module).
+    wg: Option<Wg>,
+    key: PrivateKey,
+    /// The interface this engine made or adopted.
+    ifname: String,
+    /// Per peer public key, from the last read of the device.
+    pub status: BTreeMap<[u8; 32], PeerStatus>,
+    /// Peers (by name) already logged as up, to log transitions once.
+    up: BTreeMap<String, bool>,
+    next_rescan: Instant,
+    warned_mtu: bool,
+}
+
+fn check_key(cfg: &Config, key: &PrivateKey) -> Result<(), Error> {
+    let me = cfg.me();
+    let actual = key.public();
+    match me.wireguard_public_key {
+        Some(listed) if listed != actual => Err(Error::KeyMismatch {
+            node: me.name.clone(),
+            path: cfg.settings.wireguard.private_key.display().to_string(),
+            actual: wgkey::to_base64(&actual),
+            listed: wgkey::to_base64(&listed),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl Engine {
+    /// Load (or create) the private key, then create or adopt the interface and bring
+    /// the kernel to the plan.
+    pub fn start(cfg: &Config) -> Result<Engine, Error> {
+        let path = &cfg.settings.wireguard.private_key;
+        let (key, created) = wgkey::load_or_create(path).map_err(Error::Key)?;
+        if created {
+            info!(
+                "created a new WireGuard private key in {} (public key {})",
+                path.display(),
+                wgkey::to_base64(&key.public())
+            );
+        }
+        check_key(cfg, &key)?;
+        let mut e = Engine {
+            rtnl: Rtnl::open()?,
+            wg: None,
+            key,
+            ifname: cfg.settings.wireguard.interface.clone(),
+            status: BTreeMap::new(),
+            up: BTreeMap::new(),
+            next_rescan: Instant::now(),
+            warned_mtu: false,
+        };
+        if let Some(l) = e.rtnl.link(&e.ifname)? {
+            info!("adopting interface {} (#{}) and its peers", l.name, l.index);
+        }
+        let n = e.apply(cfg)?;
+        e.next_rescan = Instant::now() + RESCAN_FAST;
+        info!(
+            "wireguard interface {} ready: {n} kernel object(s) changed",
+            e.ifname
+        );
+        Ok(e)
+    }
+
+    /// The interface, created if missing; refuses a foreign interface of that name.
+    fn ensure_link(&mut self) -> Result<Link, Error> {
+        let name = &self.ifname;
+        if let Some(l) = self.rtnl.link(name)? {
+            return match l.kind.as_deref() {
+                Some("wireguard") => Ok(l),
+                k => Err(Error::NotWireguard {
+                    name: name.clone(),
+                    kind: k.unwrap_or("none").into(),
+                }),
+            };
+        }
+        self.rtnl.add_wireguard(name)?;
+        info!("created interface {name} (type wireguard)");
+        self.rtnl.link(name)?.ok_or_else(|| {
+            Error::Link(LinkError::Rejected {
+                what: format!("create interface {name}"),
+                failures: Vec::new(),
+            })
+        })
+    }
+
+    /// The MTU of the link that holds this node's first address.
+    fn underlay_mtu(&mut self, cfg: &Config) -> Result<u32, Error> {
+        let me = cfg.me();
+        let addrs = self.rtnl.addresses()?;
+        let links = self.rtnl.links()?;
+        let found = me.addresses.iter().find_map(|a| {
+            let idx = addrs.iter().find(|x| x.addr == *a)?.index;
+            links.iter().find(|l| l.index == idx).map(|l| l.mtu)
+        });
+        match found {
+            Some(m) => Ok(m),
+            None => {
+                if !self.warned_mtu {
+                    warn!(
+                        "none of this node's addresses is on a local interface; assuming an underlay MTU of {DEFAULT_UNDERLAY_MTU}"
+                    );
+                    self.warned_mtu = true;
+                }
+                Ok(DEFAULT_UNDERLAY_MTU)
+            }
+        }
+    }
+
+    fn wg(&mut self) -> Result<&mut Wg, Error> {
+        if self.wg.is_none() {
+            self.wg = Some(Wg::connect()?);
+        }
+        Ok(self.wg.as_mut().expect("just set"))
+    }
+
+    fn observe(&mut self, link: &Link) -> Result<Observed, Error> {
+        let ifname = self.ifname.clone();
+        let device: Device = self.wg()?.device(&ifname)?;
+        Ok(Observed {
+            mtu: link.mtu,
+            up: link.up,
+            device,
+            routes: self.rtnl.routes(wgplan::TABLE)?,
+            rules: self.rtnl.rules()?,
+        })
+    }
+
+    /// Make the kernel match the plan. Returns the number of objects changed.
+    pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
+        let link = self.ensure_link()?;
+        let underlay = self.underlay_mtu(cfg)?;
+        let have = self.observe(&link)?;
+        self.note_status(cfg, &have.device);
+        let want = wgplan::plan(cfg, self.key.public(), link.index, underlay);
+        let ops = wgplan::diff(&want, &have);
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        let ifname = self.ifname.clone();
+        let names = |k: &[u8; 32]| -> String {
+            want.peers
+                .get(k)
+                .map_or_else(|| wgkey::to_base64(k), |p| p.name.clone())
+        };
+        // The socket's fwmark before the rules that depend on it; the link up before
+        // peers (their first keepalive starts the handshake); peers before the routes
+        // into them; stale routes and rules last.
+        if ops.private_key || ops.listen_port.is_some() || ops.fwmark.is_some() {
+            let key = ops.private_key.then_some(&self.key);
+            self.wg.as_mut().expect("observed").set_device(
+                &ifname,
+                key,
+                ops.listen_port,
+                ops.fwmark,
+            )?;
+        }
+        if ops.mtu.is_some() || ops.up {
+            self.rtnl
+                .set_link(link.index, ops.mtu, ops.up.then_some(true))?;
+        }
+        let wg = self.wg.as_mut().expect("observed");
+        wg.set_peers(&ifname, &ops.set_peers)?;
+        wg.detach_ips(&ifname, &ops.detach_ips)?;
+        wg.remove_peers(&ifname, &ops.remove_peers)?;
+        self.rtnl.replace_routes(&ops.replace_routes)?;
+        self.rtnl.add_rules(&ops.add_rules)?;
+        self.rtnl.delete_routes(&ops.delete_routes)?;
+        self.rtnl.delete_rules(&ops.delete_rules)?;
+        for u in &ops.set_peers {
+            let name = names(&u.public_key);
+            if have
+                .device
+                .peers
+                .iter()
+                .any(|p| p.public_key == u.public_key)
+            {
+                info!(peer = name.as_str(); "peer {name} changed: {}", describe(u));
+            } else {
+                info!(peer = name.as_str(); "peer {name} added ({})", wgkey::to_base64(&u.public_key));
+            }
+        }
+        for k in &ops.remove_peers {
+            info!("peer {} removed", wgkey::to_base64(k));
+        }
+        if !ops.detach_ips.is_empty() {
+            info!(
+                "allowed IPs detached: {}",
+                ops.detach_ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if let Some(m) = ops.mtu {
+            info!(
+                "{ifname}: MTU {m} (underlay {underlay} - {})",
+                wgplan::OVERHEAD
+            );
+        }
+        Ok(ops.count())
+    }
+
+    /// Remember what the kernel says about each peer; log peers coming up or going down.
+    fn note_status(&mut self, cfg: &Config, device: &Device) {
+        let now = SystemTime::now();
+        self.status = device
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.public_key,
+                    PeerStatus {
+                        last_handshake: p.last_handshake,
+                        rx_bytes: p.rx_bytes,
+                        tx_bytes: p.tx_bytes,
+                    },
+                )
+            })
+            .collect();
+        let me = cfg.settings.node.clone();
+        let mut seen = Vec::new();
+        for n in cfg.inventory.peers(&me) {
+            let up = self.peer_up(n.wireguard_public_key.as_ref(), now);
+            let was = self.up.insert(n.name.clone(), up).unwrap_or(false);
+            if up && !was {
+                info!(peer = n.name.as_str(); "peer {} up", n.name);
+            } else if !up && was {
+                warn!(peer = n.name.as_str(); "peer {} down: no handshake for {} s", n.name, wgplan::UP_WINDOW.as_secs());
+            }
+            seen.push(n.name.clone());
+        }
+        self.up.retain(|n, _| seen.contains(n));
+    }
+
+    fn peer_up(&self, key: Option<&[u8; 32]>, now: SystemTime) -> bool {
+        key.and_then(|k| self.status.get(k))
+            .is_some_and(|s| wgplan::is_up(s.last_handshake, now))
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        Some(self.next_rescan)
+    }
+
+    /// Timers: re-read the kernel (handshakes, anything changed from under us).
+    pub fn tick(&mut self, cfg: &Config, now: Instant) -> Result<(), Error> {
+        if now < self.next_rescan {
+            return Ok(());
+        }
+        if let Err(e) = self.apply(cfg) {
+            error!("reconcile: {e}");
+        }
+        let (up, total) = self.peers_up(cfg);
+        let every = if up < total { RESCAN_FAST } else { RESCAN };
+        self.next_rescan = Instant::now() + every;
+        Ok(())
+    }
+
+    /// A new configuration: peers, routes, the key file, the interface name.
+    pub fn reconfigure(&mut self, cfg: &Config) -> Result<usize, Error> {
+        match wgkey::read(&cfg.settings.wireguard.private_key) {
+            Ok(k) if k != self.key => {
+                check_key(cfg, &k)?;
+                info!(
+                    "new private key (public key {})",
+                    wgkey::to_base64(&k.public())
+                );
+                self.key = k;
+            }
+            Ok(_) => {}
+            Err(d) => error!("keeping the private key in use: {d}"),
+        }
+        let name = &cfg.settings.wireguard.interface;
+        if *name != self.ifname {
+            if let Some(old) = self.rtnl.link(&self.ifname)?
+                && old.kind.as_deref() == Some("wireguard")
+            {
+                self.rtnl.delete_link(old.index)?;
+                info!("interface renamed: removed {}", self.ifname);
+            }
+            self.ifname = name.clone();
+        }
+        self.next_rescan = Instant::now() + RESCAN_FAST;
+        self.apply(cfg)
+    }
+
+    /// (peers up, peers in total).
+    pub fn peers_up(&self, cfg: &Config) -> (usize, usize) {
+        let now = SystemTime::now();
+        let peers: Vec<_> = cfg.inventory.peers(&cfg.settings.node).collect();
+        let up = peers
+            .iter()
+            .filter(|n| self.peer_up(n.wireguard_public_key.as_ref(), now))
+            .count();
+        (up, peers.len())
+    }
+
+    pub fn netlink_messages(&self) -> u64 {
+        self.rtnl.stats().messages_sent
+    }
+
+    /// Per-peer state for `encryptd status`: up = a recent handshake.
+    pub fn peer_statuses(&self, cfg: &Config) -> Vec<crate::status::PeerStatus> {
+        let now = SystemTime::now();
+        cfg.inventory
+            .peers(&cfg.settings.node)
+            .map(|n| {
+                let st = n
+                    .wireguard_public_key
+                    .as_ref()
+                    .and_then(|k| self.status.get(k));
+                crate::status::PeerStatus {
+                    name: n.name.clone(),
+                    state: if self.peer_up(n.wireguard_public_key.as_ref(), now) {
+                        "up".into()
+                    } else {
+                        "waiting".into()
+                    },
+                    key_ids: Vec::new(),
+                    last_hello_secs: st
+                        .and_then(|s| s.last_handshake)
+                        .and_then(|t| now.duration_since(t).ok())
+                        .map(|d| d.as_secs()),
+                }
+            })
+            .collect()
+    }
+}
+
+fn describe(u: &crate::kernel::wireguard::PeerUpdate) -> String {
+    let mut parts = Vec::new();
+    if let Some(e) = u.endpoint {
+        parts.push(format!("endpoint {e}"));
+    }
+    if let Some(k) = u.keepalive {
+        parts.push(format!("keepalive {k} s"));
+    }
+    if !u.add_ips.is_empty() {
+        parts.push(format!(
+            "allowed IPs + {}",
+            u.add_ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    parts.join(", ")
+}

@@ -1,0 +1,526 @@
+//! WireGuard mode end to end: real daemons, one per namespace node, each with one
+//! `encryptd0`; traffic between every pair (IPv4, IPv6, into subnets, TCP) crosses the
+//! wire only as WireGuard UDP; a daemon restart loses no packet; inventory changes
+//! touch only the peer of the node that changed.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Case;
+use crate::fleet::{Fleet, Kind, TestDaemon, node_entry, rename_over, wg_node_entry, wg_public};
+use crate::rig::{ensure, in_netns, wait_for};
+
+pub const CASES: &[Case] = &[
+    ("wg_mesh_three_nodes", mesh_three_nodes),
+    ("wg_restart_loses_no_packet", restart_loses_no_packet),
+    (
+        "wg_inventory_changes_touch_one_peer",
+        inventory_changes_touch_one_peer,
+    ),
+    ("wg_bulk_transfer_no_fragments", bulk_transfer_no_fragments),
+];
+
+const PORT: &str = "51871";
+
+/// A capture line that is not WireGuard's UDP, ARP or neighbour discovery: plaintext.
+fn plaintext(lines: &[String]) -> Vec<&String> {
+    lines
+        .iter()
+        .filter(|l| {
+            !((l.contains(&format!(".{PORT} > ")) && l.contains(&format!(".{PORT}: UDP")))
+                || l.contains("ARP,")
+                || l.contains("neighbor solicitation")
+                || l.contains("neighbor advertisement")
+                || l.contains("router solicitation")
+                || l.contains("multicast listener")
+                || l.trim().is_empty())
+        })
+        .collect()
+}
+
+/// One peer line of `wg show encryptd0 dump`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WgPeer {
+    public_key: String,
+    endpoint: String,
+    allowed_ips: String,
+    latest_handshake: u64,
+    keepalive: String,
+}
+
+/// The peers of node i's `encryptd0` (the interface line, with the private key, is skipped).
+fn wg_peers(f: &Fleet, i: usize) -> Result<Vec<WgPeer>, String> {
+    let out = f.topo.exec(i, "wg show encryptd0 dump")?;
+    Ok(out
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split('\t').collect();
+            // The kernel lists allowed IPs in its trie's order: sort them.
+            let mut ips: Vec<&str> = c.get(3)?.split(',').collect();
+            ips.sort();
+            (c.len() == 8).then(|| WgPeer {
+                public_key: c[0].into(),
+                endpoint: c[2].into(),
+                allowed_ips: ips.join(","),
+                latest_handshake: c[4].parse().unwrap_or(0),
+                keepalive: c[7].into(),
+            })
+        })
+        .collect())
+}
+
+fn peer_of(peers: &[WgPeer], node: usize) -> Option<&WgPeer> {
+    let k = wg_public(node);
+    peers.iter().find(|p| p.public_key == k)
+}
+
+/// Wait until `needle` occurs in the log more than `before` times.
+fn wait_log_more(d: &TestDaemon, needle: &str, before: usize, t: Duration) -> Result<(), String> {
+    if wait_for(t, || d.log().matches(needle).count() > before) {
+        Ok(())
+    } else {
+        Err(format!(
+            "no new `{needle}` in the log within {t:?}; log:\n{}",
+            d.log()
+        ))
+    }
+}
+
+/// A `ping` running in the background in node `from`'s namespace.
+struct Pinger {
+    child: Child,
+    what: String,
+}
+
+impl Pinger {
+    fn start(
+        f: &Fleet,
+        from: usize,
+        dst: &str,
+        interval: &str,
+        count: u32,
+    ) -> Result<Pinger, String> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", f.topo.ns(from), "ping", "-n", "-q"])
+            .args(["-i", interval, "-c", &count.to_string(), "-W", "1", dst])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("ping: {e}"))?;
+        Ok(Pinger {
+            child,
+            what: format!("n{from} -> {dst}"),
+        })
+    }
+
+    /// (transmitted, received) once it is done.
+    fn finish(self) -> Result<(u32, u32), String> {
+        let out = self.child.wait_with_output().map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .ok_or_else(|| format!("ping {}: no summary in {text:?}", self.what))?;
+        let num = |word: &str| -> u32 {
+            line.split(',')
+                .find(|p| p.contains(word))
+                .and_then(|p| p.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((num("transmitted"), num("received")))
+    }
+}
+
+/// Send `n` bytes over TCP from node `from` to `addr` (in node `to`), echoed back.
+fn tcp_echo(f: &Fleet, from: usize, to: usize, addr: SocketAddr, n: usize) -> Result<(), String> {
+    let listener = in_netns(f.topo.ns(to), || TcpListener::bind(addr))
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    std::thread::scope(|s| {
+        let server = s.spawn(move || -> std::io::Result<()> {
+            let (mut c, _) = listener.accept()?;
+            let mut buf = vec![0u8; n];
+            c.read_exact(&mut buf)?;
+            c.write_all(&buf)
+        });
+        let payload: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+        let got = in_netns(f.topo.ns(from), || -> std::io::Result<Vec<u8>> {
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            c.set_read_timeout(Some(Duration::from_secs(20)))?;
+            c.write_all(&payload)?;
+            let mut back = vec![0u8; n];
+            c.read_exact(&mut back)?;
+            Ok(back)
+        })
+        .map_err(|e| format!("tcp n{from} -> {addr}: {e}"))?;
+        server
+            .join()
+            .map_err(|_| "server panicked".to_string())?
+            .map_err(|e| format!("server {addr}: {e}"))?;
+        ensure(
+            got == payload,
+            format!("tcp n{from} -> {addr}: echo differs"),
+        )
+    })
+}
+
+fn start_all(f: &mut Fleet) -> Result<(), String> {
+    for i in 0..f.n {
+        f.start(i)?;
+    }
+    f.wait_all_up(Duration::from_secs(30))
+        .map_err(|e| format!("{e}\n{}", f.logs()))
+}
+
+fn mesh_three_nodes() -> Result<(), String> {
+    let mut f = Fleet::new_with("wgm", 3, Kind::Wireguard)?;
+    start_all(&mut f)?;
+    let st = f.daemon(0).notes.last().cloned().unwrap_or_default();
+    ensure(
+        st.contains("STATUS=wireguard: 2/2 peers up, strict off"),
+        format!("READY=1 should carry the status line, got {st:?}"),
+    )?;
+
+    let cap = f.topo.capture("")?;
+    let mut failures = Vec::new();
+    for i in 0..3 {
+        for j in (0..3).filter(|j| *j != i) {
+            for dst in [
+                format!("10.77.0.{}", j + 1),
+                format!("fd77::{}", j + 1),
+                format!("10.1.{j}.1"),
+            ] {
+                if let Err(e) = f.topo.exec(i, &format!("ping -c 2 -i 0.2 -W 2 {dst}")) {
+                    failures.push(format!("n{i} -> {dst}: {e}"));
+                }
+            }
+        }
+    }
+    let tcp = [
+        tcp_echo(&f, 0, 1, "10.77.0.2:5001".parse().unwrap(), 200_000),
+        tcp_echo(&f, 2, 0, "[fd77::1]:5002".parse().unwrap(), 200_000),
+        tcp_echo(&f, 1, 2, "10.1.2.1:5003".parse().unwrap(), 50_000),
+    ];
+    let lines = cap.stop();
+    failures.extend(tcp.into_iter().filter_map(Result::err));
+    ensure(
+        failures.is_empty(),
+        format!("{}\n{}", failures.join("\n"), f.logs()),
+    )?;
+
+    let clear = plaintext(&lines);
+    ensure(
+        clear.is_empty(),
+        format!(
+            "plaintext on the wire:\n{}",
+            clear
+                .iter()
+                .take(20)
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    )?;
+    let wg = lines.iter().filter(|l| l.contains(": UDP")).count();
+    ensure(wg > 50, format!("only {wg} WireGuard packets on the wire"))?;
+    // Every pair's encrypted traffic goes between underlay addresses (not in a loop
+    // through the tunnel).
+    for v in [
+        "IP 10.77.0.1.51871 > 10.77.0.2.51871: UDP",
+        "IP 10.77.0.3.51871 > 10.77.0.1.51871: UDP",
+    ] {
+        ensure(
+            lines.iter().any(|l| l.contains(v)),
+            format!("no `{v}` on the wire"),
+        )?;
+    }
+
+    // The kernel objects: one peer per node with its addresses and subnets, the MTU,
+    // the fwmark, the rules.
+    let peers = wg_peers(&f, 0)?;
+    ensure(
+        peers.len() == 2,
+        format!("n0 has {} peers: {peers:?}", peers.len()),
+    )?;
+    let p1 = peer_of(&peers, 1).ok_or("no peer for n1")?;
+    ensure(
+        p1.endpoint == "10.77.0.2:51871"
+            && p1.allowed_ips == "10.1.1.0/24,10.77.0.2/32,fd77::2/128"
+            && p1.keepalive == "25",
+        format!("n0's peer n1: {p1:?}"),
+    )?;
+    let link = f.topo.exec(0, "ip link show encryptd0")?;
+    ensure(link.contains("mtu 1420"), format!("encryptd0: {link}"))?;
+    let rules = f.topo.exec(0, "ip rule")? + &f.topo.exec(0, "ip -6 rule")?;
+    ensure(
+        rules
+            .matches("31871:\tnot from all fwmark 0xca9f lookup 51871")
+            .count()
+            == 2,
+        format!("rules:\n{rules}"),
+    )?;
+    println!(
+        "    {} packets captured, {wg} WireGuard, 0 plaintext",
+        lines.len()
+    );
+    Ok(())
+}
+
+fn restart_loses_no_packet() -> Result<(), String> {
+    let mut f = Fleet::new_with("wgr", 2, Kind::Wireguard)?;
+    start_all(&mut f)?;
+    let before = wg_peers(&f, 1)?;
+    // 10 ms pings both ways over both families while n1's daemon restarts.
+    let pings = [
+        Pinger::start(&f, 0, "10.77.0.2", "0.01", 500)?,
+        Pinger::start(&f, 0, "fd77::2", "0.01", 500)?,
+        Pinger::start(&f, 1, "10.1.0.1", "0.01", 500)?,
+    ];
+    std::thread::sleep(Duration::from_millis(1000));
+    let t0 = Instant::now();
+    let d = f.daemons[1].take().unwrap();
+    let (code, _, log) = d.stop()?;
+    ensure(code == 0, format!("exit code {code}; log:\n{log}"))?;
+    f.start(1)?;
+    let st = f
+        .daemon(1)
+        .wait_notify("READY=1", Duration::from_secs(15))?;
+    let took = t0.elapsed();
+    ensure(
+        st.contains("1/1 peers up"),
+        format!("after the restart: {st:?}"),
+    )?;
+    let mut lost = Vec::new();
+    let mut sent = 0;
+    for p in pings {
+        let what = p.what.clone();
+        let (tx, rx) = p.finish()?;
+        sent += tx;
+        if tx != rx || tx == 0 {
+            lost.push(format!("{what}: {tx} sent, {rx} received"));
+        }
+    }
+    ensure(
+        lost.is_empty(),
+        format!("{}\n{}", lost.join("\n"), f.logs()),
+    )?;
+    let log = f.daemon(1).log();
+    ensure(
+        log.contains("adopting interface encryptd0")
+            && log.contains("wireguard interface encryptd0 ready: 0 kernel object(s) changed"),
+        format!("the restart should adopt everything and change nothing:\n{log}"),
+    )?;
+    let after = wg_peers(&f, 1)?;
+    ensure(
+        before.len() == 1
+            && after.len() == 1
+            && before[0].latest_handshake == after[0].latest_handshake
+            && before[0].latest_handshake != 0,
+        format!("the handshake should be kept: before {before:?}, after {after:?}"),
+    )?;
+    println!(
+        "    restart to READY=1 in {} ms; {sent} pings at 10 ms, 0 lost; handshake kept",
+        took.as_millis()
+    );
+    Ok(())
+}
+
+fn inventory_changes_touch_one_peer() -> Result<(), String> {
+    let mut f = Fleet::new_with("wgi", 3, Kind::Wireguard)?;
+    start_all(&mut f)?;
+    let entries =
+        |e2: Option<&str>| -> String { wg_node_entry(0) + &wg_node_entry(1) + e2.unwrap_or("") };
+    let n2 = |subnets: &str| {
+        node_entry(2)
+            .replace(
+                "subnets = [\"10.1.2.0/24\"]",
+                &format!("subnets = [{subnets}]"),
+            )
+            .trim_end()
+            .to_string()
+            + &format!("\nwireguard_public_key = \"{}\"\n\n", wg_public(2))
+    };
+    let applied = "applied: ";
+    // Rewrite the inventory of `nodes`, wait for n0 to apply it.
+    let change = |f: &mut Fleet, nodes: &[usize], inv: &str| -> Result<(), String> {
+        let before = f.daemon(0).log().matches(applied).count();
+        for &i in nodes {
+            rename_over(&f.dirs[i].join("nodes.toml"), inv)?;
+        }
+        wait_log_more(f.daemon(0), applied, before, Duration::from_secs(5))
+    };
+    let unchanged = |a: &WgPeer, b: &WgPeer, what: &str| {
+        ensure(a == b, format!("{what}: n0's peer changed: {a:?} -> {b:?}"))
+    };
+
+    let p0 = wg_peers(&f, 0)?;
+    let n1_before = peer_of(&p0, 1).ok_or("no n1")?.clone();
+    let n2_before = peer_of(&p0, 2).ok_or("no n2")?.clone();
+
+    // 1. n2 loses its subnet, under a 10 ms ping to its address: the other allowed IPs
+    //    of its peer stay (no black hole), n1's peer is untouched.
+    let ping = Pinger::start(&f, 0, "10.77.0.3", "0.01", 300)?;
+    std::thread::sleep(Duration::from_millis(500));
+    change(&mut f, &[0, 1, 2], &entries(Some(&n2(""))))
+        .map_err(|e| format!("{e}\n{}", f.logs()))?;
+    let (tx, rx) = ping.finish()?;
+    ensure(
+        tx == rx && tx > 0,
+        format!("ping n0 -> n2 while n2 lost a subnet: {tx} sent, {rx} received"),
+    )?;
+    f.daemon(0)
+        .wait_log("allowed IPs detached: 10.1.2.0/24", Duration::from_secs(1))?;
+    let p = wg_peers(&f, 0)?;
+    unchanged(
+        &n1_before,
+        peer_of(&p, 1).ok_or("no n1")?,
+        "n2 lost a subnet",
+    )?;
+    let n2_now = peer_of(&p, 2).ok_or("no n2")?;
+    ensure(
+        n2_now.allowed_ips == "10.77.0.3/32,fd77::3/128"
+            && n2_now.latest_handshake == n2_before.latest_handshake,
+        format!("n2's peer after losing its subnet: {n2_now:?} (before {n2_before:?})"),
+    )?;
+    let routes = f.topo.exec(0, "ip route show table 51871")?;
+    ensure(
+        !routes.contains("10.1.2.0/24"),
+        format!("stale route:\n{routes}"),
+    )?;
+
+    // 2. n2 gains a subnet: only its peer changes.
+    change(&mut f, &[0, 1, 2], &entries(Some(&n2("\"10.1.9.0/24\""))))?;
+    let p = wg_peers(&f, 0)?;
+    unchanged(
+        &n1_before,
+        peer_of(&p, 1).ok_or("no n1")?,
+        "n2 gained a subnet",
+    )?;
+    let n2_now = peer_of(&p, 2).ok_or("no n2")?;
+    ensure(
+        n2_now.allowed_ips == "10.1.9.0/24,10.77.0.3/32,fd77::3/128",
+        format!("n2's peer after gaining a subnet: {n2_now:?}"),
+    )?;
+    f.daemon(0).wait_log(
+        "peer n2 changed: allowed IPs + 10.1.9.0/24",
+        Duration::from_secs(1),
+    )?;
+
+    // 3. n2 leaves the inventory (of n0 and n1): its peer goes, n1's stays as it was.
+    f.daemons[2].take().unwrap().kill();
+    change(&mut f, &[0, 1], &entries(None))?;
+    let p = wg_peers(&f, 0)?;
+    ensure(p.len() == 1, format!("n0's peers after n2 left: {p:?}"))?;
+    unchanged(&n1_before, &p[0], "n2 left")?;
+    let routes = f.topo.exec(0, "ip route show table 51871")?
+        + &f.topo.exec(0, "ip -6 route show table 51871")?;
+    ensure(
+        !routes.contains("10.77.0.3") && !routes.contains("fd77::3"),
+        format!("n2's routes should be gone:\n{routes}"),
+    )?;
+
+    // 4. n2 comes back: a new peer, n1's untouched, and traffic flows to n2 again.
+    change(&mut f, &[0, 1], &entries(Some(&wg_node_entry(2))))?;
+    rename_over(
+        &f.dirs[2].join("nodes.toml"),
+        &entries(Some(&wg_node_entry(2))),
+    )?;
+    f.start(2)?;
+    let st = f
+        .daemon(2)
+        .wait_notify("READY=1", Duration::from_secs(20))?;
+    ensure(
+        st.contains("2/2 peers up"),
+        format!("n2 back: {st:?}\n{}", f.logs()),
+    )?;
+    let p = wg_peers(&f, 0)?;
+    unchanged(&n1_before, peer_of(&p, 1).ok_or("no n1")?, "n2 came back")?;
+    ensure(
+        peer_of(&p, 2).is_some(),
+        format!("no peer for n2 after it came back: {p:?}"),
+    )?;
+    f.topo.exec(0, "ping -c 2 -i 0.2 -W 2 10.1.2.1")?;
+    println!(
+        "    4 inventory changes, n1's peer (key, endpoint, allowed IPs, handshake) untouched by each"
+    );
+    Ok(())
+}
+
+fn bulk_transfer_no_fragments() -> Result<(), String> {
+    let mut f = Fleet::new_with("wgt", 2, Kind::Wireguard)?;
+    start_all(&mut f)?;
+    // Fragments of either family, and the largest WireGuard packets.
+    let cap = f.topo.capture(
+        "(ip[6:2] & 0x3fff != 0) or (ip6 and ip6[6] == 44) or (udp port 51871 and greater 1400)",
+    )?;
+    const N: usize = 10 * 1024 * 1024;
+    let t0 = Instant::now();
+    let listener = in_netns(f.topo.ns(1), || TcpListener::bind("10.77.0.2:5010"))
+        .map_err(|e| format!("bind: {e}"))?;
+    let received = std::thread::scope(|s| -> Result<usize, String> {
+        let server = s.spawn(move || -> std::io::Result<usize> {
+            let (mut c, _) = listener.accept()?;
+            let mut total = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match c.read(&mut buf)? {
+                    0 => return Ok(total),
+                    n => total += n,
+                }
+            }
+        });
+        in_netns(f.topo.ns(0), || -> std::io::Result<()> {
+            let addr: SocketAddr = "10.77.0.2:5010".parse().unwrap();
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            let chunk = vec![0x5au8; 64 * 1024];
+            for _ in 0..N / chunk.len() {
+                c.write_all(&chunk)?;
+            }
+            c.shutdown(std::net::Shutdown::Write)
+        })
+        .map_err(|e| format!("send: {e}"))?;
+        server
+            .join()
+            .map_err(|_| "server panicked".to_string())?
+            .map_err(|e| format!("receive: {e}"))
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    let lines = cap.stop();
+    ensure(received == N, format!("received {received} of {N} bytes"))?;
+    let frags: Vec<&String> = lines
+        .iter()
+        .filter(|l| !l.trim().is_empty() && !l.contains(": UDP, length"))
+        .collect();
+    ensure(
+        frags.is_empty(),
+        format!(
+            "fragments on the wire:\n{}",
+            frags
+                .iter()
+                .take(10)
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    )?;
+    let max = lines
+        .iter()
+        .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    // MTU 1420 inside: 1420 + 32 bytes of WireGuard = 1452 bytes of UDP payload,
+    // 1480 with the outer IPv4 header, under the underlay's 1500.
+    ensure(
+        max == 1452,
+        format!("largest WireGuard UDP payload {max}, want 1452 (full-size segments at MTU 1420)"),
+    )?;
+    println!(
+        "    10 MiB over TCP in {secs:.1} s ({:.1} MB/s); {} WireGuard packets over 1400 bytes captured, largest UDP payload {max}; 0 fragments",
+        N as f64 / secs / 1e6,
+        lines.len()
+    );
+    Ok(())
+}
