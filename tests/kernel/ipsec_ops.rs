@@ -869,9 +869,14 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
     let ping = Ping::start(&f, 0, &v4(1), 600, "0.01")?;
     std::thread::sleep(Duration::from_millis(500));
 
-    // n0's name and n1's name are 2 bytes each: the sender's boot ID starts at byte 12.
+    // n0's name and n1's name are 2 bytes each: the sender's boot ID starts at byte 12,
+    // its nonce at 28, the sequence number at 44.
     let mut forged_boot = latest.clone();
     forged_boot[12] ^= 0x01;
+    // A forged reboot that is new in every way but its MAC: another boot ID, a sequence
+    // number far ahead.
+    let mut forged_reboot = forged_boot.clone();
+    forged_reboot[44..52].copy_from_slice(&(1u64 << 40).to_be_bytes());
     let mut forged_mac = latest.clone();
     *forged_mac.last_mut().unwrap() ^= 0x80;
     let truncated = latest[..latest.len() / 2].to_vec();
@@ -888,6 +893,7 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
         v4_hellos.iter().map(|h| ("replay", h.clone())).collect();
     attack.extend([
         ("flipped boot ID", forged_boot),
+        ("forged reboot", forged_reboot),
         ("flipped MAC", forged_mac),
         ("truncated", truncated),
         ("oversized", oversized),
@@ -906,7 +912,7 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
 
     // n1 reports the drops in its log.
     let want = [
-        ("bad_mac", 2),
+        ("bad_mac", 3),
         ("truncated", 1),
         ("oversized", 1),
         ("not_a_hello", 1),
