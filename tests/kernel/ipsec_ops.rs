@@ -398,7 +398,8 @@ fn start_fleet(tag: &str, n: usize) -> Result<Fleet, String> {
     Ok(f)
 }
 
-/// Case 1: Appending key-id 2 everywhere moves every pair to it without losing a packet:
+/// Case 1: Appending key-id 2 everywhere (node by node) moves every pair to it without
+/// losing a packet:
 /// SAs per peer per family 2 -> 4 -> 2, and the kernel's error counters stay still.
 fn rotation_under_ping() -> Result<(), String> {
     let f = start_fleet("ir", 3)?;
@@ -413,16 +414,39 @@ fn rotation_under_ping() -> Result<(), String> {
     }
     let mut p4 = Ping::start(&f, 0, &v4(1), 2000, "0.01")?;
     let mut p6 = Ping::start(&f, 1, &v6(0), 2000, "0.01")?;
+    let psub = Ping::start(&f, 2, "10.1.0.1", 1000, "0.02")?;
     std::thread::sleep(Duration::from_secs(1));
 
+    // The new key reaches the nodes one after the other, as a serial Ansible run would:
+    // n0, then n2, then n1. Until n1 holds it, n0 must keep sending to n1 with key 1.
     let t0 = Instant::now();
-    for i in 0..3 {
-        write_keys(&f.dirs[i].join("ipsec.keys"), &(KEY1.to_string() + KEY2))?;
-    }
+    let mut rollout = vec![
+        (Duration::ZERO, 0),
+        (Duration::from_millis(1500), 2),
+        (Duration::from_secs(3), 1),
+    ];
     // Count n0's SAs towards n1 per family until they are back to 2 after having been 4.
     let mut seen: BTreeMap<u8, Vec<usize>> = [(4, vec![2]), (6, vec![2])].into();
     let (mut at4, mut at2) = (None, None);
     while t0.elapsed() < Duration::from_secs(40) {
+        while rollout.first().is_some_and(|(at, _)| t0.elapsed() >= *at) {
+            let (_, i) = rollout.remove(0);
+            if i == 1 {
+                let early: Vec<Sa> = sas(&f, 0)?
+                    .into_iter()
+                    .filter(|s| {
+                        s.key_id() == 2
+                            && [v4(0), v6(0)].contains(&s.src)
+                            && [v4(1), v6(1)].contains(&s.dst)
+                    })
+                    .collect();
+                ensure(
+                    early.is_empty(),
+                    format!("n0 sends to n1 with key 2 before n1 holds it: {early:#?}"),
+                )?;
+            }
+            write_keys(&f.dirs[i].join("ipsec.keys"), &(KEY1.to_string() + KEY2))?;
+        }
         let all = sas(&f, 0)?;
         for fam in [4u8, 6] {
             let n = pair_sas(&all, 0, 1, fam).len();
@@ -435,7 +459,7 @@ fn rotation_under_ping() -> Result<(), String> {
         if at4.is_none() && done(4) {
             at4 = Some(t0.elapsed());
         }
-        if at4.is_some() && seen.values().all(|v| v.last() == Some(&2)) {
+        if rollout.is_empty() && at4.is_some() && seen.values().all(|v| v.last() == Some(&2)) {
             at2 = Some(t0.elapsed());
             break;
         }
@@ -468,6 +492,7 @@ fn rotation_under_ping() -> Result<(), String> {
     )?;
     let r4 = p4.finish(Duration::from_secs(60))?;
     let r6 = p6.finish(Duration::from_secs(60))?;
+    let rs = psub.finish(Duration::from_secs(60))?;
     // Every node and pair moved: all SAs on every node are key 2 now.
     for i in 0..3 {
         let all = sas(&f, i)?;
@@ -484,8 +509,9 @@ fn rotation_under_ping() -> Result<(), String> {
     );
     println!("    {}", ping_report("n0 -> n1 IPv4", &r4));
     println!("    {}", ping_report("n1 -> n0 IPv6", &r6));
+    println!("    {}", ping_report("n2 -> n0's subnet", &rs));
     ensure(
-        r4.lost() == 0 && r6.lost() == 0 && r4.sent > 0 && r6.sent > 0,
+        [&r4, &r6, &rs].iter().all(|r| r.lost() == 0 && r.sent > 0),
         format!("packets lost during the rotation\n{}", f.logs()),
     )?;
     counters_unchanged(&before, &after)
