@@ -449,7 +449,7 @@ impl Engine {
         // Answer at once whenever the exchange is not settled, so a pair converges in a
         // few round trips instead of a few intervals.
         let up = p.is_up(&fams);
-        if outcome.stale || outcome.sas_changed || !up {
+        if outcome.stale || outcome.sas_changed || outcome.peer_keys_changed || !up {
             self.next_hello.insert(sender.clone(), Instant::now());
         }
         self.note_up(&sender, up);

@@ -45,6 +45,9 @@ pub struct Outcome {
     pub boot_changed: Option<Option<BootId>>,
     /// The set of desired SAs changed.
     pub sas_changed: bool,
+    /// The peer holds other key-ids than it said before (a key was added or removed
+    /// there): it waits for our offers under the new key, so answer without delay.
+    pub peer_keys_changed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +127,7 @@ impl Peer {
         }
         self.seq_in = Some((h.nonce, h.seq));
         self.last_fresh = Some(now);
+        out.peer_keys_changed = self.peer_key_ids != h.key_ids;
         self.peer_key_ids = h.key_ids;
 
         if self.boot != Some(h.boot) {
@@ -479,6 +483,13 @@ mod tests {
         assert!(!b.peer.outbound.keys().any(|(_, k)| *k == 2));
         assert!(!a.peer.outbound.keys().any(|(_, k)| *k == 2));
         b.keys = vec![1, 2];
+        // b's first hello with key 2 changes nothing at a (b has offered nothing under
+        // it yet) but must be answered at once: b offers key 2 only on a's next hello.
+        let h = b.send();
+        let o = a.recv(&h);
+        assert!(o.peer_keys_changed && !o.sas_changed, "{o:?}");
+        let h = a.send();
+        assert!(b.recv(&h).sas_changed, "b offers key 2 on a's answer");
         exchange(&mut a, &mut b, 3);
         for f in FAM {
             assert!(
