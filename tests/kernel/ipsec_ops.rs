@@ -26,6 +26,10 @@ pub const CASES: &[Case] = &[
         "ipsec_ops_forged_and_replayed_hellos",
         forged_and_replayed_hellos,
     ),
+    (
+        "ipsec_ops_replay_from_an_earlier_instance",
+        replay_from_an_earlier_instance,
+    ),
 ];
 
 /// One SA as `ip -s xfrm state` shows it: what identifies it and when the kernel added it.
@@ -833,61 +837,9 @@ fn add_node() -> Result<(), String> {
 /// hello port from a node's own address: dropped and counted, the SAs stay as they are
 /// and the pair keeps working.
 fn forged_and_replayed_hellos() -> Result<(), String> {
-    let mut f = Fleet::new("if", 3, KEY1)?;
-    // Record every hello from the start, as an on-path attacker would.
-    let pcap = std::env::temp_dir().join("if-hellos.pcap");
-    let err = std::env::temp_dir().join("if-hellos.err");
-    let mut dump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &f.topo.wire,
-            "tcpdump",
-            "-Z",
-            "root",
-            "-U",
-            "-n",
-            "-i",
-            "br0",
-            "-w",
-        ])
-        .arg(&pcap)
-        .args(["udp", "port", "4510"])
-        .stdout(Stdio::null())
-        .stderr(File::create(&err).map_err(|e| e.to_string())?)
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("tcpdump: {e}"))?;
-    let listening = wait_for(Duration::from_secs(10), || {
-        std::fs::read_to_string(&err).is_ok_and(|s| s.contains("listening"))
-    });
-    ensure(listening, "tcpdump did not start")?;
-    for i in 0..3 {
-        f.start(i)?;
-    }
-    let ready = wait_ready(&mut f, 3, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill(2) of our own child; SIGINT makes tcpdump flush and exit.
-    unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
-    let _ = dump.wait();
-    let captured = read_pcap(&pcap)?;
-    ready.map_err(|e| {
-        let t0 = captured.first().map_or(0.0, |c| c.3);
-        let hellos: Vec<String> = captured
-            .iter()
-            .map(|(s, d, p, t)| format!("{:8.3} {s} > {d}: {}", t - t0, describe_hello(p)))
-            .collect();
-        format!("{e}\n{}\nhellos:\n{}", f.logs(), hellos.join("\n"))
-    })?;
-    let from_n0 = |dst: &str| -> Vec<Vec<u8>> {
-        captured
-            .iter()
-            .filter(|(s, d, _, _)| (*s == v4(0) || *s == v6(0)) && d == dst)
-            .map(|(_, _, p, _)| p.clone())
-            .collect()
-    };
-    let v4_hellos = from_n0(&v4(1));
-    let v6_hellos = from_n0(&v6(1));
+    let (mut f, captured) = fleet_recording_hellos("if", 3)?;
+    let v4_hellos = hellos_to(&captured, 0, &v4(1));
+    let v6_hellos = hellos_to(&captured, 0, &v6(1));
     ensure(
         v4_hellos.len() >= 2 && !v6_hellos.is_empty(),
         format!(
@@ -996,6 +948,163 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
     f.topo
         .exec(0, &format!("ping -c 2 -i 0.2 -W 2 {}", v6(1)))?;
     Ok(())
+}
+
+/// Case 6: hellos of an earlier instance of a peer's daemon, replayed after it restarted
+/// and after one of its SAs was re-keyed, must not take the pair back to the SPI it had:
+/// that SPI means that key again, with sequence numbers from 1 (nonce reuse).
+fn replay_from_an_earlier_instance() -> Result<(), String> {
+    let (mut f, captured) = fleet_recording_hellos("io", 3)?;
+    let old = hellos_to(&captured, 0, &v4(1));
+    ensure(!old.is_empty(), "no hellos n0 -> n1 recorded")?;
+    let first = sas(&f, 1)?;
+    let out_1_0 = |all: &[Sa]| -> Vec<Sa> {
+        all.iter()
+            .filter(|s| s.src == v4(1) && s.dst == v4(0))
+            .cloned()
+            .collect()
+    };
+    let x = out_1_0(&first)
+        .first()
+        .map(|s| s.spi.clone())
+        .ok_or("n1 has no SA to n0")?;
+
+    // n0's daemon restarts (a new nonce; the kernel's SAs stay and are adopted)...
+    f.daemons[0].take().unwrap().kill();
+    let from = f.dirs[0]
+        .join("daemon.log")
+        .metadata()
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
+    f.start(0)?;
+    wait_log_after(f.daemon(0), from, "peer n1 up", Duration::from_secs(20))?;
+    // ...and loses its inbound SA from n1 (IPv4): it offers n1 a new SPI for it.
+    f.topo.exec(
+        0,
+        &format!(
+            "ip xfrm state delete src {} dst {} proto esp spi {x}",
+            v4(1),
+            v4(0)
+        ),
+    )?;
+    let t0 = Instant::now();
+    let rekeyed = wait_for(Duration::from_secs(40), || {
+        sas_quick(&f, 1).is_ok_and(|all| {
+            let o = out_1_0(&all);
+            o.len() == 1 && o[0].spi != x
+        }) && f.topo.exec(1, &format!("ping -c 1 -W 1 {}", v4(0))).is_ok()
+    });
+    ensure(
+        rekeyed,
+        format!(
+            "n1 did not move to a new SPI for n0 after n0 lost {x}\n{}",
+            f.logs()
+        ),
+    )?;
+    println!(
+        "    n0 lost its inbound SA {x}; n1 sends with a new SPI {} ms later",
+        t0.elapsed().as_millis()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    let before: Vec<Vec<Sa>> = (0..3).map(|i| sas(&f, i)).collect::<Result<_, _>>()?;
+    let stat0 = error_counters(&f, 3)?;
+    let from1 = f.daemon(1).log().len();
+    let ping = Ping::start(&f, 1, &v4(0), 500, "0.01")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let replays: Vec<(&str, Vec<u8>)> = old.iter().map(|h| ("replay", h.clone())).collect();
+    send_udp(f.topo.ns(0), &v4(0), &v4(1), &replays)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let during = sas(&f, 1)?;
+    let r = ping.finish(Duration::from_secs(60))?;
+    let after: Vec<Vec<Sa>> = (0..3).map(|i| sas(&f, i)).collect::<Result<_, _>>()?;
+    let stat1 = error_counters(&f, 3)?;
+    println!(
+        "    replayed {} hellos of n0's first instance to n1",
+        old.len()
+    );
+    println!("    {}", ping_report("n1 -> n0 IPv4", &r));
+    let back: Vec<Sa> = out_1_0(&during)
+        .into_iter()
+        .chain(out_1_0(&after[1]))
+        .filter(|s| s.spi == x)
+        .collect();
+    ensure(
+        back.is_empty(),
+        format!(
+            "n1 went back to sending to n0 with SPI {x} (the same key as before, sequence numbers from 1 again):\n{back:#?}\nn1's log since the replay:\n{}",
+            &f.daemon(1).log()[from1..]
+        ),
+    )?;
+    for i in 0..3 {
+        ensure(
+            before[i] == after[i],
+            format!(
+                "n{i}'s SAs changed after the replay:\nbefore {:#?}\nafter {:#?}",
+                before[i], after[i]
+            ),
+        )?;
+    }
+    ensure(r.lost() == 0, format!("packets lost: {r:?}"))?;
+    counters_unchanged(&stat0, &stat1)
+}
+
+/// A fleet started while the wire's hellos are recorded, as an on-path attacker would;
+/// the recording is stopped once every daemon is up.
+fn fleet_recording_hellos(tag: &str, n: usize) -> Result<(Fleet, Vec<Captured>), String> {
+    let mut f = Fleet::new(tag, n, KEY1)?;
+    let pcap = std::env::temp_dir().join(format!("{tag}-hellos.pcap"));
+    let err = std::env::temp_dir().join(format!("{tag}-hellos.err"));
+    let mut dump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &f.topo.wire,
+            "tcpdump",
+            "-Z",
+            "root",
+            "-U",
+            "-n",
+        ])
+        .args(["-i", "br0", "-w"])
+        .arg(&pcap)
+        .args(["udp", "port", "4510"])
+        .stdout(Stdio::null())
+        .stderr(File::create(&err).map_err(|e| e.to_string())?)
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("tcpdump: {e}"))?;
+    let listening = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&err).is_ok_and(|s| s.contains("listening"))
+    });
+    ensure(listening, "tcpdump did not start")?;
+    for i in 0..n {
+        f.start(i)?;
+    }
+    let ready = wait_ready(&mut f, n, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) of our own child; SIGINT makes tcpdump flush and exit.
+    unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
+    let _ = dump.wait();
+    let captured = read_pcap(&pcap)?;
+    ready.map_err(|e| {
+        let t0 = captured.first().map_or(0.0, |c| c.3);
+        let hellos: Vec<String> = captured
+            .iter()
+            .map(|(s, d, p, t)| format!("{:8.3} {s} > {d}: {}", t - t0, describe_hello(p)))
+            .collect();
+        format!("{e}\n{}\nhellos:\n{}", f.logs(), hellos.join("\n"))
+    })?;
+    Ok((f, captured))
+}
+
+/// The hellos node `from` sent to address `dst`.
+fn hellos_to(captured: &[Captured], from: usize, dst: &str) -> Vec<Vec<u8>> {
+    captured
+        .iter()
+        .filter(|(s, d, _, _)| (*s == v4(from) || *s == v6(from)) && d == dst)
+        .map(|(_, _, p, _)| p.clone())
+        .collect()
 }
 
 /// Sum the daemon's `hello: dropped` summaries by reason.
