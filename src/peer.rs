@@ -48,6 +48,17 @@ pub struct Outcome {
     /// The peer holds other key-ids than it said before (a key was added or removed
     /// there): it waits for our offers under the new key, so answer without delay.
     pub peer_keys_changed: bool,
+    /// The peer no longer offers the SPI of one of our outbound SAs: it lost that inbound
+    /// SA and will offer a new SPI on our next hello, so answer without delay.
+    pub offer_withdrawn: bool,
+}
+
+impl Outcome {
+    /// The exchange is not settled: the caller should answer at once rather than at the
+    /// next interval.
+    pub fn wants_answer(&self) -> bool {
+        self.stale || self.sas_changed || self.peer_keys_changed || self.offer_withdrawn
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +174,12 @@ impl Peer {
             }
             self.boot = Some(h.boot);
         }
+
+        out.offer_withdrawn = self.outbound.keys().any(|&(f, k)| {
+            local.families.contains(&f)
+                && local.key_ids.contains(&k)
+                && !h.offers.iter().any(|o| (o.family, o.key_id) == (f, k))
+        });
 
         // Offers: one inbound SA per family and key-id we hold.
         let reported = |slot: Slot| {
@@ -471,6 +488,28 @@ mod tests {
         assert_ne!(old, new);
         assert!(consistent(&a, &b));
         assert!(a.peer.is_up(FAM));
+    }
+
+    #[test]
+    fn a_lost_inbound_sa_gets_a_new_spi_and_an_answer_at_once() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let slot = (Family::V4, 1);
+        let old = a.peer.inbound[&slot].spi;
+        // The caller's reaction to an inbound SA that vanished from the kernel.
+        a.peer.inbound.remove(&slot);
+        let h = a.send();
+        let o = b.recv(&h);
+        assert!(o.offer_withdrawn && o.wants_answer(), "{o:?}");
+        let h = b.send();
+        assert!(a.recv(&h).sas_changed, "a offers a new SPI");
+        exchange(&mut a, &mut b, 2);
+        assert_ne!(a.peer.inbound[&slot].spi, old);
+        assert_eq!(b.peer.outbound[&slot].spi, a.peer.inbound[&slot].spi);
+        assert!(consistent(&a, &b) && a.peer.is_up(FAM) && b.peer.is_up(FAM));
+        // Settled: nothing more to answer.
+        let h = a.send();
+        assert!(!b.recv(&h).wants_answer());
     }
 
     #[test]
