@@ -12,6 +12,9 @@ use crate::keys::BootId;
 /// (family, key-id): one SA slot per direction of a pair.
 pub type Slot = (Family, u8);
 
+/// Earlier nonces of a peer remembered at most (restarts of its daemon while ours runs).
+const MAX_RETIRED: usize = 32;
+
 /// An SA this node receives on: SPI chosen here, offered to the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InSa {
@@ -75,6 +78,11 @@ pub struct Peer {
     pub seq_out: u64,
     /// Highest sequence number accepted under the peer's nonce.
     pub seq_in: Option<([u8; 16], u64)>,
+    /// The peer's earlier nonces that we accepted hellos under, since our own nonce last
+    /// changed: earlier instances of its daemon. Their hellos echo our current nonce, so
+    /// without this list a replay of one would pass as fresh (and could hand us an offer
+    /// the peer has since replaced: an SPI, and so a key, we already sent with).
+    pub retired: Vec<[u8; 16]>,
     pub inbound: BTreeMap<Slot, InSa>,
     pub outbound: BTreeMap<Slot, OutSa>,
     /// Key-ids the peer holds (bitmap), from its last fresh hello.
@@ -101,6 +109,7 @@ impl Peer {
             heard_nonce: [0; 16],
             seq_out: 0,
             seq_in: None,
+            retired: Vec::new(),
             inbound: BTreeMap::new(),
             outbound: BTreeMap::new(),
             peer_key_ids: 0,
@@ -119,6 +128,10 @@ impl Peer {
         nonce: &mut dyn FnMut() -> [u8; 16],
     ) -> Outcome {
         let mut out = Outcome::default();
+        if self.retired.contains(&h.nonce) {
+            out.replayed = true;
+            return out;
+        }
         self.heard_boot = h.boot;
         self.heard_nonce = h.nonce;
         if h.echo_nonce != self.nonce || h.echo_boot != *local.boot {
@@ -136,6 +149,19 @@ impl Peer {
             }
             return out;
         }
+        if let Some((n, _)) = self.seq_in
+            && n != h.nonce
+        {
+            // A new instance of the peer: the earlier one must never be heard again.
+            self.retired.push(n);
+            if self.retired.len() > MAX_RETIRED {
+                // Start over under a new nonce of ours instead: every hello said before
+                // it is stale from now on, this one included.
+                self.new_nonce(nonce());
+                out.stale = true;
+                return out;
+            }
+        }
         self.seq_in = Some((h.nonce, h.seq));
         self.last_fresh = Some(now);
         out.peer_keys_changed = self.peer_key_ids != h.key_ids;
@@ -150,8 +176,7 @@ impl Peer {
                 out.sas_changed |= !self.inbound.is_empty() || !self.outbound.is_empty();
                 self.inbound.clear();
                 self.outbound.clear();
-                self.nonce = nonce();
-                self.seq_out = 0;
+                self.new_nonce(nonce());
                 self.boot = Some(h.boot);
                 return out;
             }
@@ -240,8 +265,15 @@ impl Peer {
     /// nonce, so the peer offers a new SPI for it.
     pub fn outbound_lost(&mut self, slot: Slot, nonce: [u8; 16]) {
         self.outbound.remove(&slot);
+        self.new_nonce(nonce);
+    }
+
+    /// Our nonce for the peer changes: whatever the peer said before is stale from now
+    /// on, so its earlier nonces need no remembering.
+    fn new_nonce(&mut self, nonce: [u8; 16]) {
         self.nonce = nonce;
         self.seq_out = 0;
+        self.retired.clear();
     }
 
     /// The next hello to this peer.
@@ -474,6 +506,53 @@ mod tests {
             ain.values().map(|s| s.spi).collect::<Vec<_>>()
         );
         assert!(consistent(&a, &nb));
+    }
+
+    #[test]
+    fn hellos_of_an_earlier_instance_of_the_peer_are_never_fresh_again() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let slot = (Family::V4, 1);
+        let first_spi = a.peer.outbound[&slot].spi;
+        // Said by b's first daemon, fresh when sent (it echoes a's nonce, which stays).
+        let old = b.send();
+        // b's daemon restarts (new nonce, same boot, SAs adopted), then loses its inbound
+        // SA for the slot and offers a new SPI for it.
+        let mut nb = Node::new("b", "a", 2, 7);
+        nb.peer.inbound = b.peer.inbound.clone();
+        nb.peer.outbound = b.peer.outbound.clone();
+        nb.peer.boot = b.peer.boot;
+        exchange(&mut a, &mut nb, 3);
+        nb.peer.inbound.remove(&slot);
+        exchange(&mut a, &mut nb, 3);
+        let now = a.peer.outbound.clone();
+        assert_ne!(now[&slot].spi, first_spi);
+        // The first daemon's hello, replayed: ignored, a keeps sending on the new SPI
+        // (taking the old offer again would reuse the old SA's key from sequence 1).
+        let o = a.recv(&old);
+        assert!(o.replayed && !o.sas_changed, "{o:?}");
+        assert_eq!(a.peer.outbound, now);
+        assert_eq!(
+            a.peer.heard_nonce, nb.peer.nonce,
+            "nothing heard from it either"
+        );
+        assert!(consistent(&a, &nb));
+    }
+
+    #[test]
+    fn a_peer_restarting_again_and_again_keeps_the_pair_up() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        for seed in 10..(10 + 2 * MAX_RETIRED as u32) {
+            let mut nb = Node::new("b", "a", 2, seed);
+            nb.peer.inbound = b.peer.inbound.clone();
+            nb.peer.outbound = b.peer.outbound.clone();
+            nb.peer.boot = b.peer.boot;
+            b = nb;
+            exchange(&mut a, &mut b, 3);
+            assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
+            assert!(a.peer.retired.len() <= MAX_RETIRED);
+        }
     }
 
     #[test]
