@@ -26,6 +26,8 @@ const HELLO_SLOW: Duration = Duration::from_secs(10);
 const STALE_AFTER: Duration = Duration::from_secs(35);
 /// How often the kernel is re-read to notice SAs deleted from under us.
 const RESCAN: Duration = Duration::from_secs(5);
+/// At most this many SA ids are remembered as used (see `Engine::installed`).
+const MAX_INSTALLED_MEMORY: usize = 1 << 16;
 /// Dropped hellos are reported in one log line per burst: this long after the first
 /// drop, and at most once per `DROP_REPORT_EVERY`.
 const DROP_REPORT_DELAY: Duration = Duration::from_secs(1);
@@ -79,8 +81,9 @@ pub struct Engine {
     /// Old key slots to delete at a time (key rotation).
     retire: BTreeMap<String, (Instant, Vec<Slot>)>,
     next_rescan: Instant,
-    /// Our SAs this process has seen in the kernel: one that vanishes is re-keyed under a
-    /// new SPI, never installed again under its old one.
+    /// Our SAs this process has seen in the kernel, deleted ones included: an SA that
+    /// vanishes, or that the hello exchange would bring back, is re-keyed under a new SPI,
+    /// never installed again under one it used (same key, sequence numbers from 1).
     installed: BTreeSet<StateId>,
     pub stats: HelloStats,
     /// Drops already in the log, when the next report is due, and when the last was.
@@ -236,9 +239,12 @@ impl Engine {
         self.installed.extend(in_kernel.iter().copied());
         let ops = reconcile::diff(&policies, &states, &kp, &ks, &self.installed);
         self.handle_gaps(cfg, &ops);
-        // Remember only what is still desired or in the kernel.
-        self.installed
-            .retain(|id| states.contains_key(id) || in_kernel.contains(id));
+        // SAs deleted on purpose stay remembered too: their SPIs are never used again.
+        // A bound on the memory: beyond it only what is desired or in the kernel stays.
+        if self.installed.len() > MAX_INSTALLED_MEMORY {
+            self.installed
+                .retain(|id| states.contains_key(id) || in_kernel.contains(id));
+        }
         if ops.is_empty() {
             return Ok(0);
         }
@@ -254,9 +260,6 @@ impl Engine {
         self.xfrm.add_states(&ops.add_states)?;
         self.installed.extend(ops.add_states.iter().map(|s| s.id()));
         self.xfrm.delete_states(&ops.delete_states)?;
-        for s in &ops.delete_states {
-            self.installed.remove(&s.id());
-        }
         self.xfrm.delete_policies(&ops.delete_policies)?;
         debug!(
             "xfrm: +{} ~{} -{} policies, +{} -{} states",
