@@ -572,7 +572,8 @@ fn kill_and_restart_under_ping() -> Result<(), String> {
     f.start(0)?;
     let d = f.daemon(0);
     let up1 = wait_log_after(d, from, "peer n1 up", Duration::from_secs(20))?;
-    let up2 = wait_log_after(d, from, "peer n2 up", Duration::from_secs(20))?;
+    wait_log_after(d, from, "peer n2 up", Duration::from_secs(20))?;
+    let up2 = t0.elapsed();
     // Past one periodic re-read of the kernel (every 5 s), which would re-key what it
     // thinks is stale.
     std::thread::sleep(Duration::from_secs(6));
@@ -584,7 +585,7 @@ fn kill_and_restart_under_ping() -> Result<(), String> {
     println!(
         "    restarted daemon: peers up after {} / {} ms",
         up1.as_millis(),
-        up2.max(up1).as_millis()
+        up2.as_millis()
     );
     println!("    {}", ping_report("n1 -> n0 IPv4", &r4));
     println!("    {}", ping_report("n0 -> n2 IPv6", &r6));
@@ -606,8 +607,8 @@ fn kill_and_restart_under_ping() -> Result<(), String> {
         format!("packets lost across the restart\n{}", f.logs()),
     )?;
     ensure(
-        t0.elapsed() < Duration::from_secs(30),
-        "the restart took too long",
+        up2 < Duration::from_secs(15),
+        "the restarted daemon took 15 s or more to see its peers up",
     )?;
     counters_unchanged(&stat0, &stat1)
 }
@@ -649,14 +650,13 @@ fn reboot_rekeys() -> Result<(), String> {
     let t0 = Instant::now();
     f.start(0)?;
     let d = f.daemon(0);
-    let up1 = wait_log_after(d, from, "peer n1 up", Duration::from_secs(20))?;
-    let up2 = wait_log_after(d, from, "peer n2 up", Duration::from_secs(20))?;
-    let recovered = up1.max(up2);
+    wait_log_after(d, from, "peer n1 up", Duration::from_secs(20))?;
+    wait_log_after(d, from, "peer n2 up", Duration::from_secs(20))?;
+    let recovered = t0.elapsed();
     let r4 = p4.finish(Duration::from_secs(60))?;
     let r6 = p6.finish(Duration::from_secs(60))?;
     let rs = psub.finish(Duration::from_secs(60))?;
     let lines = cap.stop();
-    let _ = t0;
 
     println!(
         "    n0 rebooted: its peers up after {} ms",
