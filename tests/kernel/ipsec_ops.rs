@@ -1019,10 +1019,20 @@ fn replay_from_an_earlier_instance() -> Result<(), String> {
     let r = ping.finish(Duration::from_secs(60))?;
     let after: Vec<Vec<Sa>> = (0..3).map(|i| sas(&f, i)).collect::<Result<_, _>>()?;
     let stat1 = error_counters(&f, 3)?;
+    let d1 = f.daemon(1);
+    let counted = wait_for(Duration::from_secs(15), || {
+        drop_counts(&d1.log()[from1..])
+            .get("replayed")
+            .copied()
+            .unwrap_or(0)
+            >= old.len() as u64
+    });
     println!(
-        "    replayed {} hellos of n0's first instance to n1",
-        old.len()
+        "    replayed {} hellos of n0's first instance to n1; n1 counted {:?}",
+        old.len(),
+        drop_counts(&d1.log()[from1..])
     );
+    ensure(counted, "n1 did not count every replay as such")?;
     println!("    {}", ping_report("n1 -> n0 IPv4", &r));
     let back: Vec<Sa> = out_1_0(&during)
         .into_iter()
