@@ -718,6 +718,22 @@ fn reboot_rekeys() -> Result<(), String> {
                 ),
             )?;
         }
+        // Printing keys is for this test's output only: the daemons never log them.
+        let logs = f.logs();
+        for s in before[k].iter().chain(&now) {
+            let hex = s
+                .key
+                .split_whitespace()
+                .find(|w| w.starts_with("0x"))
+                .unwrap_or("?");
+            ensure(
+                !logs.contains(hex.trim_start_matches("0x")),
+                format!(
+                    "key material of {} > {} spi {} in a daemon's log",
+                    s.src, s.dst, s.spi
+                ),
+            )?;
+        }
         let log = f.daemons[i].as_ref().unwrap().log();
         ensure(
             log.contains("peer n0 rebooted"),
