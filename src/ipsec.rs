@@ -3,7 +3,7 @@
 //! at `next_deadline`; every change ends in `apply`, which diffs the plan against the
 //! kernel and sends only the difference.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,7 +13,7 @@ use log::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::hello::{self, Drop, Family};
-use crate::kernel::xfrm::{Xfrm, XfrmError};
+use crate::kernel::xfrm::{StateId, Xfrm, XfrmError};
 use crate::keys::{self, BootId};
 use crate::peer::{Local, Peer, Slot};
 use crate::plan;
@@ -26,6 +26,8 @@ const HELLO_SLOW: Duration = Duration::from_secs(10);
 const STALE_AFTER: Duration = Duration::from_secs(35);
 /// How often the kernel is re-read to notice SAs deleted from under us.
 const RESCAN: Duration = Duration::from_secs(5);
+/// At most this many SA ids are remembered as used (see `Engine::installed`).
+const MAX_INSTALLED_MEMORY: usize = 1 << 16;
 /// Dropped hellos are reported in one log line per burst: this long after the first
 /// drop, and at most once per `DROP_REPORT_EVERY`.
 const DROP_REPORT_DELAY: Duration = Duration::from_secs(1);
@@ -79,6 +81,10 @@ pub struct Engine {
     /// Old key slots to delete at a time (key rotation).
     retire: BTreeMap<String, (Instant, Vec<Slot>)>,
     next_rescan: Instant,
+    /// Our SAs this process has seen in the kernel, deleted ones included: an SA that
+    /// vanishes, or that the hello exchange would bring back, is re-keyed under a new SPI,
+    /// never installed again under one it used (same key, sequence numbers from 1).
+    installed: BTreeSet<StateId>,
     pub stats: HelloStats,
     /// Drops already in the log, when the next report is due, and when the last was.
     drops_reported: BTreeMap<&'static str, u64>,
@@ -129,6 +135,7 @@ impl Engine {
             next_hello: BTreeMap::new(),
             retire: BTreeMap::new(),
             next_rescan: Instant::now() + RESCAN,
+            installed: BTreeSet::new(),
             stats: HelloStats::default(),
             drops_reported: BTreeMap::new(),
             drop_report_at: None,
@@ -227,8 +234,17 @@ impl Engine {
         let states = plan::states(cfg, &self.boot, &self.peers);
         let kp = self.xfrm.dump_policies()?;
         let ks = self.xfrm.dump_states()?;
-        let ops = reconcile::diff(&policies, &states, &kp, &ks);
+        let in_kernel: BTreeSet<StateId> =
+            ks.iter().filter(|s| s.is_ours()).map(|s| s.id()).collect();
+        self.installed.extend(in_kernel.iter().copied());
+        let ops = reconcile::diff(&policies, &states, &kp, &ks, &self.installed);
         self.handle_gaps(cfg, &ops);
+        // SAs deleted on purpose stay remembered too: their SPIs are never used again.
+        // A bound on the memory: beyond it only what is desired or in the kernel stays.
+        if self.installed.len() > MAX_INSTALLED_MEMORY {
+            self.installed
+                .retain(|id| states.contains_key(id) || in_kernel.contains(id));
+        }
         if ops.is_empty() {
             return Ok(0);
         }
@@ -242,6 +258,7 @@ impl Engine {
         self.xfrm.add_policies(&ops.add_policies)?;
         self.xfrm.update_policies(&ops.update_policies)?;
         self.xfrm.add_states(&ops.add_states)?;
+        self.installed.extend(ops.add_states.iter().map(|s| s.id()));
         self.xfrm.delete_states(&ops.delete_states)?;
         self.xfrm.delete_policies(&ops.delete_policies)?;
         debug!(
@@ -449,7 +466,7 @@ impl Engine {
         // Answer at once whenever the exchange is not settled, so a pair converges in a
         // few round trips instead of a few intervals.
         let up = p.is_up(&fams);
-        if outcome.stale || outcome.sas_changed || !up {
+        if outcome.wants_answer() || !up {
             self.next_hello.insert(sender.clone(), Instant::now());
         }
         self.note_up(&sender, up);

@@ -12,6 +12,9 @@ use crate::keys::BootId;
 /// (family, key-id): one SA slot per direction of a pair.
 pub type Slot = (Family, u8);
 
+/// Earlier nonces of a peer remembered at most (restarts of its daemon while ours runs).
+const MAX_RETIRED: usize = 32;
+
 /// An SA this node receives on: SPI chosen here, offered to the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InSa {
@@ -45,6 +48,20 @@ pub struct Outcome {
     pub boot_changed: Option<Option<BootId>>,
     /// The set of desired SAs changed.
     pub sas_changed: bool,
+    /// The peer holds other key-ids than it said before (a key was added or removed
+    /// there): it waits for our offers under the new key, so answer without delay.
+    pub peer_keys_changed: bool,
+    /// The peer no longer offers the SPI of one of our outbound SAs: it lost that inbound
+    /// SA and will offer a new SPI on our next hello, so answer without delay.
+    pub offer_withdrawn: bool,
+}
+
+impl Outcome {
+    /// The exchange is not settled: the caller should answer at once rather than at the
+    /// next interval.
+    pub fn wants_answer(&self) -> bool {
+        self.stale || self.sas_changed || self.peer_keys_changed || self.offer_withdrawn
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +78,11 @@ pub struct Peer {
     pub seq_out: u64,
     /// Highest sequence number accepted under the peer's nonce.
     pub seq_in: Option<([u8; 16], u64)>,
+    /// The peer's earlier nonces that we accepted hellos under, since our own nonce last
+    /// changed: earlier instances of its daemon. Their hellos echo our current nonce, so
+    /// without this list a replay of one would pass as fresh (and could hand us an offer
+    /// the peer has since replaced: an SPI, and so a key, we already sent with).
+    pub retired: Vec<[u8; 16]>,
     pub inbound: BTreeMap<Slot, InSa>,
     pub outbound: BTreeMap<Slot, OutSa>,
     /// Key-ids the peer holds (bitmap), from its last fresh hello.
@@ -87,6 +109,7 @@ impl Peer {
             heard_nonce: [0; 16],
             seq_out: 0,
             seq_in: None,
+            retired: Vec::new(),
             inbound: BTreeMap::new(),
             outbound: BTreeMap::new(),
             peer_key_ids: 0,
@@ -105,6 +128,10 @@ impl Peer {
         nonce: &mut dyn FnMut() -> [u8; 16],
     ) -> Outcome {
         let mut out = Outcome::default();
+        if self.retired.contains(&h.nonce) {
+            out.replayed = true;
+            return out;
+        }
         self.heard_boot = h.boot;
         self.heard_nonce = h.nonce;
         if h.echo_nonce != self.nonce || h.echo_boot != *local.boot {
@@ -122,8 +149,22 @@ impl Peer {
             }
             return out;
         }
+        if let Some((n, _)) = self.seq_in
+            && n != h.nonce
+        {
+            // A new instance of the peer: the earlier one must never be heard again.
+            self.retired.push(n);
+            if self.retired.len() > MAX_RETIRED {
+                // Start over under a new nonce of ours instead: every hello said before
+                // it is stale from now on, this one included.
+                self.new_nonce(nonce());
+                out.stale = true;
+                return out;
+            }
+        }
         self.seq_in = Some((h.nonce, h.seq));
         self.last_fresh = Some(now);
+        out.peer_keys_changed = self.peer_key_ids != h.key_ids;
         self.peer_key_ids = h.key_ids;
 
         if self.boot != Some(h.boot) {
@@ -135,8 +176,7 @@ impl Peer {
                 out.sas_changed |= !self.inbound.is_empty() || !self.outbound.is_empty();
                 self.inbound.clear();
                 self.outbound.clear();
-                self.nonce = nonce();
-                self.seq_out = 0;
+                self.new_nonce(nonce());
                 self.boot = Some(h.boot);
                 return out;
             }
@@ -159,6 +199,12 @@ impl Peer {
             }
             self.boot = Some(h.boot);
         }
+
+        out.offer_withdrawn = self.outbound.keys().any(|&(f, k)| {
+            local.families.contains(&f)
+                && local.key_ids.contains(&k)
+                && !h.offers.iter().any(|o| (o.family, o.key_id) == (f, k))
+        });
 
         // Offers: one inbound SA per family and key-id we hold.
         let reported = |slot: Slot| {
@@ -219,8 +265,15 @@ impl Peer {
     /// nonce, so the peer offers a new SPI for it.
     pub fn outbound_lost(&mut self, slot: Slot, nonce: [u8; 16]) {
         self.outbound.remove(&slot);
+        self.new_nonce(nonce);
+    }
+
+    /// Our nonce for the peer changes: whatever the peer said before is stale from now
+    /// on, so its earlier nonces need no remembering.
+    fn new_nonce(&mut self, nonce: [u8; 16]) {
         self.nonce = nonce;
         self.seq_out = 0;
+        self.retired.clear();
     }
 
     /// The next hello to this peer.
@@ -456,6 +509,53 @@ mod tests {
     }
 
     #[test]
+    fn hellos_of_an_earlier_instance_of_the_peer_are_never_fresh_again() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let slot = (Family::V4, 1);
+        let first_spi = a.peer.outbound[&slot].spi;
+        // Said by b's first daemon, fresh when sent (it echoes a's nonce, which stays).
+        let old = b.send();
+        // b's daemon restarts (new nonce, same boot, SAs adopted), then loses its inbound
+        // SA for the slot and offers a new SPI for it.
+        let mut nb = Node::new("b", "a", 2, 7);
+        nb.peer.inbound = b.peer.inbound.clone();
+        nb.peer.outbound = b.peer.outbound.clone();
+        nb.peer.boot = b.peer.boot;
+        exchange(&mut a, &mut nb, 3);
+        nb.peer.inbound.remove(&slot);
+        exchange(&mut a, &mut nb, 3);
+        let now = a.peer.outbound.clone();
+        assert_ne!(now[&slot].spi, first_spi);
+        // The first daemon's hello, replayed: ignored, a keeps sending on the new SPI
+        // (taking the old offer again would reuse the old SA's key from sequence 1).
+        let o = a.recv(&old);
+        assert!(o.replayed && !o.sas_changed, "{o:?}");
+        assert_eq!(a.peer.outbound, now);
+        assert_eq!(
+            a.peer.heard_nonce, nb.peer.nonce,
+            "nothing heard from it either"
+        );
+        assert!(consistent(&a, &nb));
+    }
+
+    #[test]
+    fn a_peer_restarting_again_and_again_keeps_the_pair_up() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        for seed in 10..(10 + 2 * MAX_RETIRED as u32) {
+            let mut nb = Node::new("b", "a", 2, seed);
+            nb.peer.inbound = b.peer.inbound.clone();
+            nb.peer.outbound = b.peer.outbound.clone();
+            nb.peer.boot = b.peer.boot;
+            b = nb;
+            exchange(&mut a, &mut b, 3);
+            assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
+            assert!(a.peer.retired.len() <= MAX_RETIRED);
+        }
+    }
+
+    #[test]
     fn a_lost_outbound_sa_is_never_recreated_under_its_old_spi() {
         let (mut a, mut b) = pair();
         exchange(&mut a, &mut b, 3);
@@ -470,6 +570,28 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_inbound_sa_gets_a_new_spi_and_an_answer_at_once() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let slot = (Family::V4, 1);
+        let old = a.peer.inbound[&slot].spi;
+        // The caller's reaction to an inbound SA that vanished from the kernel.
+        a.peer.inbound.remove(&slot);
+        let h = a.send();
+        let o = b.recv(&h);
+        assert!(o.offer_withdrawn && o.wants_answer(), "{o:?}");
+        let h = b.send();
+        assert!(a.recv(&h).sas_changed, "a offers a new SPI");
+        exchange(&mut a, &mut b, 2);
+        assert_ne!(a.peer.inbound[&slot].spi, old);
+        assert_eq!(b.peer.outbound[&slot].spi, a.peer.inbound[&slot].spi);
+        assert!(consistent(&a, &b) && a.peer.is_up(FAM) && b.peer.is_up(FAM));
+        // Settled: nothing more to answer.
+        let h = a.send();
+        assert!(!b.recv(&h).wants_answer());
+    }
+
+    #[test]
     fn rotation_moves_outbound_only_when_both_hold_the_key() {
         let (mut a, mut b) = pair();
         exchange(&mut a, &mut b, 3);
@@ -479,6 +601,13 @@ mod tests {
         assert!(!b.peer.outbound.keys().any(|(_, k)| *k == 2));
         assert!(!a.peer.outbound.keys().any(|(_, k)| *k == 2));
         b.keys = vec![1, 2];
+        // b's first hello with key 2 changes nothing at a (b has offered nothing under
+        // it yet) but must be answered at once: b offers key 2 only on a's next hello.
+        let h = b.send();
+        let o = a.recv(&h);
+        assert!(o.peer_keys_changed && !o.sas_changed, "{o:?}");
+        let h = a.send();
+        assert!(b.recv(&h).sas_changed, "b offers key 2 on a's answer");
         exchange(&mut a, &mut b, 3);
         for f in FAM {
             assert!(

@@ -4,7 +4,7 @@
 //! A state is never overwritten with a different key under the same SPI: a mismatch is
 //! reported as `conflicts` and the caller re-keys through the hello protocol (a new SPI).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use crate::kernel::xfrm::{DumpedPolicy, DumpedState, PolicyId, StateId, XfrmPolicy, XfrmState};
@@ -17,7 +17,8 @@ pub struct Ops {
     pub delete_policies: Vec<XfrmPolicy>,
     pub add_states: Vec<XfrmState>,
     pub delete_states: Vec<XfrmState>,
-    /// Desired but absent from the kernel, with no key to install it (kept SAs).
+    /// Desired but absent from the kernel, and either installed before (it vanished) or
+    /// without a key to install it (kept SAs).
     pub missing: Vec<StateId>,
     /// Present under the desired SPI but with another key or shape: left alone.
     pub conflicts: Vec<StateId>,
@@ -38,11 +39,17 @@ fn state_key(dst: IpAddr, spi: u32) -> (IpAddr, u32) {
     (dst, spi)
 }
 
+/// `installed`: the states this process has seen in the kernel (installed or adopted). A
+/// desired state absent from the kernel that was installed before vanished (deleted from
+/// under us, e.g. by `ip xfrm state flush`): it goes to `missing`, never back in under the
+/// same SPI. Outbound, the kernel would restart its sequence numbers under the same key
+/// (GCM nonce reuse); inbound, its replay window would start empty.
 pub fn diff(
     policies: &[XfrmPolicy],
     states: &DesiredStates,
     kernel_policies: &[DumpedPolicy],
     kernel_states: &[DumpedState],
+    installed: &BTreeSet<StateId>,
 ) -> Ops {
     let mut ops = Ops::default();
 
@@ -71,10 +78,11 @@ pub fn diff(
         .filter(|s| s.is_ours())
         .map(|s| (state_key(s.state.dst, s.state.spi), s))
         .collect();
-    let mut wanted_keys = std::collections::BTreeSet::new();
+    let mut wanted_keys = BTreeSet::new();
     for (id, desired) in states {
         wanted_keys.insert(state_key(id.dst, id.spi));
         match (have.get(&state_key(id.dst, id.spi)), desired) {
+            (None, Some(_)) if installed.contains(id) => ops.missing.push(*id),
             (None, Some(s)) => ops.add_states.push(s.clone()),
             (None, None) => ops.missing.push(*id),
             (Some(k), Some(s)) if k.state != *s => ops.conflicts.push(*id),
@@ -135,6 +143,7 @@ mod tests {
             &desired(&[(st(0x100, 1), false), (st(0x300, 3), false)]),
             &[],
             &kernel,
+            &BTreeSet::new(),
         );
         assert_eq!(ops.add_states, vec![st(0x300, 3)]);
         assert_eq!(ops.delete_states, vec![st(0x200, 2)]);
@@ -144,14 +153,26 @@ mod tests {
     #[test]
     fn no_change_means_no_operation() {
         let kernel = vec![dumped(st(0x100, 1))];
-        let ops = diff(&[], &desired(&[(st(0x100, 1), false)]), &[], &kernel);
+        let ops = diff(
+            &[],
+            &desired(&[(st(0x100, 1), false)]),
+            &[],
+            &kernel,
+            &BTreeSet::new(),
+        );
         assert!(ops.is_empty(), "{ops:?}");
     }
 
     #[test]
     fn a_different_key_under_an_installed_spi_is_a_conflict_not_an_overwrite() {
         let kernel = vec![dumped(st(0x100, 1))];
-        let ops = diff(&[], &desired(&[(st(0x100, 2), false)]), &[], &kernel);
+        let ops = diff(
+            &[],
+            &desired(&[(st(0x100, 2), false)]),
+            &[],
+            &kernel,
+            &BTreeSet::new(),
+        );
         assert!(ops.is_empty());
         assert_eq!(ops.conflicts, vec![st(0x100, 2).id()]);
     }
@@ -164,8 +185,18 @@ mod tests {
             &desired(&[(st(0x100, 7), true), (st(0x400, 1), true)]),
             &[],
             &kernel,
+            &BTreeSet::new(),
         );
         assert!(ops.is_empty());
         assert_eq!(ops.missing, vec![st(0x400, 1).id()]);
+    }
+
+    #[test]
+    fn a_vanished_state_is_missing_not_installed_again_under_its_spi() {
+        let installed: BTreeSet<StateId> = [st(0x100, 1).id()].into();
+        let want = desired(&[(st(0x100, 1), false), (st(0x200, 2), false)]);
+        let ops = diff(&[], &want, &[], &[], &installed);
+        assert_eq!(ops.missing, vec![st(0x100, 1).id()]);
+        assert_eq!(ops.add_states, vec![st(0x200, 2)], "a new one is added");
     }
 }

@@ -26,6 +26,10 @@ pub const CASES: &[Case] = &[
         "ipsec_ops_forged_and_replayed_hellos",
         forged_and_replayed_hellos,
     ),
+    (
+        "ipsec_ops_replay_from_an_earlier_instance",
+        replay_from_an_earlier_instance,
+    ),
 ];
 
 /// One SA as `ip -s xfrm state` shows it: what identifies it and when the kernel added it.
@@ -148,6 +152,11 @@ fn parse_policies(out: &str) -> Vec<Pol> {
 
 fn sas(f: &Fleet, i: usize) -> Result<Vec<Sa>, String> {
     Ok(parse_sas(&f.topo.exec(i, "ip -s xfrm state")?))
+}
+
+/// The SAs without their counters and add times: quicker, for polling.
+fn sas_quick(f: &Fleet, i: usize) -> Result<Vec<Sa>, String> {
+    Ok(parse_sas(&f.topo.exec(i, "ip xfrm state")?))
 }
 
 fn policies(f: &Fleet, i: usize) -> Result<Vec<Pol>, String> {
@@ -398,12 +407,13 @@ fn start_fleet(tag: &str, n: usize) -> Result<Fleet, String> {
     Ok(f)
 }
 
-/// Case 1: Appending key-id 2 everywhere moves every pair to it without losing a packet:
+/// Case 1: Appending key-id 2 everywhere (node by node) moves every pair to it without
+/// losing a packet:
 /// SAs per peer per family 2 -> 4 -> 2, and the kernel's error counters stay still.
 fn rotation_under_ping() -> Result<(), String> {
     let f = start_fleet("ir", 3)?;
     let before = error_counters(&f, 3)?;
-    let s0 = sas(&f, 0)?;
+    let s0 = sas_quick(&f, 0)?;
     for fam in [4, 6] {
         let p = pair_sas(&s0, 0, 1, fam);
         ensure(
@@ -411,19 +421,45 @@ fn rotation_under_ping() -> Result<(), String> {
             format!("before: n0-n1 IPv{fam} SAs {p:#?}"),
         )?;
     }
-    let mut p4 = Ping::start(&f, 0, &v4(1), 2000, "0.01")?;
-    let mut p6 = Ping::start(&f, 1, &v6(0), 2000, "0.01")?;
+    let mut p4 = Ping::start(&f, 0, &v4(1), 3000, "0.01")?;
+    let mut p6 = Ping::start(&f, 1, &v6(0), 3000, "0.01")?;
+    let psub = Ping::start(&f, 2, "10.1.0.1", 1500, "0.02")?;
     std::thread::sleep(Duration::from_secs(1));
 
+    // The new key reaches the nodes one after the other, as a serial Ansible run would:
+    // n0, then n2, then n1. Until n1 holds it, n0 must keep sending to n1 with key 1.
     let t0 = Instant::now();
-    for i in 0..3 {
-        write_keys(&f.dirs[i].join("ipsec.keys"), &(KEY1.to_string() + KEY2))?;
-    }
+    let mut rollout = vec![
+        (Duration::ZERO, 0),
+        (Duration::from_millis(1500), 2),
+        (Duration::from_secs(3), 1),
+    ];
     // Count n0's SAs towards n1 per family until they are back to 2 after having been 4.
     let mut seen: BTreeMap<u8, Vec<usize>> = [(4, vec![2]), (6, vec![2])].into();
-    let (mut at4, mut at2) = (None, None);
+    let (mut at4, mut at2, mut n1_has_key) = (None, None, None);
     while t0.elapsed() < Duration::from_secs(40) {
-        let all = sas(&f, 0)?;
+        while rollout.first().is_some_and(|(at, _)| t0.elapsed() >= *at) {
+            let (_, i) = rollout.remove(0);
+            if i == 1 {
+                let early: Vec<Sa> = sas_quick(&f, 0)?
+                    .into_iter()
+                    .filter(|s| {
+                        s.key_id() == 2
+                            && [v4(0), v6(0)].contains(&s.src)
+                            && [v4(1), v6(1)].contains(&s.dst)
+                    })
+                    .collect();
+                ensure(
+                    early.is_empty(),
+                    format!("n0 sends to n1 with key 2 before n1 holds it: {early:#?}"),
+                )?;
+            }
+            write_keys(&f.dirs[i].join("ipsec.keys"), &(KEY1.to_string() + KEY2))?;
+            if i == 1 {
+                n1_has_key = Some(t0.elapsed());
+            }
+        }
+        let all = sas_quick(&f, 0)?;
         for fam in [4u8, 6] {
             let n = pair_sas(&all, 0, 1, fam).len();
             let v = seen.entry(fam).or_default();
@@ -435,7 +471,7 @@ fn rotation_under_ping() -> Result<(), String> {
         if at4.is_none() && done(4) {
             at4 = Some(t0.elapsed());
         }
-        if at4.is_some() && seen.values().all(|v| v.last() == Some(&2)) {
+        if rollout.is_empty() && at4.is_some() && seen.values().all(|v| v.last() == Some(&2)) {
             at2 = Some(t0.elapsed());
             break;
         }
@@ -468,6 +504,7 @@ fn rotation_under_ping() -> Result<(), String> {
     )?;
     let r4 = p4.finish(Duration::from_secs(60))?;
     let r6 = p6.finish(Duration::from_secs(60))?;
+    let rs = psub.finish(Duration::from_secs(60))?;
     // Every node and pair moved: all SAs on every node are key 2 now.
     for i in 0..3 {
         let all = sas(&f, i)?;
@@ -478,14 +515,16 @@ fn rotation_under_ping() -> Result<(), String> {
     }
     let after = error_counters(&f, 3)?;
     println!(
-        "    n0-n1 SAs per family: {seen:?}; 4 after {} ms, 2 after {} ms",
+        "    n0-n1 SAs per family: {seen:?}; n1 got the key after {} ms, 4 SAs seen after {} ms, 2 after {} ms",
+        n1_has_key.unwrap_or_default().as_millis(),
         at4.as_millis(),
         at2.as_millis()
     );
     println!("    {}", ping_report("n0 -> n1 IPv4", &r4));
     println!("    {}", ping_report("n1 -> n0 IPv6", &r6));
+    println!("    {}", ping_report("n2 -> n0's subnet", &rs));
     ensure(
-        r4.lost() == 0 && r6.lost() == 0 && r4.sent > 0 && r6.sent > 0,
+        [&r4, &r6, &rs].iter().all(|r| r.lost() == 0 && r.sent > 0),
         format!("packets lost during the rotation\n{}", f.logs()),
     )?;
     counters_unchanged(&before, &after)
@@ -533,7 +572,8 @@ fn kill_and_restart_under_ping() -> Result<(), String> {
     f.start(0)?;
     let d = f.daemon(0);
     let up1 = wait_log_after(d, from, "peer n1 up", Duration::from_secs(20))?;
-    let up2 = wait_log_after(d, from, "peer n2 up", Duration::from_secs(20))?;
+    wait_log_after(d, from, "peer n2 up", Duration::from_secs(20))?;
+    let up2 = t0.elapsed();
     // Past one periodic re-read of the kernel (every 5 s), which would re-key what it
     // thinks is stale.
     std::thread::sleep(Duration::from_secs(6));
@@ -545,7 +585,7 @@ fn kill_and_restart_under_ping() -> Result<(), String> {
     println!(
         "    restarted daemon: peers up after {} / {} ms",
         up1.as_millis(),
-        up2.max(up1).as_millis()
+        up2.as_millis()
     );
     println!("    {}", ping_report("n1 -> n0 IPv4", &r4));
     println!("    {}", ping_report("n0 -> n2 IPv6", &r6));
@@ -567,8 +607,8 @@ fn kill_and_restart_under_ping() -> Result<(), String> {
         format!("packets lost across the restart\n{}", f.logs()),
     )?;
     ensure(
-        t0.elapsed() < Duration::from_secs(30),
-        "the restart took too long",
+        up2 < Duration::from_secs(15),
+        "the restarted daemon took 15 s or more to see its peers up",
     )?;
     counters_unchanged(&stat0, &stat1)
 }
@@ -610,14 +650,13 @@ fn reboot_rekeys() -> Result<(), String> {
     let t0 = Instant::now();
     f.start(0)?;
     let d = f.daemon(0);
-    let up1 = wait_log_after(d, from, "peer n1 up", Duration::from_secs(20))?;
-    let up2 = wait_log_after(d, from, "peer n2 up", Duration::from_secs(20))?;
-    let recovered = up1.max(up2);
+    wait_log_after(d, from, "peer n1 up", Duration::from_secs(20))?;
+    wait_log_after(d, from, "peer n2 up", Duration::from_secs(20))?;
+    let recovered = t0.elapsed();
     let r4 = p4.finish(Duration::from_secs(60))?;
     let r6 = p6.finish(Duration::from_secs(60))?;
     let rs = psub.finish(Duration::from_secs(60))?;
     let lines = cap.stop();
-    let _ = t0;
 
     println!(
         "    n0 rebooted: its peers up after {} ms",
@@ -675,6 +714,22 @@ fn reboot_rekeys() -> Result<(), String> {
                 !before[k].iter().any(|b| b.key == s.key || b.spi == s.spi),
                 format!(
                     "n{i}: SA {} > {} spi {} kept its key or SPI across n0's reboot",
+                    s.src, s.dst, s.spi
+                ),
+            )?;
+        }
+        // Printing keys is for this test's output only: the daemons never log them.
+        let logs = f.logs();
+        for s in before[k].iter().chain(&now) {
+            let hex = s
+                .key
+                .split_whitespace()
+                .find(|w| w.starts_with("0x"))
+                .unwrap_or("?");
+            ensure(
+                !logs.contains(hex.trim_start_matches("0x")),
+                format!(
+                    "key material of {} > {} spi {} in a daemon's log",
                     s.src, s.dst, s.spi
                 ),
             )?;
@@ -798,61 +853,9 @@ fn add_node() -> Result<(), String> {
 /// hello port from a node's own address: dropped and counted, the SAs stay as they are
 /// and the pair keeps working.
 fn forged_and_replayed_hellos() -> Result<(), String> {
-    let mut f = Fleet::new("if", 3, KEY1)?;
-    // Record every hello from the start, as an on-path attacker would.
-    let pcap = std::env::temp_dir().join("if-hellos.pcap");
-    let err = std::env::temp_dir().join("if-hellos.err");
-    let mut dump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &f.topo.wire,
-            "tcpdump",
-            "-Z",
-            "root",
-            "-U",
-            "-n",
-            "-i",
-            "br0",
-            "-w",
-        ])
-        .arg(&pcap)
-        .args(["udp", "port", "4510"])
-        .stdout(Stdio::null())
-        .stderr(File::create(&err).map_err(|e| e.to_string())?)
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("tcpdump: {e}"))?;
-    let listening = wait_for(Duration::from_secs(10), || {
-        std::fs::read_to_string(&err).is_ok_and(|s| s.contains("listening"))
-    });
-    ensure(listening, "tcpdump did not start")?;
-    for i in 0..3 {
-        f.start(i)?;
-    }
-    let ready = wait_ready(&mut f, 3, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill(2) of our own child; SIGINT makes tcpdump flush and exit.
-    unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
-    let _ = dump.wait();
-    let captured = read_pcap(&pcap)?;
-    ready.map_err(|e| {
-        let t0 = captured.first().map_or(0.0, |c| c.3);
-        let hellos: Vec<String> = captured
-            .iter()
-            .map(|(s, d, p, t)| format!("{:8.3} {s} > {d}: {}", t - t0, describe_hello(p)))
-            .collect();
-        format!("{e}\n{}\nhellos:\n{}", f.logs(), hellos.join("\n"))
-    })?;
-    let from_n0 = |dst: &str| -> Vec<Vec<u8>> {
-        captured
-            .iter()
-            .filter(|(s, d, _, _)| (*s == v4(0) || *s == v6(0)) && d == dst)
-            .map(|(_, _, p, _)| p.clone())
-            .collect()
-    };
-    let v4_hellos = from_n0(&v4(1));
-    let v6_hellos = from_n0(&v6(1));
+    let (mut f, captured) = fleet_recording_hellos("if", 3)?;
+    let v4_hellos = hellos_to(&captured, 0, &v4(1));
+    let v6_hellos = hellos_to(&captured, 0, &v6(1));
     ensure(
         v4_hellos.len() >= 2 && !v6_hellos.is_empty(),
         format!(
@@ -869,9 +872,14 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
     let ping = Ping::start(&f, 0, &v4(1), 600, "0.01")?;
     std::thread::sleep(Duration::from_millis(500));
 
-    // n0's name and n1's name are 2 bytes each: the sender's boot ID starts at byte 12.
+    // n0's name and n1's name are 2 bytes each: the sender's boot ID starts at byte 12,
+    // its nonce at 28, the sequence number at 44.
     let mut forged_boot = latest.clone();
     forged_boot[12] ^= 0x01;
+    // A forged reboot that is new in every way but its MAC: another boot ID, a sequence
+    // number far ahead.
+    let mut forged_reboot = forged_boot.clone();
+    forged_reboot[44..52].copy_from_slice(&(1u64 << 40).to_be_bytes());
     let mut forged_mac = latest.clone();
     *forged_mac.last_mut().unwrap() ^= 0x80;
     let truncated = latest[..latest.len() / 2].to_vec();
@@ -888,6 +896,7 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
         v4_hellos.iter().map(|h| ("replay", h.clone())).collect();
     attack.extend([
         ("flipped boot ID", forged_boot),
+        ("forged reboot", forged_reboot),
         ("flipped MAC", forged_mac),
         ("truncated", truncated),
         ("oversized", oversized),
@@ -906,7 +915,7 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
 
     // n1 reports the drops in its log.
     let want = [
-        ("bad_mac", 2),
+        ("bad_mac", 3),
         ("truncated", 1),
         ("oversized", 1),
         ("not_a_hello", 1),
@@ -955,6 +964,173 @@ fn forged_and_replayed_hellos() -> Result<(), String> {
     f.topo
         .exec(0, &format!("ping -c 2 -i 0.2 -W 2 {}", v6(1)))?;
     Ok(())
+}
+
+/// Case 6: hellos of an earlier instance of a peer's daemon, replayed after it restarted
+/// and after one of its SAs was re-keyed, must not take the pair back to the SPI it had:
+/// that SPI means that key again, with sequence numbers from 1 (nonce reuse).
+fn replay_from_an_earlier_instance() -> Result<(), String> {
+    let (mut f, captured) = fleet_recording_hellos("io", 3)?;
+    let old = hellos_to(&captured, 0, &v4(1));
+    ensure(!old.is_empty(), "no hellos n0 -> n1 recorded")?;
+    let first = sas(&f, 1)?;
+    let out_1_0 = |all: &[Sa]| -> Vec<Sa> {
+        all.iter()
+            .filter(|s| s.src == v4(1) && s.dst == v4(0))
+            .cloned()
+            .collect()
+    };
+    let x = out_1_0(&first)
+        .first()
+        .map(|s| s.spi.clone())
+        .ok_or("n1 has no SA to n0")?;
+
+    // n0's daemon restarts (a new nonce; the kernel's SAs stay and are adopted)...
+    f.daemons[0].take().unwrap().kill();
+    let from = f.dirs[0]
+        .join("daemon.log")
+        .metadata()
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
+    f.start(0)?;
+    wait_log_after(f.daemon(0), from, "peer n1 up", Duration::from_secs(20))?;
+    // ...and loses its inbound SA from n1 (IPv4): it offers n1 a new SPI for it.
+    f.topo.exec(
+        0,
+        &format!(
+            "ip xfrm state delete src {} dst {} proto esp spi {x}",
+            v4(1),
+            v4(0)
+        ),
+    )?;
+    let t0 = Instant::now();
+    let rekeyed = wait_for(Duration::from_secs(40), || {
+        sas_quick(&f, 1).is_ok_and(|all| {
+            let o = out_1_0(&all);
+            o.len() == 1 && o[0].spi != x
+        }) && f.topo.exec(1, &format!("ping -c 1 -W 1 {}", v4(0))).is_ok()
+    });
+    ensure(
+        rekeyed,
+        format!(
+            "n1 did not move to a new SPI for n0 after n0 lost {x}\n{}",
+            f.logs()
+        ),
+    )?;
+    println!(
+        "    n0 lost its inbound SA {x}; n1 sends with a new SPI {} ms later",
+        t0.elapsed().as_millis()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    let before: Vec<Vec<Sa>> = (0..3).map(|i| sas(&f, i)).collect::<Result<_, _>>()?;
+    let stat0 = error_counters(&f, 3)?;
+    let from1 = f.daemon(1).log().len();
+    let ping = Ping::start(&f, 1, &v4(0), 500, "0.01")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let replays: Vec<(&str, Vec<u8>)> = old.iter().map(|h| ("replay", h.clone())).collect();
+    send_udp(f.topo.ns(0), &v4(0), &v4(1), &replays)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let during = sas(&f, 1)?;
+    let r = ping.finish(Duration::from_secs(60))?;
+    let after: Vec<Vec<Sa>> = (0..3).map(|i| sas(&f, i)).collect::<Result<_, _>>()?;
+    let stat1 = error_counters(&f, 3)?;
+    let d1 = f.daemon(1);
+    let counted = wait_for(Duration::from_secs(15), || {
+        drop_counts(&d1.log()[from1..])
+            .get("replayed")
+            .copied()
+            .unwrap_or(0)
+            >= old.len() as u64
+    });
+    println!(
+        "    replayed {} hellos of n0's first instance to n1; n1 counted {:?}",
+        old.len(),
+        drop_counts(&d1.log()[from1..])
+    );
+    ensure(counted, "n1 did not count every replay as such")?;
+    println!("    {}", ping_report("n1 -> n0 IPv4", &r));
+    let back: Vec<Sa> = out_1_0(&during)
+        .into_iter()
+        .chain(out_1_0(&after[1]))
+        .filter(|s| s.spi == x)
+        .collect();
+    ensure(
+        back.is_empty(),
+        format!(
+            "n1 went back to sending to n0 with SPI {x} (the same key as before, sequence numbers from 1 again):\n{back:#?}\nn1's log since the replay:\n{}",
+            &f.daemon(1).log()[from1..]
+        ),
+    )?;
+    for i in 0..3 {
+        ensure(
+            before[i] == after[i],
+            format!(
+                "n{i}'s SAs changed after the replay:\nbefore {:#?}\nafter {:#?}",
+                before[i], after[i]
+            ),
+        )?;
+    }
+    ensure(r.lost() == 0, format!("packets lost: {r:?}"))?;
+    counters_unchanged(&stat0, &stat1)
+}
+
+/// A fleet started while the wire's hellos are recorded, as an on-path attacker would;
+/// the recording is stopped once every daemon is up.
+fn fleet_recording_hellos(tag: &str, n: usize) -> Result<(Fleet, Vec<Captured>), String> {
+    let mut f = Fleet::new(tag, n, KEY1)?;
+    let pcap = std::env::temp_dir().join(format!("{tag}-hellos.pcap"));
+    let err = std::env::temp_dir().join(format!("{tag}-hellos.err"));
+    let mut dump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &f.topo.wire,
+            "tcpdump",
+            "-Z",
+            "root",
+            "-U",
+            "-n",
+        ])
+        .args(["-i", "br0", "-w"])
+        .arg(&pcap)
+        .args(["udp", "port", "4510"])
+        .stdout(Stdio::null())
+        .stderr(File::create(&err).map_err(|e| e.to_string())?)
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("tcpdump: {e}"))?;
+    let listening = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&err).is_ok_and(|s| s.contains("listening"))
+    });
+    ensure(listening, "tcpdump did not start")?;
+    for i in 0..n {
+        f.start(i)?;
+    }
+    let ready = wait_ready(&mut f, n, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) of our own child; SIGINT makes tcpdump flush and exit.
+    unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
+    let _ = dump.wait();
+    let captured = read_pcap(&pcap)?;
+    ready.map_err(|e| {
+        let t0 = captured.first().map_or(0.0, |c| c.3);
+        let hellos: Vec<String> = captured
+            .iter()
+            .map(|(s, d, p, t)| format!("{:8.3} {s} > {d}: {}", t - t0, describe_hello(p)))
+            .collect();
+        format!("{e}\n{}\nhellos:\n{}", f.logs(), hellos.join("\n"))
+    })?;
+    Ok((f, captured))
+}
+
+/// The hellos node `from` sent to address `dst`.
+fn hellos_to(captured: &[Captured], from: usize, dst: &str) -> Vec<Vec<u8>> {
+    captured
+        .iter()
+        .filter(|(s, d, _, _)| (*s == v4(from) || *s == v6(from)) && d == dst)
+        .map(|(_, _, p, _)| p.clone())
+        .collect()
 }
 
 /// Sum the daemon's `hello: dropped` summaries by reason.
