@@ -33,6 +33,7 @@ use encryptd::config::inventory::{Inventory, Node};
 use encryptd::config::keys::{Algorithm as KeyAlg, KeyEntry, KeyRing};
 use encryptd::config::settings::{Ipsec, Mode, Settings, Strict, Wireguard};
 use encryptd::hello::Family;
+use encryptd::ipsec::Engine;
 use encryptd::kernel::xfrm::{Action, Algorithm, Direction, Xfrm, XfrmPolicy, XfrmState};
 use encryptd::keys::BootId;
 use encryptd::net::Cidr;
@@ -114,6 +115,25 @@ fn parent() -> ExitCode {
         "mesh bench: kernel {}, {cpus} CPUs, sizes {sizes:?}",
         kernel.trim()
     );
+    // The first SAs of a boot load esp4, gcm, aes… and run the crypto self-tests: seconds
+    // under emulation. A small run first keeps that out of the figures.
+    let t0 = Instant::now();
+    let warm = Command::new(&exe)
+        .args(["--child", "10"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let warmup = format!(
+        "warm-up (10 peers: module loads, crypto self-tests): {:.1} s, {}",
+        t0.elapsed().as_secs_f64(),
+        match warm {
+            Ok(s) if s.success() => "ok".to_string(),
+            Ok(s) => format!("failed ({s})"),
+            Err(e) => format!("failed ({e})"),
+        }
+    );
+    eprintln!("mesh bench: {warmup}");
     let mut rows = Vec::new();
     let mut failed = false;
     for &n in &sizes {
@@ -161,6 +181,7 @@ fn parent() -> ExitCode {
         }
     }
     print!("{}", table(&rows, kernel.trim(), cpus));
+    println!("\n{warmup}");
     if failed {
         ExitCode::FAILURE
     } else {
@@ -217,6 +238,40 @@ fn table(rows: &[Row], kernel: &str, cpus: usize) -> String {
             g(r, "noop_diff_ms"),
             g(r, "rss_plan_mib"),
             g(r, "wall_s"),
+        );
+    }
+    s += "\nNo-op dumps and ip -batch in two parts (ms):\n\n";
+    s += "| peers | no-op: dump policies | no-op: dump states | ip -batch: policies only | ip -batch: states only |\n";
+    s += "|---:|---:|---:|---:|---:|\n";
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            g(r, "peers"),
+            g(r, "noop_dump_policies_ms"),
+            g(r, "noop_dump_states_ms"),
+            g(r, "ipbatch_policies_ms"),
+            g(r, "ipbatch_states_ms"),
+        );
+    }
+    s += "\nThe daemon's Engine on the installed mesh, as after a daemon restart:\n\n";
+    s += "| peers | slot_of × states found (adopt's lookups) | Engine::start (adopt + apply) | SA slots held after start (of adopted) | next apply: changes / time | peers_up | reconfigure, same config: changes / time | peak RSS |\n";
+    s += "|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} ms | {} ms | {} of {} | {} / {} ms | {} ms | {} / {} ms | {} MiB |",
+            g(r, "peers"),
+            g(r, "slot_of_ms"),
+            g(r, "engine_start_ms"),
+            g(r, "slots_after_start"),
+            g(r, "adopted"),
+            g(r, "apply_after_start_changes"),
+            g(r, "apply_after_start_ms"),
+            g(r, "peers_up_ms"),
+            g(r, "reconfigure_changes"),
+            g(r, "reconfigure_ms"),
+            g(r, "engine_hwm_mib"),
         );
     }
     s
@@ -503,8 +558,11 @@ fn child(n: usize) -> Result<(), String> {
         let t_plan = t0.elapsed();
         let t = Instant::now();
         let kp = x.dump_policies().map_err(|e| e.to_string())?;
+        let t_dp = t.elapsed();
+        let t = Instant::now();
         let ks = x.dump_states().map_err(|e| e.to_string())?;
-        let t_dump = t.elapsed();
+        let t_ds = t.elapsed();
+        let t_dump = t_dp + t_ds;
         let t = Instant::now();
         let ops = reconcile::diff(&policies2, &states2, &kp, &ks);
         let t_diff = t.elapsed();
@@ -539,11 +597,18 @@ fn child(n: usize) -> Result<(), String> {
         put("noop_ms", ms(noop));
         put("noop_plan_ms", ms(t_plan));
         put("noop_dump_ms", ms(t_dump));
+        put("noop_dump_policies_ms", ms(t_dp));
+        put("noop_dump_states_ms", ms(t_ds));
         put("noop_diff_ms", ms(t_diff));
         Ok((policies, states))
     })?;
     let (_, hwm) = rss();
     put("hwm_mib", mib(hwm));
+    for (k, v) in engine(&ns, cfg)? {
+        put(k, v);
+    }
+    let (_, hwm) = rss();
+    put("engine_hwm_mib", mib(hwm));
     drop(ns);
 
     // The same objects with `ip -batch`, in a fresh namespace.
@@ -562,6 +627,19 @@ fn child(n: usize) -> Result<(), String> {
     let _ = std::fs::remove_file(&path);
     res?;
     put("ipbatch_ms", ms(t_ip));
+    // The same again in two parts, policies then states, in another fresh namespace.
+    let ns2 = Netns::new(format!("encb-{n}-ip2"))?;
+    let (pol_lines, st_lines) = batch.split_at(batch.find("xfrm state").unwrap_or(batch.len()));
+    for (what, lines) in [("policies", pol_lines), ("states", st_lines)] {
+        std::fs::write(&path, lines).map_err(|e| format!("{}: {e}", path.display()))?;
+        let t = Instant::now();
+        let res = sh(&["ip", "-n", &ns2.0, "-batch", &path.to_string_lossy()]);
+        let took = t.elapsed();
+        let _ = std::fs::remove_file(&path);
+        res?;
+        put(&format!("ipbatch_{what}_ms"), ms(took));
+    }
+    drop(ns2);
     // Same objects: encryptd's diff of its plan against what `ip` installed finds nothing.
     let same = ns.run(|| -> Result<String, String> {
         let mut x = Xfrm::open().map_err(|e| e.to_string())?;
@@ -592,6 +670,59 @@ fn child(n: usize) -> Result<(), String> {
     let line: Vec<String> = r.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("RESULT {}", line.join(" "));
     std::io::stdout().flush().map_err(|e| e.to_string())
+}
+
+/// The daemon's own `Engine` against the installed mesh, as after a restart of the daemon:
+/// `Engine::start` (adopts the kernel's SAs, then applies), `peers_up` (the STATUS= line,
+/// and every loop iteration until READY=1), `reconfigure` with the same configuration (a
+/// reload), and the apply that follows.
+fn engine(ns: &Netns, mut cfg: Config) -> Result<Vec<(&'static str, String)>, String> {
+    let n = cfg.inventory.nodes.len() - 1;
+    let boot_path = std::env::temp_dir().join(format!("encb-{n}.boot_id"));
+    let uuid: String = MY_BOOT.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&boot_path, uuid).map_err(|e| e.to_string())?;
+    cfg.settings.boot_id_path = boot_path.clone();
+    eprintln!("mesh bench, {n} peers: the daemon's Engine on the installed mesh (restart)");
+    let r = ns.run(|| -> Result<_, String> {
+        let mut out = Vec::new();
+        let mut put = |k, v| out.push((k, v));
+        // What `adopt` costs: one `slot_of` per state found in the kernel.
+        let mut x = Xfrm::open().map_err(|e| e.to_string())?;
+        let ks = x.dump_states().map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let found = ks
+            .iter()
+            .filter(|d| d.is_ours())
+            .filter_map(|d| plan::slot_of(&cfg, &d.id()))
+            .count();
+        put("slot_of_ms", ms(t.elapsed()));
+        drop((ks, x));
+        let t = Instant::now();
+        let mut e = Engine::start(&cfg).map_err(|e| e.to_string())?;
+        put("engine_start_ms", ms(t.elapsed()));
+        let slots: usize = e
+            .peers
+            .values()
+            .map(|p| p.inbound.len() + p.outbound.len())
+            .sum();
+        put("adopted", found.to_string());
+        put("slots_after_start", slots.to_string());
+        let t = Instant::now();
+        let (up, total) = e.peers_up(&cfg);
+        put("peers_up_ms", ms(t.elapsed()));
+        put("peers_up", format!("{up}/{total}"));
+        let t = Instant::now();
+        let changed = e.apply(&cfg).map_err(|e| e.to_string())?;
+        put("apply_after_start_ms", ms(t.elapsed()));
+        put("apply_after_start_changes", changed.to_string());
+        let t = Instant::now();
+        let changed = e.reconfigure(&cfg).map_err(|e| e.to_string())?;
+        put("reconfigure_ms", ms(t.elapsed()));
+        put("reconfigure_changes", changed.to_string());
+        Ok(out)
+    });
+    let _ = std::fs::remove_file(&boot_path);
+    r
 }
 
 /// `ip -batch` lines that install exactly `policies` and `states`.
