@@ -86,7 +86,19 @@ fn boot_vm(args: &[String]) -> ExitCode {
     if std::env::var_os("VM_MEM").is_none() {
         cmd.env("VM_MEM", "2048");
     }
-    match cmd.status() {
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let before = load();
+    let status = cmd.status();
+    // The VM is CPU-bound: other VMs or compiles on the host slow it down (up to twice).
+    eprintln!(
+        "mesh bench: host load average (1/5/15 min) before {before}, after {}",
+        load()
+    );
+    match status {
         Ok(s) if s.success() => ExitCode::SUCCESS,
         Ok(s) => {
             eprintln!("mesh bench: the run in the VM failed ({s})");
