@@ -208,12 +208,12 @@ fn table(rows: &[Row], kernel: &str, cpus: usize) -> String {
         s,
         "\nmesh bench: kernel {kernel}, {cpus} CPUs; times are wall clock, RSS of the bench process\n"
     );
-    s += "| peers | objects (policies + states) | plan | converge (plan + dump + diff + apply) | netlink messages | sendmsg calls | RSS before plan → peak | no-op reconcile: changes / messages / time | ip -batch (same objects) | ip -batch == ours |\n";
+    s += "| peers | objects (policies + states) | plan | converge (plan + dump + diff + apply) | netlink messages | sendmsg / recv calls | RSS before plan → peak | no-op reconcile: changes / messages / time | ip -batch (same objects) | ip -batch == ours |\n";
     s += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n";
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} + {} | {} ms | {} ms | {} | {} | {} → {} MiB | {} / {} / {} ms | {} ms | {} |",
+            "| {} | {} + {} | {} ms | {} ms | {} | {} / {} | {} → {} MiB | {} / {} / {} ms | {} ms | {} |",
             g(r, "peers"),
             g(r, "policies"),
             g(r, "states"),
@@ -221,6 +221,7 @@ fn table(rows: &[Row], kernel: &str, cpus: usize) -> String {
             g(r, "converge_ms"),
             g(r, "messages"),
             g(r, "sendmsg"),
+            g(r, "recv"),
             g(r, "rss_base_mib"),
             g(r, "hwm_mib"),
             g(r, "noop_changes"),
