@@ -16,7 +16,8 @@
 //!
 //! Environment: `ENCRYPTD_BENCH_PEERS` (default `1000,10000`) the sizes;
 //! `ENCRYPTD_BENCH_SUBNETS=1` gives every node (and this one) a /24 behind it as well
-//! (then 12 policies per peer); `VM_MEM`, `VM_TIMEOUT` as for `tests/vm/vmrun.sh`.
+//! (then 12 policies per peer); `ENCRYPTD_BENCH_HTHRESH4="24 24"` sets the namespaces' XFRM
+//! policy hash thresholds (`ip xfrm policy set hthresh4 24 24`); `VM_MEM`, `VM_TIMEOUT` as for `tests/vm/vmrun.sh`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,6 +46,7 @@ use zeroize::Zeroizing;
 const HERE: &str = "ENCRYPTD_BENCH";
 const PEERS: &str = "ENCRYPTD_BENCH_PEERS";
 const SUBNETS: &str = "ENCRYPTD_BENCH_SUBNETS";
+const HTHRESH4: &str = "ENCRYPTD_BENCH_HTHRESH4";
 const ME: &str = "bench-0";
 const MY_BOOT: BootId = [0xB0; 16];
 
@@ -81,7 +83,7 @@ fn boot_vm(args: &[String]) -> ExitCode {
     cmd.arg(&exe)
         .args(args)
         .env(HERE, "vm")
-        .env("VM_ENV", format!("{HERE} {PEERS} {SUBNETS}"));
+        .env("VM_ENV", format!("{HERE} {PEERS} {SUBNETS} {HTHRESH4}"));
     // 20,000 SAs with their crypto transforms need more than the default 1 GiB guest.
     if std::env::var_os("VM_MEM").is_none() {
         cmd.env("VM_MEM", "2048");
@@ -438,7 +440,15 @@ impl Netns {
     fn new(name: String) -> Result<Netns, String> {
         let _ = sh(&["ip", "netns", "del", &name]);
         sh(&["ip", "netns", "add", &name])?;
-        Ok(Netns(name))
+        let ns = Netns(name);
+        // XFRM hashes a policy only when both its prefixes are at least this long
+        // (default 32 32: host pairs only); the others go to the inexact lists.
+        if let Ok(t) = std::env::var(HTHRESH4) {
+            let mut args = vec!["ip", "-n", &ns.0, "xfrm", "policy", "set", "hthresh4"];
+            args.extend(t.split_whitespace());
+            sh(&args)?;
+        }
+        Ok(ns)
     }
 
     /// Run `f` on a thread that has entered this namespace: the netlink sockets it opens
@@ -480,10 +490,24 @@ fn apply(x: &mut Xfrm, ops: &Ops) -> Result<(Duration, Duration), String> {
     x.add_policies(&ops.add_policies).map_err(e)?;
     x.update_policies(&ops.update_policies).map_err(e)?;
     let pol = t.elapsed();
+    if !ops.add_policies.is_empty() {
+        eprintln!(
+            "    +{} policies in {:.1} s",
+            ops.add_policies.len(),
+            pol.as_secs_f64()
+        );
+    }
     let t = Instant::now();
     x.add_states(&ops.add_states).map_err(e)?;
     x.delete_states(&ops.delete_states).map_err(e)?;
     let st = t.elapsed();
+    if !ops.add_states.is_empty() {
+        eprintln!(
+            "    +{} states in {:.1} s",
+            ops.add_states.len(),
+            st.as_secs_f64()
+        );
+    }
     x.delete_policies(&ops.delete_policies).map_err(e)?;
     Ok((pol, st))
 }
@@ -516,6 +540,12 @@ fn child(n: usize) -> Result<(), String> {
         let states = plan::states(&cfg, &MY_BOOT, &peers);
         let t_ps = t.elapsed();
         let (rss_plan, _) = rss();
+        eprintln!(
+            "    plan: {} policies, {} states in {:.1} s",
+            policies.len(),
+            states.len(),
+            (t_pp + t_ps).as_secs_f64()
+        );
         let t = Instant::now();
         let kp = x.dump_policies().map_err(|e| e.to_string())?;
         let t_dp = t.elapsed();
