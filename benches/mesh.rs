@@ -336,14 +336,16 @@ fn config(n: usize, subnets: bool) -> Config {
             },
             strict: Strict {
                 enabled: false,
+                keep_on_stop: true,
                 cidrs: vec![],
                 ingress: true,
                 allow_remote_node_identities: false,
                 exceptions: vec![],
             },
+            metrics_path: None,
             strict_cidr_spans: vec![],
         },
-        inventory: Inventory { nodes },
+        inventory: Inventory::new(nodes),
         keys: Some(KeyRing {
             entries: vec![KeyEntry {
                 id: 1,
@@ -553,7 +555,7 @@ fn child(n: usize) -> Result<(), String> {
         let ks = x.dump_states().map_err(|e| e.to_string())?;
         let t_ds = t.elapsed();
         let t = Instant::now();
-        let ops = reconcile::diff(&policies, &states, &kp, &ks);
+        let ops = reconcile::diff(&policies, &states, &kp, &ks, &Default::default());
         let t_diff = t.elapsed();
         drop((kp, ks));
         let (t_ap, t_as) = apply(&mut x, &ops)?;
@@ -607,7 +609,7 @@ fn child(n: usize) -> Result<(), String> {
         let t_ds = t.elapsed();
         let t_dump = t_dp + t_ds;
         let t = Instant::now();
-        let ops = reconcile::diff(&policies2, &states2, &kp, &ks);
+        let ops = reconcile::diff(&policies2, &states2, &kp, &ks, &Default::default());
         let t_diff = t.elapsed();
         let (kernel_policies, kernel_states) = (
             kp.iter().filter(|p| p.is_ours()).count(),
@@ -688,7 +690,7 @@ fn child(n: usize) -> Result<(), String> {
         let mut x = Xfrm::open().map_err(|e| e.to_string())?;
         let kp = x.dump_policies().map_err(|e| e.to_string())?;
         let ks = x.dump_states().map_err(|e| e.to_string())?;
-        let ops = reconcile::diff(&policies, &states, &kp, &ks);
+        let ops = reconcile::diff(&policies, &states, &kp, &ks, &Default::default());
         let ours = kp.iter().filter(|p| p.is_ours()).count() == policies.len()
             && ks.iter().filter(|s| s.is_ours()).count() == states.len();
         Ok(

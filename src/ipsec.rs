@@ -154,7 +154,8 @@ impl Engine {
     /// One `Peer` per inventoried peer: new ones added, removed ones dropped.
     fn sync_peers(&mut self, cfg: &Config) {
         let me = &cfg.settings.node;
-        let names: Vec<String> = cfg.inventory.peers(me).map(|n| n.name.clone()).collect();
+        let names: std::collections::HashSet<String> =
+            cfg.inventory.peers(me).map(|n| n.name.clone()).collect();
         self.peers.retain(|n, _| names.contains(n));
         self.next_hello.retain(|n, _| names.contains(n));
         self.retire.retain(|n, _| names.contains(n));

@@ -293,8 +293,8 @@ pub fn slot_of(cfg: &Config, s: &StateId) -> Option<(String, Slot, bool)> {
     }
     let peer = cfg
         .inventory
-        .peers(&me.name)
-        .find(|p| endpoint(p, f) == Some(peer_addr))?;
+        .node_by_address(&peer_addr)
+        .filter(|p| p.name != me.name && endpoint(p, f) == Some(peer_addr))?;
     Some((peer.name.clone(), (f, key_id_of_spi(s.spi)), outbound))
 }
 
@@ -351,7 +351,7 @@ pub(crate) mod tests {
                 metrics_path: None,
                 strict_cidr_spans: vec![],
             },
-            inventory: Inventory { nodes },
+            inventory: Inventory::new(nodes),
             keys: Some(KeyRing {
                 entries: vec![KeyEntry {
                     id: 1,

@@ -356,7 +356,7 @@ mod tests {
         assert!(diags.is_empty());
         Config {
             settings,
-            inventory: Inventory { nodes },
+            inventory: Inventory::new(nodes),
             keys: None,
         }
     }

@@ -24,11 +24,37 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Inventory {
     pub nodes: Vec<Node>,
+    /// Position of each node by name and by address: lookups stay O(1) at 10,000 nodes.
+    by_name: HashMap<String, usize>,
+    by_addr: HashMap<IpAddr, usize>,
 }
 
 impl Inventory {
+    pub fn new(nodes: Vec<Node>) -> Inventory {
+        let by_name = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        let by_addr = nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.addresses.iter().map(move |a| (*a, i)))
+            .collect();
+        Inventory {
+            nodes,
+            by_name,
+            by_addr,
+        }
+    }
+
     pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.name == name)
+        self.by_name.get(name).map(|&i| &self.nodes[i])
+    }
+
+    /// The node that has `addr` among its addresses.
+    pub fn node_by_address(&self, addr: &IpAddr) -> Option<&Node> {
+        self.by_addr.get(addr).map(|&i| &self.nodes[i])
     }
 
     /// Every node but `name`.
@@ -234,5 +260,5 @@ pub fn read(src: &Source, diags: &Diags, mode: Mode) -> Inventory {
             }
         }
     }
-    Inventory { nodes }
+    Inventory::new(nodes)
 }
