@@ -18,7 +18,9 @@ section() { echo; echo "=== $* ($(cut -d' ' -f1 /proc/uptime) s uptime)"; }
 finish() { echo; echo "$PASS passed, $FAIL failed"; [ $FAIL = 0 ] && echo 0 >/ctl/rc || echo 1 >/ctl/rc; exit 0; }
 trap finish EXIT
 
-section "the system: $(systemctl is-system-running --wait), kernel $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")"
+# (Not `is-system-running --wait`: this unit is part of the boot, which would wait for it.)
+section "the system: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r), PID 1 $(cat /proc/1/comm), $(systemctl is-system-running)"
+systemctl --failed --no-legend | sed 's/^/       failed unit: /'
 # The node's underlay: a dummy link with the default route (the daemon's IPsec link is
 # the default route's). The one peer in the inventory never answers: hellos to it go
 # nowhere, READY=1 comes after the daemon's 10 s wait, STATUS= says 0/1 peers up.
@@ -77,7 +79,7 @@ start_and_status() {
     check "active (running)" eq "$(systemctl show -p ActiveState,SubState --value encryptd | tr '\n' ' ')" "active running "
     check "STATUS= line" eq "$(systemctl show -p StatusText --value encryptd)" "ipsec: 0/1 peers up, key 1, strict on"
     check "XFRM policies installed" test "$(ip xfrm policy | grep -c '^src')" -gt 0
-    check "strict table installed" nft list table inet encryptd >/dev/null
+    check "strict table installed" sh -c 'nft list table inet encryptd >/dev/null'
 }
 
 upgraded() {   # $1 = MainPID before, $2 = kernel objects before
@@ -89,12 +91,12 @@ upgraded() {   # $1 = MainPID before, $2 = kernel objects before
     check "the operator's encryptd.toml kept" grep -q '^node = "pkgtest"' /etc/encryptd/encryptd.toml
 }
 
-removed() {   # $1 = output of the purge/erase
+removed() {   # $1 = output of the purge/erase, $2 = what may stay in /etc/encryptd
     check "stopped" eq "$(systemctl is-active encryptd)" inactive
     check "unit gone" eq "$(systemctl show -p LoadState --value encryptd)" not-found
     check "/usr/bin/encryptd gone" test ! -e /usr/bin/encryptd
     check "/var/lib/encryptd gone" test ! -e /var/lib/encryptd
-    check "only the operator's ipsec.keys left in /etc/encryptd" eq "$(ls -A /etc/encryptd 2>&1)" ipsec.keys
+    check "left in /etc/encryptd: $2" eq "$(ls -A /etc/encryptd 2>&1 | tr '\n' ' ')" "$2"
     if grep -q 'unknown command "teardown"' <<<"$1"; then
         echo "  NOTE encryptd teardown was called but this binary does not have it yet: the kernel"
         echo "       objects stay ($(ip xfrm policy | grep -c '^src') XFRM policies; strict table" \
@@ -104,7 +106,7 @@ removed() {   # $1 = output of the purge/erase
         check "teardown: no XFRM policies or states left" eq "$(ip xfrm policy; ip xfrm state)" ""
         check "teardown: no strict table left" eval '! nft list table inet encryptd >/dev/null 2>&1'
     fi
-    rm -f /etc/encryptd/ipsec.keys; rmdir /etc/encryptd 2>/dev/null
+    rm -rf /etc/encryptd
 }
 
 section ".deb: dpkg -i encryptd_${VERSION}_amd64.deb"
@@ -131,7 +133,7 @@ out=$(dpkg --purge encryptd </dev/null 2>&1); rc=$?
 echo "$out" | sed 's/^/       | /'
 check "dpkg --purge" test $rc = 0
 check "no package left" eval '! dpkg-query -W encryptd >/dev/null 2>&1'
-removed "$out"
+removed "$out" "ipsec.keys "
 
 # The .rpm on the same Debian guest: its scriptlets under real systemd. --nodeps: rpm's
 # database knows nothing of dpkg's packages (systemd, nftables, glibc are installed).
@@ -155,7 +157,8 @@ section ".rpm: rpm -e"
 out=$(rpm -e --nodeps encryptd 2>&1); rc=$?
 echo "$out" | sed 's/^/       | /'
 check "rpm -e" test $rc = 0
-removed "$out"
+# rpm keeps the operator's edited config files as .rpmsave on erase (it has no purge).
+removed "$out" "encryptd.toml.rpmsave ipsec.keys nodes.toml.rpmsave "
 
 section "the daemon's journal during the test"
 journalctl -b -u encryptd --no-pager -o short-monotonic | tail -40 | sed 's/^/       | /'

@@ -162,7 +162,7 @@ timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -nodefaults -no-user-config -nographic -no-reboot -monitor none \
     -serial "file:$WORK/console.log" -serial stdio \
     -kernel "$KDIR/vmlinux" -initrd "$WORK/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 systemd.show_status=1" \
+    -append "console=ttyS0 panic=-1 systemd.show_status=error" \
     -fsdev "local,id=root,path=$RDIR,security_model=none,readonly=on,multidevs=remap" \
     -device virtio-9p-pci,fsdev=root,mount_tag=root \
     -fsdev "local,id=ctl,path=$CTL,security_model=none" \
