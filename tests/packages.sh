@@ -84,7 +84,7 @@ rpmlint -c packaging/rpm/rpmlint.toml "$OUT/$RPM1" | tee "$WORK/rpmlint.txt"
 grep -q ' 0 errors, 0 warnings' "$WORK/rpmlint.txt" || die "rpmlint: errors or warnings"
 
 # --- 3. a clean Debian 12 root, booted with systemd ----------------------------------------
-INCLUDE=systemd,systemd-sysv,nftables,iproute2,kmod,procps,rpm
+INCLUDE=systemd,systemd-sysv,nftables,iproute2,iputils-ping,kmod,procps,rpm
 RDIR=$CACHE/bookworm-root
 if [ "$(cat "$CACHE/root.stamp" 2>/dev/null)" != "$INCLUDE" ] || [ ! -x "$RDIR/lib/systemd/systemd" ]; then
     say "debootstrap bookworm (minbase + $INCLUDE; once, cached in $CACHE)"
@@ -126,7 +126,7 @@ I=$WORK/initramfs
 mkdir -p "$I"/{bin,dev,proc,sys,lower,upper,newroot,mods}
 cp "$VM_CACHE/busybox/bin/busybox" "$I/bin/"
 for a in sh mount umount mkdir insmod switch_root cat poweroff ln cp echo; do ln -s busybox "$I/bin/$a"; done
-for m in virtio_pci 9pnet_virtio 9p overlay esp4 esp6 xfrm_user dummy nf_tables nft_ct \
+for m in virtio_pci 9pnet_virtio 9p overlay esp4 esp6 xfrm_user dummy veth nf_tables nft_ct \
          nft_reject_inet nft_xfrm nft_chain_nat gcm seqiv echainiv authenc ghash_generic ctr cbc hmac; do
     modprobe -d "$KDIR" -S "$KV" --show-depends "$m" | awk '$1=="insmod"{print $2}' || die "module $m not in $KV"
 done | awk '!seen[$0]++' | while read -r ko; do cp "$ko" "$I/mods/"; basename "$ko" >>"$I/mods/order"; done
