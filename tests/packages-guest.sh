@@ -15,7 +15,11 @@ bad() { FAIL=$((FAIL + 1)); echo "  FAIL $*"; }
 check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
 eq() { [ "$1" = "$2" ] || { echo "       got \"$1\", want \"$2\""; return 1; }; }
 section() { echo; echo "=== $* ($(cut -d' ' -f1 /proc/uptime) s uptime)"; }
-finish() { echo; echo "$PASS passed, $FAIL failed"; [ $FAIL = 0 ] && echo 0 >/ctl/rc || echo 1 >/ctl/rc; exit 0; }
+finish() {
+    echo; echo "$PASS passed, $FAIL failed"
+    if [ $FAIL = 0 ]; then echo 0 >/ctl/rc; else echo 1 >/ctl/rc; fi
+    sync; exit 0
+}
 trap finish EXIT
 
 # (Not `is-system-running --wait`: this unit is part of the boot, which would wait for it.)
@@ -101,7 +105,7 @@ start_and_status() {
     check "STATUS= line" eq "$(systemctl show -p StatusText --value encryptd)" "ipsec: 1/1 peers up, key 1, strict on"
     check "XFRM policies installed" test "$(ip xfrm policy | grep -c '^src')" -gt 0
     check "SAs to the peer installed" test "$(ip xfrm state | grep -c '^src')" -gt 0
-    check "ping through the tunnel" ping -c 2 -W 5 -I 10.99.1.1 10.99.2.1
+    check "ping through the tunnel" ping -q -c 2 -W 5 -I 10.99.1.1 10.99.2.1
     check "strict table installed" sh -c 'nft list table inet encryptd >/dev/null'
 }
 
