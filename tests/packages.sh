@@ -170,8 +170,17 @@ timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -fsdev "local,id=ctl,path=$CTL,security_model=none" \
     -device virtio-9p-pci,fsdev=ctl,mount_tag=ctl \
     -fsdev "local,id=mods,path=$KDIR/lib/modules,security_model=none,readonly=on" \
-    -device virtio-9p-pci,fsdev=mods,mount_tag=mods </dev/null | tee "$WORK/guest.out"
-qrc=${PIPESTATUS[0]}
+    -device virtio-9p-pci,fsdev=mods,mount_tag=mods </dev/null >"$WORK/guest.out" &
+qpid=$!
+trap 'kill "$qpid" 2>/dev/null' INT TERM HUP
+tail -f --pid="$qpid" "$WORK/guest.out" &
+# Once the guest has written its result, it powers itself off; give it 30 s.
+while kill -0 "$qpid" 2>/dev/null && [ ! -s "$CTL/rc" ]; do sleep 1; done
+for _ in $(seq 30); do kill -0 "$qpid" 2>/dev/null || break; sleep 1; done
+kill "$qpid" 2>/dev/null && echo "packages.sh: the guest did not power off; qemu stopped"
+wait "$qpid"
+qrc=$?
+sleep 0.5
 set -e
 if [ ! -s "$CTL/rc" ]; then
     echo "packages.sh: the guest gave no result (qemu exit $qrc; $([ $qrc = 124 ] && echo "timed out after $TIMEOUT s")). Console log tail:" >&2
