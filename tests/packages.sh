@@ -173,7 +173,7 @@ timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -device virtio-9p-pci,fsdev=mods,mount_tag=mods </dev/null >"$WORK/guest.out" &
 qpid=$!
 trap 'kill "$qpid" 2>/dev/null' INT TERM HUP
-tail -f --pid="$qpid" "$WORK/guest.out" &
+tail -f --pid="$qpid" "$WORK/guest.out" | tr -d '\r' &
 # Once the guest has written its result, it powers itself off; give it 30 s.
 while kill -0 "$qpid" 2>/dev/null && [ ! -s "$CTL/rc" ]; do sleep 1; done
 for _ in $(seq 30); do kill -0 "$qpid" 2>/dev/null || break; sleep 1; done
@@ -190,5 +190,5 @@ if [ ! -s "$CTL/rc" ]; then
 fi
 rc=$(cat "$CTL/rc")
 say "done: guest exit $rc"
-grep -E '^[0-9]+ passed, [0-9]+ failed$' "$WORK/guest.out" | tail -1
+tr -d '\r' <"$WORK/guest.out" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -1
 exit "$rc"
