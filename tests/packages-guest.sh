@@ -1,0 +1,209 @@
+#!/bin/bash
+# tests/packages-guest.sh — runs inside the VM that tests/packages.sh boots: a clean
+# Debian 12 root with systemd as PID 1, the packages in /ctl. Writes its exit status to
+# /ctl/rc; the unit that runs it powers the VM off afterwards.
+#
+# One cycle per package format: install (enabled, not started), configure and start
+# (`systemctl status` active, STATUS= line), upgrade (restarted, kernel objects adopted),
+# purge/erase (stopped, teardown, state gone).
+set -u
+. /ctl/env
+export LC_ALL=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0
+PASS=0 FAIL=0
+ok() { PASS=$((PASS + 1)); echo "  ok   $*"; }
+bad() { FAIL=$((FAIL + 1)); echo "  FAIL $*"; }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
+eq() { [ "$1" = "$2" ] || { echo "       got \"$1\", want \"$2\""; return 1; }; }
+section() { echo; echo "=== $* ($(cut -d' ' -f1 /proc/uptime) s uptime)"; }
+finish() {
+    echo; echo "$PASS passed, $FAIL failed"
+    if [ $FAIL = 0 ]; then echo 0 >/ctl/rc; else echo 1 >/ctl/rc; fi
+    # Power off from here, straight through reboot(2) (the unit's SuccessAction did not
+    # fire reliably: the guest stayed up after the script had ended).
+    sync; systemctl poweroff -ff; exit 0
+}
+trap finish EXIT
+
+# (Not `is-system-running --wait`: this unit is part of the boot, which would wait for it.)
+section "the system: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r), PID 1 $(cat /proc/1/comm), $(systemctl is-system-running)"
+systemctl --failed --no-legend | sed 's/^/       failed unit: /'
+# The wire: this node (192.0.2.10, subnet 10.99.1.0/24 behind it) and one peer in a
+# network namespace (192.0.2.11, 10.99.2.0/24), over a veth pair. The peer runs
+# encryptd by hand (not a unit), so the unit under test has a real tunnel: READY=1
+# when the peer is up, SAs that an upgrade must not drop, pings across the upgrade.
+ip netns add peer
+ip link add veth0 type veth peer name veth1 netns peer
+ip link set veth0 up && ip addr add 192.0.2.10/24 dev veth0
+ip route add default via 192.0.2.1 dev veth0 onlink   # the IPsec link: the default route's
+ip link add sub0 type dummy && ip link set sub0 up && ip addr add 10.99.1.1/24 dev sub0
+ip route add 10.99.2.0/24 via 192.0.2.11
+ip -n peer link set lo up && ip -n peer link set veth1 up && ip -n peer addr add 192.0.2.11/24 dev veth1
+ip -n peer route add default via 192.0.2.10
+ip -n peer link add sub0 type dummy && ip -n peer link set sub0 up && ip -n peer addr add 10.99.2.1/24 dev sub0
+P=/run/peer
+start_peer() {   # after configure: the same inventory and key, its own boot ID
+    rm -rf $P && mkdir -p $P && cp /usr/bin/encryptd /etc/encryptd/nodes.toml /etc/encryptd/ipsec.keys $P/
+    cat /proc/sys/kernel/random/uuid >$P/boot_id
+    printf 'mode = "ipsec"\nnode = "peer"\nruntime_dir = "run"\nboot_id_path = "boot_id"\n' >$P/encryptd.toml
+    ip netns exec peer $P/encryptd run --config $P/encryptd.toml 2>>/ctl/peer.log &
+    echo $! >$P/pid
+}
+stop_peer() {
+    kill "$(cat $P/pid)"; wait "$(cat $P/pid)" 2>/dev/null
+    ip -n peer xfrm policy flush; ip -n peer xfrm state flush
+}
+
+kernel_objects() {   # what encryptd made in the kernel, without counters
+    ip xfrm policy; ip xfrm state | grep -E '^src|proto esp'; nft -s list table inet encryptd 2>/dev/null
+}
+
+configure() {   # what the operator (Ansible) writes after installing the package
+    cat >/etc/encryptd/encryptd.toml <<'EOF'
+mode = "ipsec"
+node = "pkgtest"
+[strict]
+enabled = true
+cidrs = ["10.99.0.0/16"]
+exceptions = [{ proto = "tcp", port = 22 }]
+EOF
+    cat >/etc/encryptd/nodes.toml <<'EOF'
+[[node]]
+name = "pkgtest"
+addresses = ["192.0.2.10"]
+subnets = ["10.99.1.0/24"]
+[[node]]
+name = "peer"
+addresses = ["192.0.2.11"]
+subnets = ["10.99.2.0/24"]
+EOF
+    (umask 077; echo "1+ rfc4106(gcm(aes)) $(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n') 128" \
+        >/etc/encryptd/ipsec.keys)
+}
+
+after_install() {   # $1 = the unit's directory for this format
+    # (Debian 12 is merged-/usr: systemd names /lib/... for a unit in /usr/lib/...)
+    check "unit file at $1" eq "$(readlink -f "$(systemctl show -p FragmentPath --value encryptd)")" \
+        "$(readlink -f "$1/encryptd.service")"
+    check "the package owns $1/encryptd.service" test -s "$1/encryptd.service"
+    check "enabled on install" eq "$(systemctl is-enabled encryptd)" enabled
+    check "not started on install" eq "$(systemctl is-active encryptd)" inactive
+    check "/usr/bin/encryptd runs" /usr/bin/encryptd --version
+    check "no /etc/encryptd/ipsec.keys installed" test ! -e /etc/encryptd/ipsec.keys
+    check "ipsec.keys only as an example" test -s /usr/share/doc/encryptd/examples/ipsec.keys
+    check "/etc/encryptd/encryptd.toml installed" test -s /etc/encryptd/encryptd.toml
+    check "/etc/encryptd/nodes.toml installed" test -s /etc/encryptd/nodes.toml
+    check "/var/lib/encryptd is 0700 root" eq "$(stat -c '%a %U' /var/lib/encryptd)" "700 root"
+    check "man page encryptd(8)" test -s /usr/share/man/man8/encryptd.8.gz
+    check "man page encryptd.toml(5)" test -s /usr/share/man/man5/encryptd.toml.5.gz
+}
+
+start_and_status() {
+    configure
+    check "encryptd check accepts the configuration" encryptd check
+    start_peer
+    check "systemctl start encryptd" systemctl start encryptd
+    systemctl status encryptd --no-pager --lines=5 | sed 's/^/       | /'
+    check "active (running)" eq "$(systemctl show -p ActiveState,SubState --value encryptd | tr '\n' ' ')" "active running "
+    check "STATUS= line" eq "$(systemctl show -p StatusText --value encryptd)" "ipsec: 1/1 peers up, key 1, strict on"
+    check "XFRM policies installed" test "$(ip xfrm policy | grep -c '^src')" -gt 0
+    check "SAs to the peer installed" test "$(ip xfrm state | grep -c '^src')" -gt 0
+    check "ping through the tunnel" ping -q -c 2 -W 5 -I 10.99.1.1 10.99.2.1
+    check "strict table installed" sh -c 'nft list table inet encryptd >/dev/null'
+}
+
+ping_start() { ping -n -i 0.05 -W 1 -I 10.99.1.1 10.99.2.1 >/run/ping.out 2>&1 & echo $! >/run/ping.pid; sleep 1; }
+ping_stop() {   # prints "sent received"
+    sleep 1; kill -INT "$(cat /run/ping.pid)"; wait "$(cat /run/ping.pid)" 2>/dev/null
+    sed -n 's/^\([0-9]*\) packets transmitted, \([0-9]*\) received.*/\1 \2/p' /run/ping.out
+}
+
+upgraded() {   # $1 = MainPID before, $2 = kernel objects before, $3 = "sent received" pings
+    check "active after the upgrade" eq "$(systemctl is-active encryptd)" active
+    local pid; pid=$(systemctl show -p MainPID --value encryptd)
+    check "restarted by the upgrade (MainPID $1 -> $pid)" test "$pid" != "$1" -a "$pid" != 0
+    check "kernel objects adopted unchanged (not flushed)" eq "$(kernel_objects | md5sum)" "$(echo "$2" | md5sum)"
+    check "STATUS= line after the upgrade" eq "$(systemctl show -p StatusText --value encryptd)" "ipsec: 1/1 peers up, key 1, strict on"
+    check "the operator's encryptd.toml kept" grep -q '^node = "pkgtest"' /etc/encryptd/encryptd.toml
+    local sent=${3% *} recv=${3#* }
+    check "no ping lost across the upgrade ($recv of $sent answered, every 50 ms)" test -n "$3" -a "$sent" = "$recv" -a "${sent:-0}" -gt 0
+}
+
+removed() {   # $1 = output of the purge/erase, $2 = what may stay in /etc/encryptd
+    check "stopped" eq "$(systemctl is-active encryptd)" inactive
+    check "unit gone" eq "$(systemctl show -p LoadState --value encryptd)" not-found
+    check "/usr/bin/encryptd gone" test ! -e /usr/bin/encryptd
+    check "/var/lib/encryptd gone" test ! -e /var/lib/encryptd
+    check "left in /etc/encryptd: $2" eq "$(ls -A /etc/encryptd 2>&1 | tr '\n' ' ')" "$2"
+    if grep -q 'unknown command "teardown"' <<<"$1"; then
+        echo "  NOTE encryptd teardown was called but this binary does not have it yet: the kernel"
+        echo "       objects stay ($(ip xfrm policy | grep -c '^src') XFRM policies; strict table" \
+            "$(nft list table inet encryptd >/dev/null 2>&1 && echo present || echo absent))"
+        ip xfrm policy flush; ip xfrm state flush; nft delete table inet encryptd 2>/dev/null
+    else
+        check "teardown: no XFRM policies or states left" eq "$(ip xfrm policy; ip xfrm state)" ""
+        check "teardown: no strict table left" eval '! nft list table inet encryptd >/dev/null 2>&1'
+    fi
+    rm -rf /etc/encryptd
+}
+
+section ".deb: dpkg -i encryptd_${VERSION}_amd64.deb"
+dpkg -i /ctl/encryptd_${VERSION}_amd64.deb </dev/null 2>&1 | sed 's/^/       | /'
+check "dpkg -i" test "${PIPESTATUS[0]}" = 0
+after_install /lib/systemd/system
+check "conffiles" eq "$(dpkg-query -W -f='${Conffiles}' encryptd | awk 'NF{print $1}' | tr '\n' ' ')" \
+    "/etc/encryptd/encryptd.toml /etc/encryptd/nodes.toml "
+
+section ".deb: configure and start"
+start_and_status
+pid=$(systemctl show -p MainPID --value encryptd); before=$(kernel_objects)
+
+section ".deb: upgrade to $NEXT"
+ping_start
+# The operator changed both conffiles, the package did not: dpkg keeps them, no prompt
+# (stdin is /dev/null: a prompt would fail the step).
+dpkg -i /ctl/encryptd_${NEXT}_amd64.deb </dev/null 2>&1 | sed 's/^/       | /'
+check "dpkg -i (upgrade)" test "${PIPESTATUS[0]}" = 0
+pings=$(ping_stop)
+check "version $NEXT installed" eq "$(dpkg-query -W -f='${Version}' encryptd)" "$NEXT"
+upgraded "$pid" "$before" "$pings"
+
+section ".deb: dpkg --purge"
+out=$(dpkg --purge encryptd </dev/null 2>&1); rc=$?
+echo "$out" | sed 's/^/       | /'
+check "dpkg --purge" test $rc = 0
+check "no package left" eval '! dpkg-query -W encryptd >/dev/null 2>&1'
+removed "$out" "ipsec.keys "
+stop_peer
+
+# The .rpm on the same Debian guest: its scriptlets under real systemd. --nodeps: rpm's
+# database knows nothing of dpkg's packages (systemd, nftables, glibc are installed).
+section ".rpm: rpm -i encryptd-${VERSION}-1.x86_64.rpm"
+rpm --initdb
+rpm -i --nodeps /ctl/encryptd-${VERSION}-1.x86_64.rpm 2>&1 | sed 's/^/       | /'
+check "rpm -i" test "${PIPESTATUS[0]}" = 0
+after_install /usr/lib/systemd/system
+check "config(noreplace) files" eq "$(rpm -qc encryptd | tr '\n' ' ')" "/etc/encryptd/encryptd.toml /etc/encryptd/nodes.toml "
+
+section ".rpm: configure and start"
+start_and_status
+pid=$(systemctl show -p MainPID --value encryptd); before=$(kernel_objects)
+
+section ".rpm: upgrade to $NEXT"
+ping_start
+rpm -U --nodeps /ctl/encryptd-${NEXT}-1.x86_64.rpm 2>&1 | sed 's/^/       | /'
+check "rpm -U" test "${PIPESTATUS[0]}" = 0
+pings=$(ping_stop)
+upgraded "$pid" "$before" "$pings"
+
+section ".rpm: rpm -e"
+out=$(rpm -e --nodeps encryptd 2>&1); rc=$?
+echo "$out" | sed 's/^/       | /'
+check "rpm -e" test $rc = 0
+# rpm keeps the operator's edited config files as .rpmsave on erase (it has no purge).
+removed "$out" "encryptd.toml.rpmsave ipsec.keys nodes.toml.rpmsave "
+stop_peer
+
+section "the daemon's journal during the test"
+journalctl -b -u encryptd --no-pager -o short-monotonic | tail -40 | sed 's/^/       | /'
+echo "=== the peer's log (/ctl/peer.log)"
+tail -20 /ctl/peer.log | sed 's/^/       | /'
