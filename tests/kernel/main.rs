@@ -17,6 +17,7 @@ mod rig;
 mod daemon;
 mod ipsec;
 mod ipsec_ops;
+mod leaks;
 mod nft;
 mod strict;
 mod wireguard;
@@ -44,6 +45,7 @@ fn cases() -> Vec<Case> {
         ipsec::CASES,
         ipsec_ops::CASES,
         strict::CASES,
+        leaks::CASES,
         wireguard::CASES,
     ]
     .concat()
