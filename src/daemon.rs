@@ -118,6 +118,9 @@ impl Daemon {
         if self.config.keys.is_some() {
             v.push(s.ipsec.keys.clone());
         }
+        if s.mode == Mode::Wireguard {
+            v.push(s.wireguard.private_key.clone());
+        }
         v
     }
 

@@ -9,7 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::Case;
-use crate::fleet::{Fleet, Kind, TestDaemon, node_entry, rename_over, wg_node_entry, wg_public};
+use encryptd::config::wgkey::{self, PrivateKey};
+
+use crate::fleet::{
+    Fleet, Kind, TestDaemon, node_entry, rename_over, wg_node_entry, wg_public, write_keys,
+};
 use crate::rig::{ensure, in_netns, wait_for};
 
 pub const CASES: &[Case] = &[
@@ -20,6 +24,7 @@ pub const CASES: &[Case] = &[
         inventory_changes_touch_one_peer,
     ),
     ("wg_bulk_transfer_no_fragments", bulk_transfer_no_fragments),
+    ("wg_new_key_pair_on_reload", new_key_pair_on_reload),
 ];
 
 const PORT: &str = "51871";
@@ -451,6 +456,20 @@ fn inventory_changes_touch_one_peer() -> Result<(), String> {
 
 fn bulk_transfer_no_fragments() -> Result<(), String> {
     let mut f = Fleet::new_with("wgt", 2, Kind::Wireguard)?;
+    // IPv6 addresses first: the endpoints, so the outer header is IPv6, the worst case
+    // the 80 bytes of overhead are for.
+    let inv: String = (0..2)
+        .map(|i| {
+            wg_node_entry(i).replace(
+                &format!("[\"10.77.0.{a}\", \"fd77::{a}\"]", a = i + 1),
+                &format!("[\"fd77::{a}\", \"10.77.0.{a}\"]", a = i + 1),
+            )
+        })
+        .collect();
+    ensure(inv.contains("[\"fd77::1\", \"10.77.0.1\"]"), inv.clone())?;
+    for d in &f.dirs {
+        rename_over(&d.join("nodes.toml"), &inv)?;
+    }
     start_all(&mut f)?;
     // Fragments of either family, and the largest WireGuard packets.
     let cap = f.topo.capture(
@@ -512,15 +531,62 @@ fn bulk_transfer_no_fragments() -> Result<(), String> {
         .max()
         .unwrap_or(0);
     // MTU 1420 inside: 1420 + 32 bytes of WireGuard = 1452 bytes of UDP payload,
-    // 1480 with the outer IPv4 header, under the underlay's 1500.
+    // + 8 (UDP) + 40 (IPv6) = exactly the underlay's 1500.
     ensure(
         max == 1452,
         format!("largest WireGuard UDP payload {max}, want 1452 (full-size segments at MTU 1420)"),
     )?;
+    let full = "IP6 fd77::1.51871 > fd77::2.51871: UDP, length 1452";
+    ensure(
+        lines.iter().any(|l| l.contains(full)),
+        format!("no `{full}` on the wire"),
+    )?;
     println!(
-        "    10 MiB over TCP in {secs:.1} s ({:.1} MB/s); {} WireGuard packets over 1400 bytes captured, largest UDP payload {max}; 0 fragments",
+        "    10 MiB over TCP (IPv6 outer) in {secs:.1} s ({:.1} MB/s); {} WireGuard packets over 1400 bytes captured, largest UDP payload {max}; 0 fragments",
         N as f64 / secs / 1e6,
         lines.len()
     );
+    Ok(())
+}
+
+/// A node gets a new key pair the way an operator would roll it out: the inventory
+/// first (n1 refuses it until its key file matches), then n1's key file (watched).
+fn new_key_pair_on_reload() -> Result<(), String> {
+    let mut f = Fleet::new_with("wgk", 2, Kind::Wireguard)?;
+    start_all(&mut f)?;
+    let new = PrivateKey::from_bytes([0x42; 32]);
+    let new_pub = wgkey::to_base64(&new.public());
+    let inv = wg_node_entry(0) + &wg_node_entry(1).replace(&wg_public(1), &new_pub);
+    for d in &f.dirs {
+        rename_over(&d.join("nodes.toml"), &inv)?;
+    }
+    f.daemon(1).wait_log(
+        "is not the public key of its private key",
+        Duration::from_secs(5),
+    )?;
+    write_keys(&f.dirs[1].join("wireguard.key"), &new.to_base64())?;
+    f.daemon(1)
+        .wait_log("new private key (public key", Duration::from_secs(5))
+        .map_err(|e| format!("{e}\n{}", f.logs()))?;
+    f.daemon(0).wait_log(
+        &format!("peer n1 added ({new_pub})"),
+        Duration::from_secs(5),
+    )?;
+    f.daemon(0).wait_log(
+        &format!("peer {} removed", wg_public(1)),
+        Duration::from_secs(5),
+    )?;
+    let ok = wait_for(Duration::from_secs(15), || {
+        f.topo.exec(0, "ping -c 1 -W 1 10.1.1.1").is_ok()
+    });
+    ensure(ok, format!("no traffic after the new key:\n{}", f.logs()))?;
+    let peers = wg_peers(&f, 0)?;
+    ensure(
+        peers.len() == 1 && peers[0].public_key == new_pub && peers[0].latest_handshake != 0,
+        format!("n0's peers after n1's new key: {peers:?}"),
+    )?;
+    let wg1 = f.topo.exec(1, "wg show encryptd0 public-key")?;
+    ensure(wg1.trim() == new_pub, format!("n1's interface key: {wg1}"))?;
+    println!("    n1's new key pair rolled out by reload; n0 replaced the peer; traffic flows");
     Ok(())
 }
