@@ -357,10 +357,6 @@ impl Engine {
             .count();
         (up, peers.len())
     }
-
-    pub fn netlink_messages(&self) -> u64 {
-        self.rtnl.stats().messages_sent
-    }
 }
 
 fn describe(u: &crate::kernel::wireguard::PeerUpdate) -> String {
