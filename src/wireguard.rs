@@ -70,6 +70,8 @@ pub struct Engine {
     pub status: BTreeMap<[u8; 32], PeerStatus>,
     /// Peers (by name) already logged as up, to log transitions once.
     up: BTreeMap<String, bool>,
+    /// Names of the peers as last planned, for the log when one is removed.
+    names: BTreeMap<[u8; 32], String>,
     next_rescan: Instant,
     warned_mtu: bool,
 }
@@ -109,6 +111,7 @@ impl Engine {
             ifname: cfg.settings.wireguard.interface.clone(),
             status: BTreeMap::new(),
             up: BTreeMap::new(),
+            names: BTreeMap::new(),
             next_rescan: Instant::now(),
             warned_mtu: false,
         };
@@ -196,6 +199,13 @@ impl Engine {
         self.note_status(cfg, &have.device);
         let want = wgplan::plan(cfg, self.key.public(), link.index, underlay);
         let ops = wgplan::diff(&want, &have);
+        let old_names = std::mem::replace(
+            &mut self.names,
+            want.peers
+                .iter()
+                .map(|(k, p)| (*k, p.name.clone()))
+                .collect(),
+        );
         if ops.is_empty() {
             return Ok(0);
         }
@@ -243,7 +253,10 @@ impl Engine {
             }
         }
         for k in &ops.remove_peers {
-            info!("peer {} removed", wgkey::to_base64(k));
+            match old_names.get(k) {
+                Some(n) => info!(peer = n.as_str(); "peer {n} removed ({})", wgkey::to_base64(k)),
+                None => info!("peer {} removed", wgkey::to_base64(k)),
+            }
         }
         if !ops.detach_ips.is_empty() {
             info!(

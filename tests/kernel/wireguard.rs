@@ -417,6 +417,10 @@ fn inventory_changes_touch_one_peer() -> Result<(), String> {
     // 3. n2 leaves the inventory (of n0 and n1): its peer goes, n1's stays as it was.
     f.daemons[2].take().unwrap().kill();
     change(&mut f, &[0, 1], &entries(None))?;
+    f.daemon(0).wait_log(
+        &format!("peer n2 removed ({})", wg_public(2)),
+        Duration::from_secs(1),
+    )?;
     let p = wg_peers(&f, 0)?;
     ensure(p.len() == 1, format!("n0's peers after n2 left: {p:?}"))?;
     unchanged(&n1_before, &p[0], "n2 left")?;
@@ -573,7 +577,7 @@ fn new_key_pair_on_reload() -> Result<(), String> {
         Duration::from_secs(5),
     )?;
     f.daemon(0).wait_log(
-        &format!("peer {} removed", wg_public(1)),
+        &format!("peer n1 removed ({})", wg_public(1)),
         Duration::from_secs(5),
     )?;
     let ok = wait_for(Duration::from_secs(15), || {
