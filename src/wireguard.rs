@@ -149,8 +149,9 @@ impl Engine {
         })
     }
 
-    /// The MTU of the link that holds this node's first address.
-    fn underlay_mtu(&mut self, cfg: &Config) -> Result<u32, Error> {
+    /// The local facts the plan needs: the addresses on this host, and the MTU of the
+    /// link that holds this node's first address.
+    fn local(&mut self, cfg: &Config, ifindex: u32) -> Result<wgplan::Local, Error> {
         let me = cfg.me();
         let addrs = self.rtnl.addresses()?;
         let links = self.rtnl.links()?;
@@ -158,8 +159,8 @@ impl Engine {
             let idx = addrs.iter().find(|x| x.addr == *a)?.index;
             links.iter().find(|l| l.index == idx).map(|l| l.mtu)
         });
-        match found {
-            Some(m) => Ok(m),
+        let underlay_mtu = match found {
+            Some(m) => m,
             None => {
                 if !self.warned_mtu {
                     warn!(
@@ -167,9 +168,14 @@ impl Engine {
                     );
                     self.warned_mtu = true;
                 }
-                Ok(DEFAULT_UNDERLAY_MTU)
+                DEFAULT_UNDERLAY_MTU
             }
-        }
+        };
+        Ok(wgplan::Local {
+            ifindex,
+            underlay_mtu,
+            addresses: addrs.iter().map(|a| a.addr).collect(),
+        })
     }
 
     fn wg(&mut self) -> Result<&mut Wg, Error> {
@@ -194,10 +200,11 @@ impl Engine {
     /// Make the kernel match the plan. Returns the number of objects changed.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
         let link = self.ensure_link()?;
-        let underlay = self.underlay_mtu(cfg)?;
+        let local = self.local(cfg, link.index)?;
+        let underlay = local.underlay_mtu;
         let have = self.observe(&link)?;
         self.note_status(cfg, &have.device);
-        let want = wgplan::plan(cfg, self.key.public(), link.index, underlay);
+        let want = wgplan::plan(cfg, self.key.public(), &local);
         let ops = wgplan::diff(&want, &have);
         let old_names = std::mem::replace(
             &mut self.names,
