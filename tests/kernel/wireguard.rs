@@ -360,6 +360,33 @@ fn restart_loses_no_packet() -> Result<(), String> {
         "    restart to READY=1 in {} ms; {sent} pings at 10 ms, 0 lost; handshake kept",
         took.as_millis()
     );
+
+    // Drift: the interface deleted from under the daemon comes back, with its peer,
+    // routes and traffic, at the next re-read.
+    f.topo.exec(0, "ip link del encryptd0")?;
+    let t0 = Instant::now();
+    let back = wait_for(Duration::from_secs(15), || {
+        f.topo.exec(0, "ping -c 1 -W 1 10.1.1.1").is_ok()
+    });
+    ensure(
+        back,
+        format!("no traffic after deleting encryptd0:\n{}", state(&f)),
+    )?;
+    ensure(
+        f.daemon(0)
+            .log()
+            .matches("created interface encryptd0")
+            .count()
+            == 2,
+        format!(
+            "n0 should have re-created encryptd0:\n{}",
+            f.daemon(0).log()
+        ),
+    )?;
+    println!(
+        "    encryptd0 deleted by hand: back with traffic in {} ms",
+        t0.elapsed().as_millis()
+    );
     Ok(())
 }
 
