@@ -23,8 +23,9 @@ const INOTIFY: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const HELLO: Token = Token(2);
 
-/// READY=1 waits at most this long for peers to come up (peers that do not run encryptd
-/// yet must not hold the boot of this one).
+/// READY=1 waits at most this long, after the engine has configured the kernel, for
+/// peers to come up (peers that do not run encryptd yet must not hold the boot of this
+/// one).
 const READY_WAIT: Duration = Duration::from_secs(10);
 
 /// The status snapshot is rewritten on every change and at least this often.
@@ -132,6 +133,9 @@ impl Daemon {
         if self.config.keys.is_some() {
             v.push(s.ipsec.keys.clone());
         }
+        if s.mode == Mode::Wireguard {
+            v.push(s.wireguard.private_key.clone());
+        }
         v
     }
 
@@ -201,6 +205,9 @@ impl Daemon {
             }
         }
 
+        // The wait for peers counts from when the tunnels are configured: a slow start
+        // (the kernel busy, a big inventory) must not use it up.
+        self.ready_by = Some(Instant::now() + READY_WAIT);
         let me = self.config.me();
         info!(
             "started: mode {}, node {} ({}), {} peers",

@@ -156,8 +156,19 @@ pub fn mtu(underlay: u32) -> u32 {
     underlay.saturating_sub(OVERHEAD).max(MIN_MTU)
 }
 
-/// The desired state, for interface `ifindex` over an underlay of MTU `underlay_mtu`.
-pub fn plan(cfg: &Config, public_key: [u8; 32], ifindex: u32, underlay_mtu: u32) -> Desired {
+/// What the plan needs to know about this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    /// The WireGuard interface's index.
+    pub ifindex: u32,
+    /// MTU of the link holding this node's first address.
+    pub underlay_mtu: u32,
+    /// The addresses configured on this host (a route's preferred source must be one).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The desired state on this host.
+pub fn plan(cfg: &Config, public_key: [u8; 32], local: &Local) -> Desired {
     let me = cfg.me();
     let port = cfg.settings.wireguard.listen_port;
     let mut peers = BTreeMap::new();
@@ -171,12 +182,14 @@ pub fn plan(cfg: &Config, public_key: [u8; 32], ifindex: u32, underlay_mtu: u32)
             routes.push(Route {
                 dst: *dst,
                 table: TABLE,
-                oif: ifindex,
+                oif: local.ifindex,
+                // This node's first inventoried address of the family that is on this
+                // host (an inventoried address behind NAT is not).
                 src: me
                     .addresses
                     .iter()
                     .copied()
-                    .find(|a| same_family(a, &dst.addr())),
+                    .find(|a| same_family(a, &dst.addr()) && local.addresses.contains(a)),
                 protocol: ROUTE_PROTO,
             });
         }
@@ -211,7 +224,7 @@ pub fn plan(cfg: &Config, public_key: [u8; 32], ifindex: u32, underlay_mtu: u32)
         public_key,
         listen_port: port,
         fwmark: FWMARK,
-        mtu: mtu(underlay_mtu),
+        mtu: mtu(local.underlay_mtu),
         peers,
         routes,
         rules,
@@ -361,6 +374,25 @@ mod tests {
         }
     }
 
+    fn local() -> Local {
+        Local {
+            ifindex: 9,
+            underlay_mtu: 1500,
+            addresses: vec!["10.77.0.1".parse().unwrap(), "fd77::1".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn route_source_only_if_local() {
+        let mut l = local();
+        l.addresses.retain(|a| a.is_ipv4());
+        let d = plan(&three(), key(1), &l);
+        for r in &d.routes {
+            let want = r.dst.is_ipv4().then(|| "10.77.0.1".parse().unwrap());
+            assert_eq!(r.src, want, "{r}");
+        }
+    }
+
     fn three() -> Config {
         config(vec![
             node(0, &["10.1.0.0/24"]),
@@ -399,7 +431,7 @@ mod tests {
 
     #[test]
     fn plan_of_three_nodes() {
-        let d = plan(&three(), key(1), 9, 1500);
+        let d = plan(&three(), key(1), &local());
         assert_eq!(d.mtu, 1420);
         assert_eq!(d.listen_port, 51871);
         assert_eq!(d.peers.len(), 2);
@@ -442,7 +474,7 @@ mod tests {
 
     #[test]
     fn empty_kernel_gets_everything() {
-        let d = plan(&three(), key(1), 9, 1500);
+        let d = plan(&three(), key(1), &local());
         let have = Observed {
             mtu: 1420,
             up: false,
@@ -464,14 +496,14 @@ mod tests {
 
     #[test]
     fn applied_state_is_a_fixed_point() {
-        let d = plan(&three(), key(1), 9, 1500);
+        let d = plan(&three(), key(1), &local());
         let ops = diff(&d, &applied(&d));
         assert!(ops.is_empty(), "{ops:?}");
     }
 
     #[test]
     fn roamed_endpoint_among_the_peers_addresses_is_kept() {
-        let d = plan(&three(), key(1), 9, 1500);
+        let d = plan(&three(), key(1), &local());
         let mut have = applied(&d);
         have.device.peers[0].endpoint = Some("[fd77::2]:51871".parse().unwrap());
         assert!(diff(&d, &have).is_empty());
@@ -487,7 +519,7 @@ mod tests {
 
     #[test]
     fn a_changed_node_changes_only_its_peer() {
-        let before = plan(&three(), key(1), 9, 1500);
+        let before = plan(&three(), key(1), &local());
         let have = applied(&before);
         // n1 loses one subnet and gains another.
         let cfg = config(vec![
@@ -495,7 +527,7 @@ mod tests {
             node(1, &["10.1.9.0/24", "fd00:1::/64"]),
             node(2, &[]),
         ]);
-        let ops = diff(&plan(&cfg, key(1), 9, 1500), &have);
+        let ops = diff(&plan(&cfg, key(1), &local()), &have);
         assert_eq!(ops.set_peers.len(), 1);
         assert_eq!(ops.set_peers[0].public_key, key(2));
         assert_eq!(ops.set_peers[0].endpoint, None);
@@ -513,12 +545,12 @@ mod tests {
 
     #[test]
     fn removed_node_and_new_key() {
-        let have = applied(&plan(&three(), key(1), 9, 1500));
+        let have = applied(&plan(&three(), key(1), &local()));
         // n2 leaves; n1 gets a new key pair.
         let mut n1 = node(1, &["10.1.1.0/24", "fd00:1::/64"]);
         n1.wireguard_public_key = Some(key(42));
         let cfg = config(vec![node(0, &["10.1.0.0/24"]), n1]);
-        let d = plan(&cfg, key(1), 9, 1500);
+        let d = plan(&cfg, key(1), &local());
         let ops = diff(&d, &have);
         // The new peer takes n1's IPs over (moved, not detached), then both old peers go.
         assert_eq!(ops.set_peers.len(), 1);
@@ -532,7 +564,7 @@ mod tests {
 
     #[test]
     fn foreign_rules_are_left_alone_and_stale_ones_go() {
-        let d = plan(&three(), key(1), 9, 1500);
+        let d = plan(&three(), key(1), &local());
         let mut have = applied(&d);
         let foreign = Rule {
             v6: false,

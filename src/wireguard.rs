@@ -70,6 +70,8 @@ pub struct Engine {
     pub status: BTreeMap<[u8; 32], PeerStatus>,
     /// Peers (by name) already logged as up, to log transitions once.
     up: BTreeMap<String, bool>,
+    /// Names of the peers as last planned, for the log when one is removed.
+    names: BTreeMap<[u8; 32], String>,
     next_rescan: Instant,
     warned_mtu: bool,
 }
@@ -109,6 +111,7 @@ impl Engine {
             ifname: cfg.settings.wireguard.interface.clone(),
             status: BTreeMap::new(),
             up: BTreeMap::new(),
+            names: BTreeMap::new(),
             next_rescan: Instant::now(),
             warned_mtu: false,
         };
@@ -146,8 +149,9 @@ impl Engine {
         })
     }
 
-    /// The MTU of the link that holds this node's first address.
-    fn underlay_mtu(&mut self, cfg: &Config) -> Result<u32, Error> {
+    /// The local facts the plan needs: the addresses on this host, and the MTU of the
+    /// link that holds this node's first address.
+    fn local(&mut self, cfg: &Config, ifindex: u32) -> Result<wgplan::Local, Error> {
         let me = cfg.me();
         let addrs = self.rtnl.addresses()?;
         let links = self.rtnl.links()?;
@@ -155,8 +159,8 @@ impl Engine {
             let idx = addrs.iter().find(|x| x.addr == *a)?.index;
             links.iter().find(|l| l.index == idx).map(|l| l.mtu)
         });
-        match found {
-            Some(m) => Ok(m),
+        let underlay_mtu = match found {
+            Some(m) => m,
             None => {
                 if !self.warned_mtu {
                     warn!(
@@ -164,9 +168,14 @@ impl Engine {
                     );
                     self.warned_mtu = true;
                 }
-                Ok(DEFAULT_UNDERLAY_MTU)
+                DEFAULT_UNDERLAY_MTU
             }
-        }
+        };
+        Ok(wgplan::Local {
+            ifindex,
+            underlay_mtu,
+            addresses: addrs.iter().map(|a| a.addr).collect(),
+        })
     }
 
     fn wg(&mut self) -> Result<&mut Wg, Error> {
@@ -191,11 +200,19 @@ impl Engine {
     /// Make the kernel match the plan. Returns the number of objects changed.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
         let link = self.ensure_link()?;
-        let underlay = self.underlay_mtu(cfg)?;
+        let local = self.local(cfg, link.index)?;
+        let underlay = local.underlay_mtu;
         let have = self.observe(&link)?;
         self.note_status(cfg, &have.device);
-        let want = wgplan::plan(cfg, self.key.public(), link.index, underlay);
+        let want = wgplan::plan(cfg, self.key.public(), &local);
         let ops = wgplan::diff(&want, &have);
+        let old_names = std::mem::replace(
+            &mut self.names,
+            want.peers
+                .iter()
+                .map(|(k, p)| (*k, p.name.clone()))
+                .collect(),
+        );
         if ops.is_empty() {
             return Ok(0);
         }
@@ -243,7 +260,10 @@ impl Engine {
             }
         }
         for k in &ops.remove_peers {
-            info!("peer {} removed", wgkey::to_base64(k));
+            match old_names.get(k) {
+                Some(n) => info!(peer = n.as_str(); "peer {n} removed ({})", wgkey::to_base64(k)),
+                None => info!("peer {} removed", wgkey::to_base64(k)),
+            }
         }
         if !ops.detach_ips.is_empty() {
             info!(
@@ -356,10 +376,6 @@ impl Engine {
             .filter(|n| self.peer_up(n.wireguard_public_key.as_ref(), now))
             .count();
         (up, peers.len())
-    }
-
-    pub fn netlink_messages(&self) -> u64 {
-        self.rtnl.stats().messages_sent
     }
 
     /// Per-peer state for `encryptd status`: up = a recent handshake.

@@ -234,3 +234,34 @@ pub fn check_key_change(old: &Config, new: &Config) -> Vec<Diagnostic> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(mode: &str) -> Config {
+        let text = format!("mode = \"{mode}\"\nnode = \"a\"\n");
+        let diags = Diags::default();
+        let settings = settings::read(&Source::new(Path::new("e.toml"), &text), &diags);
+        assert!(diags.is_empty());
+        Config {
+            settings,
+            inventory: Inventory::default(),
+            keys: None,
+        }
+    }
+
+    #[test]
+    fn a_reload_cannot_change_the_mode() {
+        let p = Path::new("/etc/encryptd/encryptd.toml");
+        assert_eq!(
+            check_mode_change(&config("ipsec"), &config("ipsec"), p),
+            None
+        );
+        let d = check_mode_change(&config("ipsec"), &config("wireguard"), p).unwrap();
+        assert_eq!(
+            d.to_string(),
+            "/etc/encryptd/encryptd.toml:1:1: `mode` changed from \"ipsec\" to \"wireguard\": a change of mode takes a restart (systemctl restart encryptd)"
+        );
+    }
+}

@@ -9,7 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::Case;
-use crate::fleet::{Fleet, Kind, TestDaemon, node_entry, rename_over, wg_node_entry, wg_public};
+use encryptd::config::wgkey::{self, PrivateKey};
+
+use crate::fleet::{
+    Fleet, Kind, TestDaemon, node_entry, rename_over, wg_node_entry, wg_public, write_keys,
+};
 use crate::rig::{ensure, in_netns, wait_for};
 
 pub const CASES: &[Case] = &[
@@ -20,6 +24,7 @@ pub const CASES: &[Case] = &[
         inventory_changes_touch_one_peer,
     ),
     ("wg_bulk_transfer_no_fragments", bulk_transfer_no_fragments),
+    ("wg_new_key_pair_on_reload", new_key_pair_on_reload),
 ];
 
 const PORT: &str = "51871";
@@ -167,21 +172,50 @@ fn tcp_echo(f: &Fleet, from: usize, to: usize, addr: SocketAddr, n: usize) -> Re
     })
 }
 
-fn start_all(f: &mut Fleet) -> Result<(), String> {
+/// Every node's `wg show` (no private keys) and log, for failure messages.
+fn state(f: &Fleet) -> String {
+    let mut s = String::new();
+    for i in 0..f.n {
+        s += &format!(
+            "---- n{i} wg show\n{}",
+            f.topo.exec(i, "wg show").unwrap_or_else(|e| e)
+        );
+    }
+    s + &f.logs()
+}
+
+/// Start every daemon; wait for READY=1 from each, then for each to log every peer up
+/// (WireGuard handshakes on its own schedule: READY=1 waits at most 10 s for them).
+fn start_all(f: &mut Fleet) -> Result<Duration, String> {
+    let t0 = Instant::now();
     for i in 0..f.n {
         f.start(i)?;
     }
-    f.wait_all_up(Duration::from_secs(30))
-        .map_err(|e| format!("{e}\n{}", f.logs()))
+    for i in 0..f.n {
+        f.daemon(i)
+            .wait_notify("READY=1", Duration::from_secs(30))
+            .map_err(|e| format!("n{i}: {e}\n{}", state(f)))?;
+    }
+    for i in 0..f.n {
+        for j in (0..f.n).filter(|j| *j != i) {
+            f.daemon(i)
+                .wait_log(&format!("peer n{j} up"), Duration::from_secs(30))
+                .map_err(|e| format!("n{i}: {e}\n{}", state(f)))?;
+        }
+    }
+    Ok(t0.elapsed())
 }
 
 fn mesh_three_nodes() -> Result<(), String> {
     let mut f = Fleet::new_with("wgm", 3, Kind::Wireguard)?;
-    start_all(&mut f)?;
+    let took = start_all(&mut f)?;
     let st = f.daemon(0).notes.last().cloned().unwrap_or_default();
     ensure(
         st.contains("STATUS=wireguard: 2/2 peers up, strict off"),
-        format!("READY=1 should carry the status line, got {st:?}"),
+        format!(
+            "READY=1 should carry the status line, got {st:?}\n{}",
+            state(&f)
+        ),
     )?;
 
     let cap = f.topo.capture("")?;
@@ -263,7 +297,8 @@ fn mesh_three_nodes() -> Result<(), String> {
         format!("rules:\n{rules}"),
     )?;
     println!(
-        "    {} packets captured, {wg} WireGuard, 0 plaintext",
+        "    3 daemons started and every pair up in {} ms; {} packets captured, {wg} WireGuard, 0 plaintext",
+        took.as_millis(),
         lines.len()
     );
     Ok(())
@@ -324,6 +359,33 @@ fn restart_loses_no_packet() -> Result<(), String> {
     println!(
         "    restart to READY=1 in {} ms; {sent} pings at 10 ms, 0 lost; handshake kept",
         took.as_millis()
+    );
+
+    // Drift: the interface deleted from under the daemon comes back, with its peer,
+    // routes and traffic, at the next re-read.
+    f.topo.exec(0, "ip link del encryptd0")?;
+    let t0 = Instant::now();
+    let back = wait_for(Duration::from_secs(15), || {
+        f.topo.exec(0, "ping -c 1 -W 1 10.1.1.1").is_ok()
+    });
+    ensure(
+        back,
+        format!("no traffic after deleting encryptd0:\n{}", state(&f)),
+    )?;
+    ensure(
+        f.daemon(0)
+            .log()
+            .matches("created interface encryptd0")
+            .count()
+            == 2,
+        format!(
+            "n0 should have re-created encryptd0:\n{}",
+            f.daemon(0).log()
+        ),
+    )?;
+    println!(
+        "    encryptd0 deleted by hand: back with traffic in {} ms",
+        t0.elapsed().as_millis()
     );
     Ok(())
 }
@@ -412,6 +474,10 @@ fn inventory_changes_touch_one_peer() -> Result<(), String> {
     // 3. n2 leaves the inventory (of n0 and n1): its peer goes, n1's stays as it was.
     f.daemons[2].take().unwrap().kill();
     change(&mut f, &[0, 1], &entries(None))?;
+    f.daemon(0).wait_log(
+        &format!("peer n2 removed ({})", wg_public(2)),
+        Duration::from_secs(1),
+    )?;
     let p = wg_peers(&f, 0)?;
     ensure(p.len() == 1, format!("n0's peers after n2 left: {p:?}"))?;
     unchanged(&n1_before, &p[0], "n2 left")?;
@@ -429,13 +495,13 @@ fn inventory_changes_touch_one_peer() -> Result<(), String> {
         &entries(Some(&wg_node_entry(2))),
     )?;
     f.start(2)?;
-    let st = f
-        .daemon(2)
+    f.daemon(2)
         .wait_notify("READY=1", Duration::from_secs(20))?;
-    ensure(
-        st.contains("2/2 peers up"),
-        format!("n2 back: {st:?}\n{}", f.logs()),
-    )?;
+    for j in [0, 1] {
+        f.daemon(2)
+            .wait_log(&format!("peer n{j} up"), Duration::from_secs(30))
+            .map_err(|e| format!("n2 back: {e}\n{}", state(&f)))?;
+    }
     let p = wg_peers(&f, 0)?;
     unchanged(&n1_before, peer_of(&p, 1).ok_or("no n1")?, "n2 came back")?;
     ensure(
@@ -451,6 +517,20 @@ fn inventory_changes_touch_one_peer() -> Result<(), String> {
 
 fn bulk_transfer_no_fragments() -> Result<(), String> {
     let mut f = Fleet::new_with("wgt", 2, Kind::Wireguard)?;
+    // IPv6 addresses first: the endpoints, so the outer header is IPv6, the worst case
+    // the 80 bytes of overhead are for.
+    let inv: String = (0..2)
+        .map(|i| {
+            wg_node_entry(i).replace(
+                &format!("[\"10.77.0.{a}\", \"fd77::{a}\"]", a = i + 1),
+                &format!("[\"fd77::{a}\", \"10.77.0.{a}\"]", a = i + 1),
+            )
+        })
+        .collect();
+    ensure(inv.contains("[\"fd77::1\", \"10.77.0.1\"]"), inv.clone())?;
+    for d in &f.dirs {
+        rename_over(&d.join("nodes.toml"), &inv)?;
+    }
     start_all(&mut f)?;
     // Fragments of either family, and the largest WireGuard packets.
     let cap = f.topo.capture(
@@ -512,15 +592,62 @@ fn bulk_transfer_no_fragments() -> Result<(), String> {
         .max()
         .unwrap_or(0);
     // MTU 1420 inside: 1420 + 32 bytes of WireGuard = 1452 bytes of UDP payload,
-    // 1480 with the outer IPv4 header, under the underlay's 1500.
+    // + 8 (UDP) + 40 (IPv6) = exactly the underlay's 1500.
     ensure(
         max == 1452,
         format!("largest WireGuard UDP payload {max}, want 1452 (full-size segments at MTU 1420)"),
     )?;
+    let full = "IP6 fd77::1.51871 > fd77::2.51871: UDP, length 1452";
+    ensure(
+        lines.iter().any(|l| l.contains(full)),
+        format!("no `{full}` on the wire"),
+    )?;
     println!(
-        "    10 MiB over TCP in {secs:.1} s ({:.1} MB/s); {} WireGuard packets over 1400 bytes captured, largest UDP payload {max}; 0 fragments",
+        "    10 MiB over TCP (IPv6 outer) in {secs:.1} s ({:.1} MB/s); {} WireGuard packets over 1400 bytes captured, largest UDP payload {max}; 0 fragments",
         N as f64 / secs / 1e6,
         lines.len()
     );
+    Ok(())
+}
+
+/// A node gets a new key pair the way an operator would roll it out: the inventory
+/// first (n1 refuses it until its key file matches), then n1's key file (watched).
+fn new_key_pair_on_reload() -> Result<(), String> {
+    let mut f = Fleet::new_with("wgk", 2, Kind::Wireguard)?;
+    start_all(&mut f)?;
+    let new = PrivateKey::from_bytes([0x42; 32]);
+    let new_pub = wgkey::to_base64(&new.public());
+    let inv = wg_node_entry(0) + &wg_node_entry(1).replace(&wg_public(1), &new_pub);
+    for d in &f.dirs {
+        rename_over(&d.join("nodes.toml"), &inv)?;
+    }
+    f.daemon(1).wait_log(
+        "is not the public key of its private key",
+        Duration::from_secs(5),
+    )?;
+    write_keys(&f.dirs[1].join("wireguard.key"), &new.to_base64())?;
+    f.daemon(1)
+        .wait_log("new private key (public key", Duration::from_secs(5))
+        .map_err(|e| format!("{e}\n{}", f.logs()))?;
+    f.daemon(0).wait_log(
+        &format!("peer n1 added ({new_pub})"),
+        Duration::from_secs(5),
+    )?;
+    f.daemon(0).wait_log(
+        &format!("peer n1 removed ({})", wg_public(1)),
+        Duration::from_secs(5),
+    )?;
+    let ok = wait_for(Duration::from_secs(15), || {
+        f.topo.exec(0, "ping -c 1 -W 1 10.1.1.1").is_ok()
+    });
+    ensure(ok, format!("no traffic after the new key:\n{}", f.logs()))?;
+    let peers = wg_peers(&f, 0)?;
+    ensure(
+        peers.len() == 1 && peers[0].public_key == new_pub && peers[0].latest_handshake != 0,
+        format!("n0's peers after n1's new key: {peers:?}"),
+    )?;
+    let wg1 = f.topo.exec(1, "wg show encryptd0 public-key")?;
+    ensure(wg1.trim() == new_pub, format!("n1's interface key: {wg1}"))?;
+    println!("    n1's new key pair rolled out by reload; n0 replaced the peer; traffic flows");
     Ok(())
 }
