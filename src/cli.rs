@@ -33,7 +33,7 @@ pub const EXIT_USAGE: i32 = 2;
 pub enum Command {
     Run(Paths),
     Check(Paths),
-    Teardown,
+    Teardown(Paths),
     Status(Paths, bool),
     Keygen,
     Pubkey(PathBuf),
@@ -111,7 +111,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
     paths.config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     Ok(match cmd.as_str() {
         "run" => Command::Run(paths),
-        "teardown" => Command::Teardown,
+        "teardown" => Command::Teardown(paths),
         "status" => Command::Status(paths, json),
         "keygen" => Command::Keygen,
         "pubkey" => Command::Pubkey(paths.config),
@@ -137,16 +137,53 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Ok(Command::Keygen) => keygen(),
         Ok(Command::Pubkey(config)) => pubkey(&config),
         Ok(Command::Run(paths)) => crate::daemon::run(paths),
-        Ok(Command::Teardown) => teardown(),
+        Ok(Command::Teardown(paths)) => teardown(&paths),
         Ok(Command::Status(paths, json)) => crate::status::main(&paths, json),
     }
 }
 
 /// Remove every kernel object encryptd owns in this network namespace: its XFRM states
-/// and policies (by reqid and priority band) and the `inet encryptd` table. Foreign
-/// objects are never touched.
-fn teardown() -> i32 {
+/// and policies (by reqid and priority band), its WireGuard interface (by name from the
+/// configuration when it can be read, else the default) with its policy rules (by table
+/// and priority), and the `inet encryptd` table. Foreign objects are never touched.
+fn teardown(paths: &Paths) -> i32 {
     let mut failed = false;
+    let ifname = config::load(paths)
+        .map(|c| c.settings.wireguard.interface)
+        .unwrap_or_else(|_| "encryptd0".into());
+    match crate::kernel::link::Rtnl::open().and_then(|mut r| {
+        let link = r
+            .link(&ifname)?
+            .filter(|l| l.kind.as_deref() == Some("wireguard"));
+        if let Some(l) = &link {
+            r.delete_link(l.index)?;
+        }
+        let rules: Vec<_> = r
+            .rules()?
+            .into_iter()
+            .filter(|x| {
+                x.table == crate::wgplan::TABLE && x.priority == crate::wgplan::RULE_PRIORITY
+            })
+            .collect();
+        r.delete_rules(&rules)?;
+        Ok((link.is_some(), rules.len()))
+    }) {
+        Ok((link, rules)) => {
+            if link {
+                println!("removed the WireGuard interface {ifname}");
+            }
+            if rules > 0 {
+                println!(
+                    "removed {rules} policy rule(s) of table {}",
+                    crate::wgplan::TABLE
+                );
+            }
+        }
+        Err(e) => {
+            eprintln!("encryptd teardown: links and rules: {e}");
+            failed = true;
+        }
+    }
     match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| {
         let states: Vec<_> = x
             .dump_states()?

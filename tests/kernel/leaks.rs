@@ -377,6 +377,20 @@ fn suite(mode: Mode) -> Result<(), String> {
     )?;
     ssh_like(&f, 1, 0)?;
 
+    // Package purge: `encryptd teardown` leaves nothing of encryptd's in n0.
+    let bin = env!("CARGO_BIN_EXE_encryptd");
+    let cfg = f.dirs[0].join("encryptd.toml");
+    if let Some(d) = f.daemons[0].take() {
+        d.stop()?;
+    }
+    f.topo
+        .exec(0, &format!("{bin} teardown --config {}", cfg.display()))?;
+    let left = f.topo.exec(0, "ip xfrm policy; ip xfrm state; ip link show type wireguard; ip rule | grep 51871 || true; nft list tables")?;
+    ensure(
+        left.trim().is_empty(),
+        format!("left after teardown:\n{left}"),
+    )?;
+
     println!("    | scenario | family | mode | pings attempted | plaintext seen | pings lost |");
     println!("    |---|---|---|---:|---:|---:|");
     for r in &rows {
