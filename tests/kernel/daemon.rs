@@ -30,8 +30,8 @@ fn reload_and_notify() -> Result<(), String> {
         "configuration reloaded after a file change: 3 nodes; added n2",
         Duration::from_secs(1),
     )?;
-    d.wait_notify("RELOADING=1", Duration::from_secs(1))?;
-    let st = d.wait_notify("READY=1", Duration::from_secs(1))?;
+    d.wait_notify("RELOADING=1", Duration::from_secs(5))?;
+    let st = d.wait_notify("READY=1", Duration::from_secs(5))?;
     ensure(
         st.contains("1/2 peers up"),
         format!("status after reload: {st:?}"),
@@ -46,13 +46,13 @@ fn reload_and_notify() -> Result<(), String> {
             "reload refused: {}:13:14: \"10.77.0.300\" is not an IPv4 or IPv6 address",
             nodes.display()
         ),
-        Duration::from_secs(1),
+        Duration::from_secs(3),
     )?;
     d.wait_log(
         "keeping the last good configuration",
-        Duration::from_secs(1),
+        Duration::from_secs(3),
     )?;
-    let st = d.wait_notify("READY=1", Duration::from_secs(1))?;
+    let st = d.wait_notify("READY=1", Duration::from_secs(5))?;
     ensure(
         st.contains("1/2 peers up") && st.contains("newest configuration refused"),
         format!("status after a refused reload: {st:?}"),
@@ -61,13 +61,13 @@ fn reload_and_notify() -> Result<(), String> {
     // Fixed in place (no rename), then SIGHUP: the write's own reload applies it, the
     // signal finds nothing new.
     write(&nodes, &(inv.clone() + &node_entry(2) + &node_entry(3)))?;
-    d.wait_log("added n3", Duration::from_secs(2))?;
+    d.wait_log("added n3", Duration::from_secs(10))?;
     d.signal(libc::SIGHUP);
     d.wait_log(
         "reload after SIGHUP: configuration unchanged",
-        Duration::from_secs(2),
+        Duration::from_secs(10),
     )?;
-    let st = d.wait_notify("READY=1", Duration::from_secs(1))?;
+    let st = d.wait_notify("READY=1", Duration::from_secs(5))?;
     ensure(
         st.contains("1/3 peers up") && !st.contains("refused"),
         format!("status after SIGHUP: {st:?}"),

@@ -354,3 +354,73 @@ impl Drop for TestDaemon {
         let _ = self.child.wait();
     }
 }
+
+/// Capture lines that are plaintext: anything but ARP, neighbour discovery, MLD and the
+/// patterns of `allowed` (ESP, hellos or WireGuard's UDP, as the case expects).
+pub fn plaintext<'a>(lines: &'a [String], allowed: &[&str]) -> Vec<&'a String> {
+    const ALWAYS: [&str; 5] = [
+        "ARP,",
+        "neighbor solicitation",
+        "neighbor advertisement",
+        "router solicitation",
+        "multicast listener",
+    ];
+    lines
+        .iter()
+        .filter(|l| !(l.trim().is_empty() || ALWAYS.iter().chain(allowed).any(|p| l.contains(p))))
+        .collect()
+}
+
+/// Send `n` bytes over TCP from node `from` to `addr` (in node `to`), echoed back.
+pub fn tcp_echo(
+    f: &Fleet,
+    from: usize,
+    to: usize,
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = crate::rig::in_netns(f.topo.ns(to), || TcpListener::bind(addr))
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    std::thread::scope(|s| {
+        let server = s.spawn(move || -> std::io::Result<()> {
+            let (mut c, _) = listener.accept()?;
+            let mut buf = vec![0u8; n];
+            c.read_exact(&mut buf)?;
+            c.write_all(&buf)
+        });
+        let payload: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+        let got = crate::rig::in_netns(f.topo.ns(from), || -> std::io::Result<Vec<u8>> {
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            c.set_read_timeout(Some(Duration::from_secs(20)))?;
+            c.write_all(&payload)?;
+            let mut back = vec![0u8; n];
+            c.read_exact(&mut back)?;
+            Ok(back)
+        })
+        .map_err(|e| format!("tcp n{from} -> {addr}: {e}"))?;
+        server
+            .join()
+            .map_err(|_| "server panicked".to_string())?
+            .map_err(|e| format!("server {addr}: {e}"))?;
+        crate::rig::ensure(
+            got == payload,
+            format!("tcp n{from} -> {addr}: echo differs"),
+        )
+    })
+}
+
+/// A TCP connection from node `from` to port 22 of node `to` (the management exception).
+pub fn ssh_like(f: &Fleet, from: usize, to: usize) -> Result<(), String> {
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    let addr: SocketAddr = format!("10.77.0.{}:22", to + 1).parse().unwrap();
+    let l = crate::rig::in_netns(f.topo.ns(to), || TcpListener::bind(addr))
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let c = crate::rig::in_netns(f.topo.ns(from), || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+    });
+    drop(l);
+    c.map(|_| ())
+        .map_err(|e| format!("tcp/22 n{from} -> n{to}: {e}"))
+}

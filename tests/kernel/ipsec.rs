@@ -2,64 +2,16 @@
 //! XFRM; traffic between every pair (IPv4, IPv6, into subnets, TCP) crosses the wire only
 //! as ESP, next to the hellos.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use crate::Case;
-use crate::fleet::{Fleet, KEY1};
-use crate::rig::{ensure, in_netns};
+use crate::fleet::{Fleet, KEY1, plaintext, tcp_echo};
+
+/// What IPsec mode may put on the wire besides ARP and neighbour discovery.
+pub const IPSEC_WIRE: &[&str] = &["ESP(", ".4510: UDP"];
+use crate::rig::ensure;
 
 pub const CASES: &[Case] = &[("ipsec_mesh_three_nodes", mesh_three_nodes)];
-
-/// A capture line that is not ESP, a hello, ARP or neighbour discovery: plaintext.
-pub fn plaintext(lines: &[String]) -> Vec<&String> {
-    lines
-        .iter()
-        .filter(|l| {
-            !(l.contains("ESP(")
-                || l.contains(".4510: UDP")
-                || l.contains("ARP,")
-                || l.contains("neighbor solicitation")
-                || l.contains("neighbor advertisement")
-                || l.contains("router solicitation")
-                || l.contains("multicast listener")
-                || l.trim().is_empty())
-        })
-        .collect()
-}
-
-/// Send `n` bytes over TCP from node `from` to `addr` (in node `to`), echoed back.
-fn tcp_echo(f: &Fleet, from: usize, to: usize, addr: SocketAddr, n: usize) -> Result<(), String> {
-    let listener = in_netns(f.topo.ns(to), || TcpListener::bind(addr))
-        .map_err(|e| format!("bind {addr}: {e}"))?;
-    std::thread::scope(|s| {
-        let server = s.spawn(move || -> std::io::Result<()> {
-            let (mut c, _) = listener.accept()?;
-            let mut buf = vec![0u8; n];
-            c.read_exact(&mut buf)?;
-            c.write_all(&buf)
-        });
-        let payload: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
-        let got = in_netns(f.topo.ns(from), || -> std::io::Result<Vec<u8>> {
-            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            c.set_read_timeout(Some(Duration::from_secs(10)))?;
-            c.write_all(&payload)?;
-            let mut back = vec![0u8; n];
-            c.read_exact(&mut back)?;
-            Ok(back)
-        })
-        .map_err(|e| format!("tcp n{from} -> {addr}: {e}"))?;
-        server
-            .join()
-            .map_err(|_| "server panicked".to_string())?
-            .map_err(|e| format!("server {addr}: {e}"))?;
-        ensure(
-            got == payload,
-            format!("tcp n{from} -> {addr}: echo differs"),
-        )
-    })
-}
 
 fn mesh_three_nodes() -> Result<(), String> {
     let mut f = Fleet::new("im", 3, KEY1)?;
@@ -97,7 +49,7 @@ fn mesh_three_nodes() -> Result<(), String> {
         format!("{}\n{}", failures.join("\n"), f.logs()),
     )?;
 
-    let clear = plaintext(&lines);
+    let clear = plaintext(&lines, IPSEC_WIRE);
     ensure(
         clear.is_empty(),
         format!(

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crate::Case;
 use crate::fleet::{
-    Fleet, KEY1, KEY2, Kind, boot_id, node_entry, rename_over, wg_node_entry, write, write_keys,
+    Fleet, KEY1, KEY2, Kind, boot_id, node_entry, rename_over, ssh_like, wg_node_entry, write,
+    write_keys,
 };
 use crate::rig::{Capture, ensure, sh};
 
@@ -139,19 +140,6 @@ fn scenario(
                 .join("\n")
         ),
     )
-}
-
-fn ssh_like(f: &Fleet, from: usize, to: usize) -> Result<(), String> {
-    use std::net::{SocketAddr, TcpListener, TcpStream};
-    let addr: SocketAddr = format!("10.77.0.{}:22", to + 1).parse().unwrap();
-    let l = crate::rig::in_netns(f.topo.ns(to), || TcpListener::bind(addr))
-        .map_err(|e| format!("bind {addr}: {e}"))?;
-    let c = crate::rig::in_netns(f.topo.ns(from), || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-    });
-    drop(l);
-    c.map(|_| ())
-        .map_err(|e| format!("tcp/22 n{from} -> n{to}: {e}"))
 }
 
 fn inventory(mode: Mode, nodes: std::ops::Range<usize>) -> String {

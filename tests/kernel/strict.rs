@@ -2,54 +2,16 @@
 //! plaintext, from before READY=1 through crashes, and spoofed plaintext arriving from a
 //! protected source is dropped on ingress; the management exception keeps working.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use crate::Case;
-use crate::fleet::{Fleet, KEY1};
-use crate::ipsec::plaintext;
-use crate::rig::{ensure, in_netns, sh};
+use crate::fleet::{Fleet, KEY1, plaintext, ssh_like};
+use crate::ipsec::IPSEC_WIRE;
+use crate::rig::{ensure, sh};
 
 pub const CASES: &[Case] = &[("strict_ipsec_leaks_nothing", ipsec_leaks_nothing)];
 
 const STRICT: &str = "\n[strict]\nenabled = true\ncidrs = [\"10.77.0.0/16\", \"10.1.0.0/16\", \"fd77::/16\"]\nexceptions = [{ proto = \"tcp\", port = 22 }]\n";
-
-/// A TCP connection to port 22 of node `to` from node `from` (the management exception).
-fn ssh_like(f: &Fleet, from: usize, to: usize) -> Result<(), String> {
-    let addr: SocketAddr = format!("10.77.0.{}:22", to + 1).parse().unwrap();
-    let l = in_netns(f.topo.ns(to), || TcpListener::bind(addr))
-        .map_err(|e| format!("bind {addr}: {e}"))?;
-    let c = in_netns(f.topo.ns(from), || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-    });
-    drop(l);
-    c.map(|_| ()).map_err(|e| {
-        let diag = |i: usize| {
-            format!(
-                "{}\n{}",
-                f.topo
-                    .exec(i, "nft list table inet encryptd")
-                    .unwrap_or_default(),
-                f.topo
-                    .exec(i, "grep -v '\\s0$' /proc/net/xfrm_stat")
-                    .unwrap_or_default()
-            ) + &f
-                .topo
-                .exec(i, "ip -s xfrm state")
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.starts_with("src") || l.contains("spi") || l.contains("packets"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        format!(
-            "tcp/22 n{from} -> n{to}: {e}\n-- n{from}:\n{}\n-- n{to}:\n{}\n{}",
-            diag(from),
-            diag(to),
-            f.logs()
-        )
-    })
-}
 
 fn drop_counter(f: &Fleet, i: usize, comment: &str) -> Result<u64, String> {
     let out = f.topo.exec(i, "nft list table inet encryptd")?;
@@ -129,7 +91,7 @@ fn ipsec_leaks_nothing() -> Result<(), String> {
 
     let lines = cap.stop();
     // SSH-like traffic (the exception) is the only plaintext allowed.
-    let clear: Vec<&String> = plaintext(&lines)
+    let clear: Vec<&String> = plaintext(&lines, IPSEC_WIRE)
         .into_iter()
         .filter(|l| !l.contains(".22:") && !l.contains(".22 "))
         .collect();

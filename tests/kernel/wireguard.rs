@@ -12,9 +12,13 @@ use crate::Case;
 use encryptd::config::wgkey::{self, PrivateKey};
 
 use crate::fleet::{
-    Fleet, Kind, TestDaemon, node_entry, rename_over, wg_node_entry, wg_public, write_keys,
+    Fleet, Kind, TestDaemon, node_entry, plaintext, rename_over, tcp_echo, wg_node_entry,
+    wg_public, write_keys,
 };
 use crate::rig::{ensure, in_netns, wait_for};
+
+/// What WireGuard mode may put on the wire besides ARP and neighbour discovery.
+const WG_WIRE: &[&str] = &[".51871: UDP"];
 
 pub const CASES: &[Case] = &[
     ("wg_mesh_three_nodes", mesh_three_nodes),
@@ -26,24 +30,6 @@ pub const CASES: &[Case] = &[
     ("wg_bulk_transfer_no_fragments", bulk_transfer_no_fragments),
     ("wg_new_key_pair_on_reload", new_key_pair_on_reload),
 ];
-
-const PORT: &str = "51871";
-
-/// A capture line that is not WireGuard's UDP, ARP or neighbour discovery: plaintext.
-fn plaintext(lines: &[String]) -> Vec<&String> {
-    lines
-        .iter()
-        .filter(|l| {
-            !((l.contains(&format!(".{PORT} > ")) && l.contains(&format!(".{PORT}: UDP")))
-                || l.contains("ARP,")
-                || l.contains("neighbor solicitation")
-                || l.contains("neighbor advertisement")
-                || l.contains("router solicitation")
-                || l.contains("multicast listener")
-                || l.trim().is_empty())
-        })
-        .collect()
-}
 
 /// One peer line of `wg show encryptd0 dump`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,38 +126,6 @@ impl Pinger {
     }
 }
 
-/// Send `n` bytes over TCP from node `from` to `addr` (in node `to`), echoed back.
-fn tcp_echo(f: &Fleet, from: usize, to: usize, addr: SocketAddr, n: usize) -> Result<(), String> {
-    let listener = in_netns(f.topo.ns(to), || TcpListener::bind(addr))
-        .map_err(|e| format!("bind {addr}: {e}"))?;
-    std::thread::scope(|s| {
-        let server = s.spawn(move || -> std::io::Result<()> {
-            let (mut c, _) = listener.accept()?;
-            let mut buf = vec![0u8; n];
-            c.read_exact(&mut buf)?;
-            c.write_all(&buf)
-        });
-        let payload: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
-        let got = in_netns(f.topo.ns(from), || -> std::io::Result<Vec<u8>> {
-            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            c.set_read_timeout(Some(Duration::from_secs(20)))?;
-            c.write_all(&payload)?;
-            let mut back = vec![0u8; n];
-            c.read_exact(&mut back)?;
-            Ok(back)
-        })
-        .map_err(|e| format!("tcp n{from} -> {addr}: {e}"))?;
-        server
-            .join()
-            .map_err(|_| "server panicked".to_string())?
-            .map_err(|e| format!("server {addr}: {e}"))?;
-        ensure(
-            got == payload,
-            format!("tcp n{from} -> {addr}: echo differs"),
-        )
-    })
-}
-
 /// Every node's `wg show` (no private keys) and log, for failure messages.
 fn state(f: &Fleet) -> String {
     let mut s = String::new();
@@ -245,7 +199,7 @@ fn mesh_three_nodes() -> Result<(), String> {
         format!("{}\n{}", failures.join("\n"), f.logs()),
     )?;
 
-    let clear = plaintext(&lines);
+    let clear = plaintext(&lines, WG_WIRE);
     ensure(
         clear.is_empty(),
         format!(
