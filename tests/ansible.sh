@@ -205,6 +205,10 @@ TIMEOUT=${ANSIBLETEST_TIMEOUT:-1500}
 say "boot n1..n$NODES under qemu (Debian kernel $KV, systemd; consoles in $WORK/n*.console)"
 for N in $(seq $NODES); do
     other=$((NODES + 1 - N))   # two nodes: the wire is a point-to-point datagram link
+    # The wire as the host sees it: every frame n1's link sends or receives (the link
+    # between the two nodes, like the bridge the demo captures on).
+    dump=()
+    [ $N = 1 ] && dump=(-object "filter-dump,id=wirecap,netdev=wire,file=$WORK/wire.pcap")
     timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
         -machine "q35,accel=${VM_ACCEL:-tcg}" -cpu max -smp 1 -m 1024 \
         -nodefaults -no-user-config -display none -no-reboot -monitor none \
@@ -220,7 +224,7 @@ for N in $(seq $NODES); do
         -netdev "user,id=mgmt,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:$((BASE + N))-10.0.2.15:22" \
         -device "virtio-net-pci,netdev=mgmt,mac=52:54:00:00:00:1$N" \
         -netdev "dgram,id=wire,local.type=inet,local.host=127.0.0.1,local.port=$((BASE + 10 + N)),remote.type=inet,remote.host=127.0.0.1,remote.port=$((BASE + 10 + other))" \
-        -device "virtio-net-pci,netdev=wire,mac=52:54:00:00:01:1$N" \
+        -device "virtio-net-pci,netdev=wire,mac=52:54:00:00:01:1$N" "${dump[@]}" \
         </dev/null >"$WORK/n$N.qemu.log" 2>&1 &
     QPIDS+=($!)
 done
@@ -362,7 +366,7 @@ for N in $(seq $NODES); do
     check "n$N: STATUS= ipsec: $((NODES - 1))/$((NODES - 1)) peers up, key 1, strict on" \
         wait_status n$N "ipsec: $((NODES - 1))/$((NODES - 1)) peers up, key 1, strict on"
 done
-for N in $(seq $NODES); do check "n$N: pings, ESP only on the wire, encryptd status 0" e2e n$N ipsec; done
+for N in $(seq $NODES); do check "n$N: pings; it sends only ESP on wire0; encryptd status 0" e2e n$N ipsec; done
 
 # --- b. idempotence -----------------------------------------------------------------------------
 say "b. IPsec: the same run again"
@@ -425,14 +429,16 @@ sleep 2
 pings=$(on n1 'kill -INT $(cat /run/rot-ping.pid); sleep 1; tail -3 /run/rot-ping.out' | sed -n 's/^\([0-9]*\) packets transmitted, \([0-9]*\) received.*/\1 \2/p')
 check "no ping lost across the rotation (${pings#* } of ${pings% *} answered, every 200 ms, subnet to subnet)" \
     test -n "$pings" -a "${pings% *}" = "${pings#* }" -a "${pings% *}" -gt 0
-for N in $(seq $NODES); do check "n$N: pings, ESP only on the wire, encryptd status 0" e2e n$N ipsec; done
+for N in $(seq $NODES); do check "n$N: pings; it sends only ESP on wire0; encryptd status 0" e2e n$N ipsec; done
 
 # --- f. WireGuard ------------------------------------------------------------------------------
 say "f. mode switched to WireGuard (public keys collected through hostvars)"
 sed -i 's/^encryptd_mode: ipsec$/encryptd_mode: wireguard/' "$A/group_vars/encryptd/vars.yml"
 for N in $(seq $NODES); do eval "PID$N=\$(mainpid n$N)"; done
+T_WG=$(date +%s.%N)
 play wireguard
-[ $PRC = 0 ] || show_play wireguard
+[ $PRC = 0 ] || show_T_WG=$(date +%s.%N)
+play wireguard
 check "ansible-playbook exits 0" eq "$PRC" 0
 for N in $(seq $NODES); do
     n=n$N
@@ -454,13 +460,30 @@ for N in $(seq $NODES); do
     check "$n: no XFRM policies or states left (teardown)" eq "$(on $n 'ip xfrm policy; ip xfrm state')" ""
     check "$n: encryptd0 is a WireGuard link" on $n "ip -d link show encryptd0 | grep -qw wireguard"
 done
-for N in $(seq $NODES); do check "n$N: pings, WireGuard only on the wire, encryptd status 0" e2e n$N wireguard; done
+T_WG_UP=$(date +%s.%N)
+for N in $(seq $NODES); do check "n$N: pings; it sends only WireGuard UDP on wire0; encryptd status 0" e2e n$N wireguard; done
 
 say "g. WireGuard: the same run again"
 play wireguard-again
 [ $PRC = 0 ] || show_play wireguard-again
 check "ansible-playbook exits 0" eq "$PRC" 0
 for N in $(seq $NODES); do check "n$N: nothing changed (changed=0)" eq "$(recap wireguard-again n$N changed)" 0; done
+
+say "the wire between n1 and n2 (qemu's capture of n1's link, host side, the whole run)"
+tcpdump -n -tt -r "$WORK/wire.pcap" 2>/dev/null >"$WORK/wire.txt" || true
+wire() {   # wire FROM TO REGEX: frames between the two times (epoch seconds) matching REGEX
+    awk -v a="$1" -v b="$2" -v re="$3" '$1 >= a && $1 < b && $0 ~ re { n++ } END { print n + 0 }' "$WORK/wire.txt"
+}
+ESP_RE='ESP\\(' WG_RE='\\.51871[ :]' PING_RE='ICMP echo|ICMP6, echo'
+echo "       $(wc -l <"$WORK/wire.txt") frames; IPsec phases: $(wire 0 "$T_WG" "$ESP_RE") ESP," \
+     "$(wire 0 "$T_WG" "$PING_RE") plaintext pings; WireGuard phases: $(wire "$T_WG" 9e9 "$WG_RE") WireGuard UDP," \
+     "$(wire "$T_WG" 9e9 "$ESP_RE") ESP, $(wire "$T_WG" 9e9 "$PING_RE") plaintext pings"
+check "no plaintext ping ever crossed the wire (requests or replies)" eq "$(wire 0 9e9 "$PING_RE")" 0
+check "IPsec phases: ESP on the wire" test "$(wire 0 "$T_WG" "$ESP_RE")" -gt 0
+check "WireGuard phases: WireGuard UDP on the wire" test "$(wire "$T_WG" 9e9 "$WG_RE")" -gt 0
+check "WireGuard, once up: no ESP on the wire" eq "$(wire "$T_WG_UP" 9e9 "$ESP_RE")" 0
+grep -E 'ESP\(' "$WORK/wire.txt" | sed -n 1,2p | cut -c1-120 | sed 's/^/       | /'
+grep -E '\.51871[ :]' "$WORK/wire.txt" | sed -n 1,2p | cut -c1-120 | sed 's/^/       | /'
 
 say "the journal of n1's encryptd"
 on n1 'journalctl -b -u encryptd -o short-monotonic --no-pager | tail -30' | sed 's/^/       | /'
