@@ -23,19 +23,23 @@
 #        staged, validated with `encryptd check` and installed (modes, owners,
 #        contents); unit enabled and started (not reloaded: it started on the new
 #        files); STATUS= 1/1 peers up; pings between the nodes and between their
-#        subnets, ESP only on the wire (tcpdump), `encryptd status` exit 0
-#        (tests/vagrant/e2e-node.sh); no staging directory left in /run.
+#        subnets, only ESP in what each node sends (tcpdump in the guest), `encryptd
+#        status` exit 0 (tests/vagrant/e2e-node.sh); no staging directory left in /run.
 #     b. The same run again: nothing changed, no handler.
 #     c. A broken inventory (an address that is not one): the run fails at nodes.toml's
 #        validate with encryptd check's file:line:col message; the deployed files are
 #        unchanged, the daemon neither reloaded nor restarted.
 #     d. A broken key line: refused the same way; ipsec.keys unchanged and still 0600.
-#     e. Rotation: key-id 2 appended in the vault: only ipsec.keys changes, the handler
-#        reloads (same PID), both nodes move to key 2, no ping lost meanwhile.
+#     e0. --check --diff with key-id 2 appended in the vault: would change ipsec.keys
+#        only, changes nothing, prints no key bytes.
+#     e. The rotation: only ipsec.keys changes, the handler reloads (same PID), both
+#        nodes move to key 2, no ping lost meanwhile (every 200 ms).
 #     f. Mode switched to WireGuard: `encryptd pubkey` on each node, the keys gathered
 #        into nodes.toml through hostvars, the mode-change handler (stop, teardown,
 #        start): no XFRM objects left, encryptd0 up, WireGuard UDP only on the wire.
 #     g. WireGuard again: nothing changed.
+#     Then the wire itself, captured by qemu on the host for the whole run: no
+#     plaintext ping ever; ESP in the IPsec phases, WireGuard UDP (and no ESP) after.
 #
 # Env: ANSIBLETEST_CACHE (~/.cache/encryptd-ansibletest), ANSIBLE_CORE (pip spec,
 #      "ansible-core==2.19.*"), VM_CACHE (the rig's), ANSIBLETEST_TIMEOUT (1500 s for
@@ -406,9 +410,21 @@ for N in $(seq $NODES); do
     check "n$N: no reload, same PID" eq "$(reloads n$N) $(mainpid n$N)" "0 $(eval echo \$PID$N)"
 done
 
+# --- e0. check mode ----------------------------------------------------------------------------
+say "e0. --check --diff with key-id 2 appended in the vault: reports, changes nothing"
+vault "$KEY1" "$KEY2"
+play check-mode --check --diff
+[ $PRC = 0 ] || show_play check-mode
+check "ansible-playbook --check --diff exits 0" eq "$PRC" 0
+for N in $(seq $NODES); do
+    check "n$N: would change ipsec.keys (and reload)" eq "$(changed_tasks check-mode n$N)" "Install ipsec.keys;Reload encryptd"
+    check "n$N: deployed files unchanged" eq "$(sums n$N)" "$(eval echo \"\$SUM$N\")"
+    check "n$N: no reload, same PID" eq "$(reloads n$N) $(mainpid n$N)" "0 $(eval echo \$PID$N)"
+done
+check "no key bytes in the diff output" eval "! grep -q -e '${KEY1#1+ rfc4106(gcm(aes)) }' -e '${KEY2#2+ rfc4106(gcm(aes)) }' '$WORK/play-check-mode.log'"
+
 # --- e. rotation ---------------------------------------------------------------------------------
 say "e. rotation: key-id 2 appended in the vault"
-vault "$KEY1" "$KEY2"
 on n1 "ping -n -i 0.2 -W 2 -I 10.99.1.1 10.99.2.1 >/run/rot-ping.out 2>&1 & echo \$! >/run/rot-ping.pid"
 play rotate
 [ $PRC = 0 ] || show_play rotate
@@ -437,8 +453,7 @@ sed -i 's/^encryptd_mode: ipsec$/encryptd_mode: wireguard/' "$A/group_vars/encry
 for N in $(seq $NODES); do eval "PID$N=\$(mainpid n$N)"; done
 T_WG=$(date +%s.%N)
 play wireguard
-[ $PRC = 0 ] || show_T_WG=$(date +%s.%N)
-play wireguard
+[ $PRC = 0 ] || show_play wireguard
 check "ansible-playbook exits 0" eq "$PRC" 0
 for N in $(seq $NODES); do
     n=n$N
