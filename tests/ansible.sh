@@ -334,7 +334,8 @@ e2e() {   # e2e NODE MODE: pings to the other nodes and their subnets, tcpdump o
     for M in $(seq $NODES); do [ $M = $n ] || targets+=" 192.0.2.1$M"; done
     targets+=" -I 10.99.$n.1"
     for M in $(seq $NODES); do [ $M = $n ] || targets+=" 10.99.$M.1"; done
-    on "$1" "bash /ctl/e2e-node.sh $2 wire0 $targets" | sed 's/^/       | /'
+    # The link given by its address, as tests/vagrant/check.sh does.
+    on "$1" "bash /ctl/e2e-node.sh $2 192.0.2.1$n $targets" | sed 's/^/       | /'
     return "${PIPESTATUS[0]}"
 }
 file_is() {   # file_is NODE PATH "MODE OWNER:GROUP"
