@@ -5,7 +5,7 @@
 #
 # As root on Debian 12 (Rust from rustup). Not part of tests/run.sh: it downloads
 # ansible-core (pip, into a venv) and a Debian root (debootstrap) once, both cached, and
-# boots two VMs under TCG. Measured here: 14 min (834 s) with the caches filled, 8
+# boots two VMs under TCG. Measured here: 11-14 min (661-834 s) with the caches filled, 8
 # playbook runs of 75-155 s each (TCG, 2 host cores shared with other work).
 #
 #  1. packaging/build.sh deb: the .deb of this tree.
