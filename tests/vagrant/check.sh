@@ -20,8 +20,7 @@ for spec in $NODES; do
     done
     echo "== $name"
     vagrant ssh "$name" -c "sudo systemctl show -p StatusText --value encryptd; \
-        sudo bash /home/vagrant/e2e-node.sh $MODE \$(ip -o -4 addr show to $ip/32 | awk '{print \$2; exit}') \
-        $addrs -I 10.99.$idx.1 $subnets" || fail=1
+        sudo bash /home/vagrant/e2e-node.sh $MODE $ip $addrs -I 10.99.$idx.1 $subnets" || fail=1
 done
 [ $fail = 0 ] && echo "check.sh: every node passed" || echo "check.sh: FAILED"
 exit $fail

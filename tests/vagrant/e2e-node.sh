@@ -1,9 +1,10 @@
 #!/bin/bash
 # tests/vagrant/e2e-node.sh MODE WIRE [-I SRC] DST... — the end-to-end check on one node,
 # as root: `encryptd status` exits 0, every DST answers pings, and what this node sends
-# on its underlay link WIRE is encrypted: ESP (MODE ipsec) or WireGuard's UDP (MODE
-# wireguard), never a plaintext ICMP echo (request or reply). `-I SRC` pings the DSTs
-# after it from SRC (an address of a subnet behind this node). Used by
+# on its underlay link WIRE (a link name, or an address the link holds) is encrypted:
+# ESP (MODE ipsec) or WireGuard's UDP (MODE wireguard), never a plaintext ICMP echo
+# (request or reply). `-I SRC` pings the DSTs after it from SRC (an address of a subnet
+# behind this node). Used by
 # tests/vagrant/check.sh (on every node) and by tests/ansible.sh. Needs tcpdump, ping.
 #
 # Only this node's egress is captured (tcpdump -Q out): on the receiving side, the kernel
@@ -19,6 +20,12 @@ WIRE=${2:?usage: e2e-node.sh ipsec|wireguard WIRE [-I SRC] DST...}
 shift 2
 case $MODE in ipsec|wireguard) ;; *) echo "e2e: mode must be ipsec or wireguard" >&2; exit 2 ;; esac
 WG_PORT=${WG_PORT:-51871}
+# WIRE may also be an address: the link that holds it.
+if [ ! -e "/sys/class/net/$WIRE" ]; then
+    link=$(ip -o addr show to "$WIRE" | awk '{print $2; exit}')
+    [ -n "$link" ] || { echo "e2e: no link named or holding $WIRE" >&2; exit 2; }
+    WIRE=$link
+fi
 me=$(hostname)
 fail=0
 
