@@ -25,14 +25,14 @@ use std::fs::File;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use encryptd::config::Config;
 use encryptd::config::inventory::{Inventory, Node};
 use encryptd::config::keys::{Algorithm as KeyAlg, KeyEntry, KeyRing};
-use encryptd::config::settings::{Ipsec, Mode, Settings, Strict, Wireguard};
+use encryptd::config::settings;
 use encryptd::hello::Family;
 use encryptd::ipsec::Engine;
 use encryptd::kernel::xfrm::{Action, Algorithm, Direction, Xfrm, XfrmPolicy, XfrmState};
@@ -314,37 +314,10 @@ fn config(n: usize, subnets: bool) -> Config {
             span: 0..0,
         })
         .collect();
+    let text = format!("mode = \"ipsec\"\nnode = \"{ME}\"\n");
     Config {
-        settings: Settings {
-            mode: Mode::Ipsec,
-            node: ME.into(),
-            node_span: None,
-            inventory: PathBuf::new(),
-            runtime_dir: PathBuf::new(),
-            boot_id_path: PathBuf::new(),
-            ipsec: Ipsec {
-                keys: PathBuf::new(),
-                interface: None,
-                key_rotation_duration: Duration::from_secs(300),
-                replay_window: 4096,
-                hello_port: 4510,
-            },
-            wireguard: Wireguard {
-                interface: "encryptd0".into(),
-                listen_port: 51871,
-                private_key: PathBuf::new(),
-            },
-            strict: Strict {
-                enabled: false,
-                keep_on_stop: true,
-                cidrs: vec![],
-                ingress: true,
-                allow_remote_node_identities: false,
-                exceptions: vec![],
-            },
-            metrics_path: None,
-            strict_cidr_spans: vec![],
-        },
+        settings: settings::parse_str(Path::new("/etc/encryptd/encryptd.toml"), &text)
+            .expect("valid settings"),
         inventory: Inventory::new(nodes),
         keys: Some(KeyRing {
             entries: vec![KeyEntry {

@@ -303,10 +303,8 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::inventory::Inventory;
     use crate::config::keys::{Algorithm as KAlg, KeyEntry, KeyRing};
-    use crate::config::settings::{Ipsec, Mode as CMode, Settings, Strict, Wireguard};
+    use crate::config::settings::parse_str;
     use crate::peer::{InSa, OutSa};
-    use std::path::PathBuf;
-    use std::time::Duration;
     use zeroize::Zeroizing;
 
     pub fn node(name: &str, addrs: &[&str], subnets: &[&str]) -> Node {
@@ -320,37 +318,10 @@ pub(crate) mod tests {
     }
 
     pub fn config(nodes: Vec<Node>) -> Config {
+        let text = "mode = \"ipsec\"\nnode = \"a\"\n";
         Config {
-            settings: Settings {
-                mode: CMode::Ipsec,
-                node: "a".into(),
-                node_span: None,
-                inventory: PathBuf::new(),
-                runtime_dir: PathBuf::new(),
-                boot_id_path: PathBuf::new(),
-                ipsec: Ipsec {
-                    keys: PathBuf::new(),
-                    interface: None,
-                    key_rotation_duration: Duration::from_secs(300),
-                    replay_window: 4096,
-                    hello_port: 4510,
-                },
-                wireguard: Wireguard {
-                    interface: "encryptd0".into(),
-                    listen_port: 51871,
-                    private_key: PathBuf::new(),
-                },
-                strict: Strict {
-                    enabled: false,
-                    keep_on_stop: true,
-                    cidrs: vec![],
-                    ingress: true,
-                    allow_remote_node_identities: false,
-                    exceptions: vec![],
-                },
-                metrics_path: None,
-                strict_cidr_spans: vec![],
-            },
+            settings: parse_str(std::path::Path::new("/etc/encryptd/encryptd.toml"), text)
+                .expect("valid settings"),
             inventory: Inventory::new(nodes),
             keys: Some(KeyRing {
                 entries: vec![KeyEntry {

@@ -340,7 +340,7 @@ pub fn is_up(last_handshake: Option<SystemTime>, now: SystemTime) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Inventory, Settings};
+    use crate::config::Inventory;
     use crate::kernel::wireguard::Peer;
 
     fn key(i: u8) -> [u8; 32] {
@@ -363,12 +363,8 @@ mod tests {
     fn config(nodes: Vec<Node>) -> Config {
         let text = "mode = \"wireguard\"\nnode = \"n0\"\n";
         let path = std::path::Path::new("/etc/encryptd/encryptd.toml");
-        let diags = crate::config::diag::Diags::default();
-        let settings: Settings =
-            crate::config::settings::read(&crate::config::diag::Source::new(path, text), &diags);
-        assert!(diags.is_empty());
         Config {
-            settings,
+            settings: crate::config::settings::parse_str(path, text).expect("valid settings"),
             inventory: Inventory::new(nodes),
             keys: None,
         }

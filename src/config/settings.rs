@@ -300,6 +300,18 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
     }
 }
 
+/// Settings from TOML text alone (tests, benchmarks): the same defaults and checks as
+/// the file, without the cross-file checks of `config::load`.
+pub fn parse_str(path: &Path, text: &str) -> Result<Settings, Vec<super::Diagnostic>> {
+    let diags = Diags::default();
+    let s = read(&Source::new(path, text), &diags);
+    if diags.is_empty() {
+        Ok(s)
+    } else {
+        Err(diags.into_sorted())
+    }
+}
+
 /// `port` was present but bad (already reported) rather than absent.
 fn diags_has_port_error(t: &Table) -> bool {
     t.has_key("port")
