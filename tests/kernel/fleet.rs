@@ -371,6 +371,22 @@ pub fn plaintext<'a>(lines: &'a [String], allowed: &[&str]) -> Vec<&'a String> {
         .collect()
 }
 
+/// `Err` listing (the first 20 of) `clear`, the plaintext lines a capture held, unless none.
+pub fn no_plaintext(clear: &[&String]) -> Result<(), String> {
+    crate::rig::ensure(
+        clear.is_empty(),
+        format!(
+            "plaintext on the wire:\n{}",
+            clear
+                .iter()
+                .take(20)
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    )
+}
+
 /// Send `n` bytes over TCP from node `from` to `addr` (in node `to`), echoed back.
 pub fn tcp_echo(
     f: &Fleet,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::Case;
-use crate::fleet::{Fleet, KEY1, plaintext, tcp_echo};
+use crate::fleet::{Fleet, KEY1, no_plaintext, plaintext, tcp_echo};
 
 /// What IPsec mode may put on the wire besides ARP and neighbour discovery.
 pub const IPSEC_WIRE: &[&str] = &["ESP(", ".4510: UDP"];
@@ -50,18 +50,7 @@ fn mesh_three_nodes() -> Result<(), String> {
     )?;
 
     let clear = plaintext(&lines, IPSEC_WIRE);
-    ensure(
-        clear.is_empty(),
-        format!(
-            "plaintext on the wire:\n{}",
-            clear
-                .iter()
-                .take(20)
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        ),
-    )?;
+    no_plaintext(&clear)?;
     let esp = lines.iter().filter(|l| l.contains("ESP(")).count();
     ensure(esp > 50, format!("only {esp} ESP packets on the wire"))?;
     for v in [

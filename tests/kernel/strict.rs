@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::Case;
-use crate::fleet::{Fleet, KEY1, plaintext, ssh_like};
+use crate::fleet::{Fleet, KEY1, no_plaintext, plaintext, ssh_like};
 use crate::ipsec::IPSEC_WIRE;
 use crate::rig::{ensure, sh};
 
@@ -95,18 +95,7 @@ fn ipsec_leaks_nothing() -> Result<(), String> {
         .into_iter()
         .filter(|l| !l.contains(".22:") && !l.contains(".22 "))
         .collect();
-    ensure(
-        clear.is_empty(),
-        format!(
-            "plaintext on the wire:\n{}",
-            clear
-                .iter()
-                .take(20)
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        ),
-    )?;
+    no_plaintext(&clear)?;
     // Spoofed plaintext arriving at n0 from a protected source: n1 without policies
     // or strict rules sends in the clear; n0 must drop it on ingress.
     let before = drop_counter(&f, 0, "ingress")?;
