@@ -330,6 +330,7 @@ fn config(n: usize, subnets: bool) -> Config {
                 line: 1,
             }],
         }),
+        psk: None,
     }
 }
 

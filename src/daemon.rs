@@ -135,6 +135,7 @@ impl Daemon {
         }
         if s.mode == Mode::Wireguard {
             v.push(s.wireguard.private_key.clone());
+            v.extend(s.wireguard.preshared_key.clone());
         }
         v
     }

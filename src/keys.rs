@@ -11,9 +11,10 @@ use std::net::IpAddr;
 
 use hkdf::Hkdf;
 use sha2::Sha256;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::keys::{Algorithm, KeyEntry};
+use crate::config::wgkey::PresharedKey;
 
 /// A boot ID (or any 128-bit epoch value).
 pub type BootId = [u8; 16];
@@ -130,9 +131,38 @@ pub fn hello_key(entry: &KeyEntry, sender: &str, receiver: &str) -> Zeroizing<Ve
     expand(&entry.psk, &info, 32)
 }
 
+/// The WireGuard preshared key of the pair with public keys `a` and `b`: the same on
+/// both sides (the keys are put in order), different for every pair, so one pair's key
+/// says nothing about another's; a node with a new key pair gets new preshared keys.
+pub fn wireguard_psk(cluster: &PresharedKey, a: &[u8; 32], b: &[u8; 32]) -> PresharedKey {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let okm = expand(cluster.as_bytes(), &info(b"wireguard psk", &[lo, hi]), 32);
+    let mut k = [0u8; 32];
+    k.copy_from_slice(&okm);
+    let psk = PresharedKey::from_bytes(k);
+    k.zeroize();
+    psk
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wireguard_psk_per_pair_symmetric() {
+        let c = PresharedKey::from_bytes([9; 32]);
+        let (a, b, d) = ([1; 32], [2; 32], [3; 32]);
+        let ab = wireguard_psk(&c, &a, &b);
+        assert_eq!(ab, wireguard_psk(&c, &b, &a), "both ends agree");
+        assert_ne!(ab, wireguard_psk(&c, &a, &d), "another pair, another key");
+        assert_ne!(ab, c, "not the cluster key itself");
+        assert_ne!(
+            ab,
+            wireguard_psk(&PresharedKey::from_bytes([8; 32]), &a, &b),
+            "a new cluster key changes every pair's key"
+        );
+        assert!(!ab.is_none());
+    }
 
     fn entry(id: u8, alg: Algorithm, psk: &[u8]) -> KeyEntry {
         KeyEntry {

@@ -334,6 +334,7 @@ pub(crate) mod tests {
                     line: 1,
                 }],
             }),
+            psk: None,
         }
     }
 

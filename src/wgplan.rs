@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
+use crate::config::wgkey::PresharedKey;
 use crate::config::{Config, Node};
 use crate::kernel::link::{Route, Rule};
 use crate::kernel::wireguard::{Device, PeerUpdate};
@@ -66,6 +67,8 @@ pub struct PeerPlan {
     pub endpoints: Vec<SocketAddr>,
     /// The peer's addresses (as /32, /128) and subnets, sorted.
     pub allowed_ips: Vec<Cidr>,
+    /// The pair's preshared key ([`PresharedKey::none`] when there is no cluster key).
+    pub psk: PresharedKey,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +207,9 @@ pub fn plan(cfg: &Config, public_key: [u8; 32], local: &Local) -> Desired {
                     .map(|a| SocketAddr::new(*a, port))
                     .collect(),
                 allowed_ips: ips,
+                psk: cfg.psk.as_ref().map_or_else(PresharedKey::none, |c| {
+                    crate::keys::wireguard_psk(c, &public_key, &key)
+                }),
             },
         );
     }
@@ -264,23 +270,33 @@ pub fn diff(want: &Desired, have: &Observed) -> Ops {
                 public_key: *key,
                 endpoint: Some(p.endpoint),
                 keepalive: Some(KEEPALIVE),
+                preshared_key: (!p.psk.is_none()).then(|| p.psk.clone()),
                 add_ips: p.allowed_ips.clone(),
             }),
             Some(k) => {
                 let endpoint =
                     (!k.endpoint.is_some_and(|e| p.endpoints.contains(&e))).then_some(p.endpoint);
                 let keepalive = (k.keepalive != KEEPALIVE).then_some(KEEPALIVE);
+                // Setting a preshared key keeps the peer's session: the next handshake
+                // uses the new key (see docs/wireguard.md, rotation).
+                let preshared_key =
+                    (k.psk_tag != PresharedKey::tag(p.psk.as_bytes())).then(|| p.psk.clone());
                 let add_ips: Vec<Cidr> = p
                     .allowed_ips
                     .iter()
                     .filter(|c| !k.allowed_ips.contains(c))
                     .copied()
                     .collect();
-                if endpoint.is_some() || keepalive.is_some() || !add_ips.is_empty() {
+                if endpoint.is_some()
+                    || keepalive.is_some()
+                    || preshared_key.is_some()
+                    || !add_ips.is_empty()
+                {
                     ops.set_peers.push(PeerUpdate {
                         public_key: *key,
                         endpoint,
                         keepalive,
+                        preshared_key,
                         add_ips,
                     });
                 }
@@ -367,6 +383,7 @@ mod tests {
             settings: crate::config::settings::parse_str(path, text).expect("valid settings"),
             inventory: Inventory::new(nodes),
             keys: None,
+            psk: None,
         }
     }
 
@@ -414,6 +431,7 @@ mod tests {
                         endpoint: Some(p.endpoint),
                         allowed_ips: p.allowed_ips.clone(),
                         keepalive: KEEPALIVE,
+                        psk_tag: PresharedKey::tag(p.psk.as_bytes()),
                         last_handshake: None,
                         rx_bytes: 0,
                         tx_bytes: 0,
@@ -488,6 +506,44 @@ mod tests {
         assert_eq!(ops.replace_routes.len(), 6);
         assert_eq!(ops.add_rules.len(), 2);
         assert!(ops.remove_peers.is_empty() && ops.detach_ips.is_empty());
+    }
+
+    #[test]
+    fn preshared_keys_set_rotated_and_removed_alone() {
+        let mut c = three();
+        let none = plan(&c, key(1), &local());
+        assert!(none.peers.values().all(|p| p.psk.is_none()));
+        let have = applied(&none);
+
+        c.psk = Some(PresharedKey::from_bytes([5; 32]));
+        let with = plan(&c, key(1), &local());
+        let (k2, k3) = (&with.peers[&key(2)].psk, &with.peers[&key(3)].psk);
+        assert!(!k2.is_none() && k2 != k3, "one key per pair");
+        let ops = diff(&with, &have);
+        assert_eq!(ops.set_peers.len(), 2, "{ops:?}");
+        for u in &ops.set_peers {
+            assert_eq!(
+                u.preshared_key.as_ref(),
+                Some(&with.peers[&u.public_key].psk)
+            );
+            assert!(u.endpoint.is_none() && u.keepalive.is_none() && u.add_ips.is_empty());
+        }
+        assert_eq!(ops.count(), 2, "nothing but the two peers' keys: {ops:?}");
+        assert!(diff(&with, &applied(&with)).is_empty());
+
+        c.psk = Some(PresharedKey::from_bytes([6; 32]));
+        let rotated = plan(&c, key(1), &local());
+        let ops = diff(&rotated, &applied(&with));
+        assert_eq!(ops.count(), 2, "{ops:?}");
+        assert_ne!(ops.set_peers[0].preshared_key.as_ref(), Some(k2));
+
+        let ops = diff(&none, &applied(&with));
+        assert_eq!(ops.count(), 2, "{ops:?}");
+        assert!(
+            ops.set_peers
+                .iter()
+                .all(|u| u.preshared_key.as_ref().is_some_and(PresharedKey::is_none))
+        );
     }
 
     #[test]

@@ -414,6 +414,11 @@ fn describe(u: &crate::kernel::wireguard::PeerUpdate) -> String {
     if let Some(k) = u.keepalive {
         parts.push(format!("keepalive {k} s"));
     }
+    match &u.preshared_key {
+        Some(k) if k.is_none() => parts.push("preshared key removed".into()),
+        Some(_) => parts.push("new preshared key".into()),
+        None => {}
+    }
     if !u.add_ips.is_empty() {
         parts.push(format!(
             "allowed IPs + {}",

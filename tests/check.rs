@@ -169,7 +169,7 @@ fn wrong_types_and_values() {
             "encryptd.toml:12:8: `mode` must be \"ipsec\" or \"wireguard\", not \"ipsek\"",
             "encryptd.toml:38:25: `key_rotation_duration` \"5 minutes\" is not a duration such as \"30s\", \"5m\" or \"1h\"",
             "encryptd.toml:42:17: `replay_window` must be between 1 and 4096",
-            "encryptd.toml:68:11: `ingress` must be true or false, not a string",
+            "encryptd.toml:73:11: `ingress` must be true or false, not a string",
         ]);
 }
 
@@ -182,7 +182,7 @@ fn bad_addresses_and_cidrs() {
         .edit("nodes.toml", "\"fd00:2::/64\"", "\"fd00:2::1/64\"")
         .edit("encryptd.toml", "\"10.0.0.0/8\"", "\"10.0.0.0/40\"")
         .fails_with(&[
-            "encryptd.toml:65:10: strict.cidrs: '40' is not a prefix length (0..=32)",
+            "encryptd.toml:70:10: strict.cidrs: '40' is not a prefix length (0..=32)",
             "nodes.toml:18:14: \"192.0.2.300\" is not an IPv4 or IPv6 address",
             "nodes.toml:19:12: subnet 10.1.1.7/24 has host bits set; did you mean 10.1.1.0/24?",
             "nodes.toml:19:27: subnet fd00:2::1/64 has host bits set; did you mean fd00:2::/64?",
@@ -327,7 +327,7 @@ fn strict_range_containing_own_address_needs_an_exception() {
         .edit("encryptd.toml", "cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "cidrs = [\"10.0.0.0/8\", \"192.0.2.0/24\"]")
         .edit("encryptd.toml", "exceptions = [{ proto = \"tcp\", port = 22 }]", "exceptions = []")
         .fails_with(&[
-            "encryptd.toml:65:24: protected range 192.0.2.0/24 contains this node's address 192.0.2.10, and no exception keeps it reachable: add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }] (or the port you manage it by)",
+            "encryptd.toml:70:24: protected range 192.0.2.0/24 contains this node's address 192.0.2.10, and no exception keeps it reachable: add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }] (or the port you manage it by)",
         ]);
     // With the exception it is valid.
     let f = Fixture::new();
@@ -437,4 +437,41 @@ fn wireguard_key_pair_commands() {
     let (code, out, err) = run(&["pubkey", "--config", config]);
     assert_eq!((code, out.as_str()), (1, ""));
     assert!(err.contains("it must be 0600"), "{err}");
+}
+
+#[test]
+fn wireguard_preshared_key_file() {
+    let f = Fixture::new();
+    f.edit("encryptd.toml", "mode = \"ipsec\"", "mode = \"wireguard\"")
+        .edit(
+            "encryptd.toml",
+            "preshared_key = \"\"",
+            "preshared_key = \"cluster.psk\"",
+        );
+    f.fails_with(&[
+        "cluster.psk:1:1: cannot read the preshared key file: No such file or directory (os error 2)",
+    ]);
+    let psk = f.dir.join("cluster.psk");
+    let secret = "2B1nDh6Kv0Ry0x3sQjX4hG0mJ9v1cL8pT5wZ7aE3fUo=";
+    std::fs::write(&psk, format!("{secret}\n")).unwrap();
+    f.chmod("cluster.psk", 0o640);
+    f.fails_with(&[
+        "cluster.psk:1:1: preshared key file is accessible by group or others (mode 0640); it must be 0600: chmod 0600 cluster.psk",
+    ]);
+    f.chmod("cluster.psk", 0o600);
+    std::fs::write(&psk, &secret[..40]).unwrap();
+    f.fails_with(&[
+        "cluster.psk:1:1: the preshared key file is not one WireGuard key (44 characters of base64, as `encryptd keygen` or `wg genkey` prints)",
+    ]);
+    std::fs::write(&psk, format!("{}\n", "A".repeat(43) + "=")).unwrap();
+    f.fails_with(&[
+        "cluster.psk:1:1: the preshared key file holds an all-zero key, which WireGuard takes as no key: make one with `wg genpsk` or `head -c 32 /dev/urandom | base64`",
+    ]);
+    std::fs::write(&psk, format!("{secret}\n")).unwrap();
+    let (code, out, err) = f.check(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains(secret) && !err.contains(secret),
+        "key bytes printed"
+    );
 }

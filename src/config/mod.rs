@@ -34,6 +34,8 @@ pub struct Config {
     pub inventory: Inventory,
     /// `None` in WireGuard mode.
     pub keys: Option<KeyRing>,
+    /// WireGuard mode: the cluster preshared key, if `[wireguard] preshared_key` is set.
+    pub psk: Option<wgkey::PresharedKey>,
 }
 
 impl Config {
@@ -100,12 +102,18 @@ pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
         }
     });
 
+    let psk = match (&settings.mode, &settings.wireguard.preshared_key) {
+        (Mode::Wireguard, Some(path)) => wgkey::read_psk(path).map_err(|d| diags.push(d)).ok(),
+        _ => None,
+    };
+
     cross_check(&src, &settings, &inventory, &diags);
     if diags.is_empty() {
         Ok(Config {
             settings,
             inventory,
             keys,
+            psk,
         })
     } else {
         Err(diags.into_sorted())
@@ -248,6 +256,7 @@ mod tests {
             settings,
             inventory: Inventory::default(),
             keys: None,
+            psk: None,
         }
     }
 

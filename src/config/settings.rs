@@ -37,6 +37,8 @@ pub struct Wireguard {
     pub interface: String,
     pub listen_port: u16,
     pub private_key: PathBuf,
+    /// The cluster preshared key file, from which each pair's preshared key is derived.
+    pub preshared_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -218,6 +220,11 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         },
         listen_port: port(&t, "listen_port", 51871),
         private_key: path(&t, "private_key", "/var/lib/encryptd/wireguard.key"),
+        // Absent or empty: no preshared keys (an empty string lets a template switch it off).
+        preshared_key: t
+            .string("preshared_key")
+            .filter(|v| !v.value.is_empty())
+            .map(|v| resolve(base, &v.value)),
     };
     t.finish();
 

@@ -76,34 +76,104 @@ impl PrivateKey {
 
     /// Parse the file's content; the error names what is wrong, never the content.
     pub fn from_base64(text: &str) -> Result<PrivateKey, &'static str> {
-        let t = text.trim();
-        if t.len() != B64_LEN {
-            return Err(
-                "is not one WireGuard key (44 characters of base64, as `encryptd keygen` or `wg genkey` prints)",
-            );
-        }
-        let mut buf = Zeroizing::new([0u8; 33]);
-        match base64::engine::general_purpose::STANDARD.decode_slice(t, &mut buf[..]) {
-            Ok(32) => {
-                let mut k = Zeroizing::new([0u8; 32]);
-                k.copy_from_slice(&buf[..32]);
-                Ok(PrivateKey(k))
-            }
-            _ => Err("is not valid base64 of 32 bytes (a WireGuard key)"),
-        }
+        decode(text).map(PrivateKey)
     }
 }
 
-/// Refuse a private key file that anyone but its owner can read.
-pub fn check_mode(path: &Path) -> Result<(), Diagnostic> {
+/// 32 bytes from 44 characters of base64 (surrounding whitespace ignored).
+fn decode(text: &str) -> Result<Zeroizing<[u8; 32]>, &'static str> {
+    let t = text.trim();
+    if t.len() != B64_LEN {
+        return Err(
+            "is not one WireGuard key (44 characters of base64, as `encryptd keygen` or `wg genkey` prints)",
+        );
+    }
+    let mut buf = Zeroizing::new([0u8; 33]);
+    match base64::engine::general_purpose::STANDARD.decode_slice(t, &mut buf[..]) {
+        Ok(32) => {
+            let mut k = Zeroizing::new([0u8; 32]);
+            k.copy_from_slice(&buf[..32]);
+            Ok(k)
+        }
+        _ => Err("is not valid base64 of 32 bytes (a WireGuard key)"),
+    }
+}
+
+/// A WireGuard preshared key: the cluster's (`[wireguard] preshared_key`) or one pair's,
+/// derived from it. All zeros means none, as in the kernel's API.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey(Zeroizing<[u8; 32]>);
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresharedKey(..)")
+    }
+}
+
+impl PresharedKey {
+    /// No preshared key.
+    pub fn none() -> PresharedKey {
+        PresharedKey(Zeroizing::new([0; 32]))
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> PresharedKey {
+        PresharedKey(Zeroizing::new(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.0.iter().all(|b| *b == 0)
+    }
+
+    /// A short one-way tag to compare keys by (what the kernel has with what the plan
+    /// wants) without holding or printing the key itself; `None` for no key.
+    pub fn tag(bytes: &[u8; 32]) -> Option<[u8; 8]> {
+        use sha2::Digest;
+        if bytes.iter().all(|b| *b == 0) {
+            return None;
+        }
+        let d = sha2::Sha256::new_with_prefix(b"encryptd psk tag")
+            .chain_update(bytes)
+            .finalize();
+        let mut t = [0; 8];
+        t.copy_from_slice(&d[..8]);
+        Some(t)
+    }
+}
+
+/// Read the cluster preshared key file: mode 0600, one key in base64 (`wg genpsk`).
+pub fn read_psk(path: &Path) -> Result<PresharedKey, Diagnostic> {
+    check_mode(path, "preshared key")?;
+    let bytes =
+        Zeroizing::new(fs::read(path).map_err(|e| file_diag(path, format!("cannot read: {e}")))?);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| file_diag(path, "the preshared key file is not text (base64)"))?;
+    let key = decode(text)
+        .map(PresharedKey)
+        .map_err(|m| file_diag(path, format!("the preshared key file {m}")))?;
+    if key.is_none() {
+        return Err(file_diag(
+            path,
+            "the preshared key file holds an all-zero key, which WireGuard takes as no key: make one with `wg genpsk` or `head -c 32 /dev/urandom | base64`",
+        ));
+    }
+    Ok(key)
+}
+
+/// Refuse a key file (`what`: "private key", "preshared key") that anyone but its
+/// owner can read.
+pub fn check_mode(path: &Path, what: &str) -> Result<(), Diagnostic> {
     let meta = fs::metadata(path)
-        .map_err(|e| file_diag(path, format!("cannot read the private key file: {e}")))?;
+        .map_err(|e| file_diag(path, format!("cannot read the {what} file: {e}")))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(file_diag(
             path,
             format!(
-                "private key file is accessible by group or others (mode {mode:04o}); it must be 0600: chmod 0600 {}",
+                "{what} file is accessible by group or others (mode {mode:04o}); it must be 0600: chmod 0600 {}",
                 path.display()
             ),
         ));
@@ -113,7 +183,7 @@ pub fn check_mode(path: &Path) -> Result<(), Diagnostic> {
 
 /// Read the private key file (its mode checked first).
 pub fn read(path: &Path) -> Result<PrivateKey, Diagnostic> {
-    check_mode(path)?;
+    check_mode(path, "private key")?;
     let bytes =
         Zeroizing::new(fs::read(path).map_err(|e| file_diag(path, format!("cannot read: {e}")))?);
     let text = std::str::from_utf8(&bytes)

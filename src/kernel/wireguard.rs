@@ -24,7 +24,7 @@ use wireguard_uapi::set::{self, WgPeerF};
 use wireguard_uapi::{DeviceInterface, WgSocket};
 use zeroize::Zeroize;
 
-use crate::config::wgkey::PrivateKey;
+use crate::config::wgkey::{PresharedKey, PrivateKey};
 use crate::net::Cidr;
 
 /// A WireGuard device as the kernel reports it (without its private key).
@@ -44,6 +44,9 @@ pub struct Peer {
     pub allowed_ips: Vec<Cidr>,
     /// Persistent keepalive interval in seconds, 0 when off.
     pub keepalive: u16,
+    /// [`PresharedKey::tag`] of the peer's preshared key (`None`: none); the key itself
+    /// is wiped as soon as it is read.
+    pub psk_tag: Option<[u8; 8]>,
     /// Wall-clock time of the last completed handshake; `None` if there was none.
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
@@ -56,6 +59,8 @@ pub struct PeerUpdate {
     pub public_key: [u8; 32],
     pub endpoint: Option<SocketAddr>,
     pub keepalive: Option<u16>,
+    /// The preshared key to set ([`PresharedKey::none`] removes it); `None` leaves it.
+    pub preshared_key: Option<PresharedKey>,
     /// Allowed IPs to add (moved from any other peer that has them).
     pub add_ips: Vec<Cidr>,
 }
@@ -113,6 +118,7 @@ impl Wg {
             .peers
             .iter_mut()
             .map(|p| {
+                let psk_tag = PresharedKey::tag(&p.preshared_key);
                 p.preshared_key.zeroize();
                 Peer {
                     public_key: p.public_key,
@@ -123,6 +129,7 @@ impl Wg {
                         .filter_map(|a| Cidr::new(a.ipaddr, a.cidr_mask))
                         .collect(),
                     keepalive: p.persistent_keepalive_interval,
+                    psk_tag,
                     last_handshake: (p.last_handshake_time != Duration::ZERO)
                         .then(|| UNIX_EPOCH + p.last_handshake_time),
                     rx_bytes: p.rx_bytes,
@@ -185,6 +192,7 @@ impl Wg {
             let mut p = set::Peer::from_public_key(&u.public_key);
             p.endpoint = u.endpoint.as_ref();
             p.persistent_keepalive_interval = u.keepalive;
+            p.preshared_key = u.preshared_key.as_ref().map(PresharedKey::as_bytes);
             p.allowed_ips = u
                 .add_ips
                 .iter()
@@ -226,6 +234,7 @@ impl Wg {
                 public_key: dummy,
                 endpoint: None,
                 keepalive: None,
+                preshared_key: None,
                 add_ips: ips.to_vec(),
             }],
         )?;
