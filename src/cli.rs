@@ -151,23 +151,7 @@ fn teardown(paths: &Paths) -> i32 {
     let ifname = config::load(paths)
         .map(|c| c.settings.wireguard.interface)
         .unwrap_or_else(|_| "encryptd0".into());
-    match crate::kernel::link::Rtnl::open().and_then(|mut r| {
-        let link = r
-            .link(&ifname)?
-            .filter(|l| l.kind.as_deref() == Some("wireguard"));
-        if let Some(l) = &link {
-            r.delete_link(l.index)?;
-        }
-        let rules: Vec<_> = r
-            .rules()?
-            .into_iter()
-            .filter(|x| {
-                x.table == crate::wgplan::TABLE && x.priority == crate::wgplan::RULE_PRIORITY
-            })
-            .collect();
-        r.delete_rules(&rules)?;
-        Ok((link.is_some(), rules.len()))
-    }) {
+    match crate::teardown::wireguard(&ifname) {
         Ok((link, rules)) => {
             if link {
                 println!("removed the WireGuard interface {ifname}");
@@ -184,23 +168,7 @@ fn teardown(paths: &Paths) -> i32 {
             failed = true;
         }
     }
-    match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| {
-        let states: Vec<_> = x
-            .dump_states()?
-            .into_iter()
-            .filter(|d| d.is_ours())
-            .map(|d| d.state)
-            .collect();
-        let policies: Vec<_> = x
-            .dump_policies()?
-            .into_iter()
-            .filter(|d| d.is_ours())
-            .map(|d| d.policy)
-            .collect();
-        x.delete_policies(&policies)?;
-        x.delete_states(&states)?;
-        Ok((states.len(), policies.len()))
-    }) {
+    match crate::teardown::ipsec() {
         Ok((s, p)) => println!("removed {p} XFRM policies and {s} XFRM states"),
         Err(e) => {
             eprintln!("encryptd teardown: XFRM: {e}");

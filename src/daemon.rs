@@ -140,6 +140,34 @@ impl Daemon {
         v
     }
 
+    /// What the other mode left in the kernel (the node ran it before a `mode` change).
+    fn remove_other_mode(&self) {
+        match self.config.settings.mode {
+            Mode::Ipsec => {
+                let ifname = &self.config.settings.wireguard.interface;
+                match crate::teardown::wireguard(ifname) {
+                    Ok((false, 0)) => {}
+                    Ok((link, rules)) => warn!(
+                        "mode ipsec: removed what mode wireguard left: {}{rules} policy rule(s)",
+                        if link {
+                            format!("interface {ifname}, ")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    Err(e) => error!("mode ipsec: removing mode wireguard's objects: {e}"),
+                }
+            }
+            Mode::Wireguard => match crate::teardown::ipsec() {
+                Ok((0, 0)) => {}
+                Ok((states, policies)) => warn!(
+                    "mode wireguard: removed what mode ipsec left: {policies} XFRM policies, {states} XFRM states"
+                ),
+                Err(e) => error!("mode wireguard: removing mode ipsec's objects: {e}"),
+            },
+        }
+    }
+
     fn rewatch(&mut self) {
         let files = self.watched_files();
         let refs: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
@@ -186,6 +214,7 @@ impl Daemon {
         // Strict rules go in before any tunnel: nothing may leave in plaintext while the
         // tunnels are being built. If they cannot be installed, the daemon does not start.
         self.apply_strict(&crate::strict::ruleset(&self.config))?;
+        self.remove_other_mode();
         match self.config.settings.mode {
             Mode::Ipsec => {
                 let engine = ipsec::Engine::start(&self.config).map_err(engine::Error::from)?;

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod status;
 pub mod strict;
+pub mod teardown;
 pub mod watch;
 pub mod wgplan;
 pub mod wireguard;

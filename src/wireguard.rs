@@ -10,6 +10,8 @@
 //! a restart adopts the device and its peers, and their sessions go on.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
@@ -18,7 +20,7 @@ use crate::config::Config;
 use crate::config::diag::Diagnostic;
 use crate::config::wgkey::{self, PrivateKey};
 use crate::kernel::link::{Link, LinkError, Rtnl};
-use crate::kernel::wireguard::{Device, Wg, WgError};
+use crate::kernel::wireguard::{Device, Wg, WgError, uapi_socket};
 use crate::wgplan::{self, Observed};
 
 /// How often the kernel is re-read (handshakes, drift) while every peer is up, and
@@ -45,6 +47,16 @@ pub enum Error {
         "interface {name} exists and is not a WireGuard interface (kind {kind}); encryptd leaves it alone: choose another [wireguard] interface"
     )]
     NotWireguard { name: String, kind: String },
+    #[error(
+        "this kernel has no WireGuard (creating interface {name} of type wireguard: Operation not supported): load the module (`modprobe wireguard`; in Linux since 5.6) or set [wireguard] userspace = \"/usr/bin/wireguard-go\" (package wireguard-go) to run WireGuard in userspace"
+    )]
+    NoModule { name: String },
+    #[error("starting the userspace WireGuard {program} for interface {name}: {reason}")]
+    Userspace {
+        program: String,
+        name: String,
+        reason: String,
+    },
     #[error(transparent)]
     Link(#[from] LinkError),
     #[error(transparent)]
@@ -63,6 +75,8 @@ pub struct Engine {
     rtnl: Rtnl,
     /// Connected once the interface exists (creating it loads the module).
     wg: Option<Wg>,
+    /// The interface is a userspace implementation's (a `tun` device and a UAPI socket).
+    userspace: bool,
     key: PrivateKey,
     /// The interface this engine made or adopted.
     ifname: String,
@@ -107,6 +121,7 @@ impl Engine {
         let mut e = Engine {
             rtnl: Rtnl::open()?,
             wg: None,
+            userspace: false,
             key,
             ifname: cfg.settings.wireguard.interface.clone(),
             status: BTreeMap::new(),
@@ -127,26 +142,59 @@ impl Engine {
         Ok(e)
     }
 
-    /// The interface, created if missing; refuses a foreign interface of that name.
-    fn ensure_link(&mut self) -> Result<Link, Error> {
-        let name = &self.ifname;
-        if let Some(l) = self.rtnl.link(name)? {
+    /// The interface, created if missing; refuses a foreign interface of that name. On a
+    /// kernel without WireGuard, the configured userspace implementation creates it.
+    fn ensure_link(&mut self, cfg: &Config) -> Result<Link, Error> {
+        let name = self.ifname.clone();
+        let userspace = cfg.settings.wireguard.userspace.as_deref();
+        if let Some(l) = self.rtnl.link(&name)? {
             return match l.kind.as_deref() {
-                Some("wireguard") => Ok(l),
+                Some("wireguard") => {
+                    self.use_backend(false);
+                    Ok(l)
+                }
+                Some("tun") if userspace.is_some() && uapi_socket(&name).exists() => {
+                    self.use_backend(true);
+                    Ok(l)
+                }
                 k => Err(Error::NotWireguard {
-                    name: name.clone(),
+                    name,
                     kind: k.unwrap_or("none").into(),
                 }),
             };
         }
-        self.rtnl.add_wireguard(name)?;
-        info!("created interface {name} (type wireguard)");
-        self.rtnl.link(name)?.ok_or_else(|| {
+        match self.rtnl.add_wireguard(&name) {
+            Ok(()) => {
+                info!("created interface {name} (type wireguard)");
+                self.use_backend(false);
+            }
+            Err(e) if e.refused_with(libc::EOPNOTSUPP) => {
+                let Some(program) = userspace else {
+                    return Err(Error::NoModule { name });
+                };
+                start_userspace(program, &name)?;
+                info!(
+                    "this kernel has no WireGuard: created interface {name} with {}",
+                    program.display()
+                );
+                self.use_backend(true);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.rtnl.link(&name)?.ok_or_else(|| {
             Error::Link(LinkError::Rejected {
                 what: format!("create interface {name}"),
                 failures: Vec::new(),
             })
         })
+    }
+
+    /// Talk to the kernel or to the userspace implementation from now on.
+    fn use_backend(&mut self, userspace: bool) {
+        if self.userspace != userspace {
+            self.userspace = userspace;
+            self.wg = None;
+        }
     }
 
     /// The local facts the plan needs: the addresses on this host, and the MTU of the
@@ -180,7 +228,11 @@ impl Engine {
 
     fn wg(&mut self) -> Result<&mut Wg, Error> {
         if self.wg.is_none() {
-            self.wg = Some(Wg::connect()?);
+            self.wg = Some(if self.userspace {
+                Wg::userspace(&self.ifname)
+            } else {
+                Wg::connect()?
+            });
         }
         Ok(self.wg.as_mut().expect("just set"))
     }
@@ -199,7 +251,7 @@ impl Engine {
 
     /// Make the kernel match the plan. Returns the number of objects changed.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
-        let link = self.ensure_link()?;
+        let link = self.ensure_link(cfg)?;
         let local = self.local(cfg, link.index)?;
         let underlay = local.underlay_mtu;
         let have = self.observe(&link)?;
@@ -404,6 +456,45 @@ impl Engine {
             })
             .collect()
     }
+}
+
+/// Run a userspace WireGuard as wireguard-go and boringtun are run: `PROGRAM IFNAME`
+/// creates the tun device and the UAPI socket, then the program puts itself in the
+/// background and the command returns. It stays in this service's cgroup: stopping or
+/// restarting the service ends it and its sessions (docs/wireguard.md).
+fn start_userspace(program: &Path, ifname: &str) -> Result<(), Error> {
+    let fail = |reason: String| Error::Userspace {
+        program: program.display().to_string(),
+        name: ifname.into(),
+        reason,
+    };
+    let out = Command::new(program)
+        .arg(ifname)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        // wireguard-go: with LOG_LEVEL set, its background process would keep our
+        // stderr pipe open, and this would wait for it to end.
+        .env_remove("LOG_LEVEL")
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(fail(format!("{}: {}", out.status, last.trim())));
+    }
+    let sock = uapi_socket(ifname);
+    if !sock.exists() {
+        return Err(fail(format!(
+            "it exited without creating {}",
+            sock.display()
+        )));
+    }
+    Ok(())
 }
 
 fn describe(u: &crate::kernel::wireguard::PeerUpdate) -> String {

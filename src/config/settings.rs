@@ -39,6 +39,8 @@ pub struct Wireguard {
     pub private_key: PathBuf,
     /// The cluster preshared key file, from which each pair's preshared key is derived.
     pub preshared_key: Option<PathBuf>,
+    /// A userspace WireGuard (wireguard-go, boringtun) to run when the kernel has none.
+    pub userspace: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -225,6 +227,24 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
             .string("preshared_key")
             .filter(|v| !v.value.is_empty())
             .map(|v| resolve(base, &v.value)),
+        userspace: t
+            .string("userspace")
+            .filter(|v| !v.value.is_empty())
+            .and_then(|At { value, span }| {
+                let p = resolve(base, &value);
+                if p.is_file() {
+                    Some(p)
+                } else {
+                    t.error(
+                        span,
+                        format!(
+                            "`userspace` {} is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
+                            p.display()
+                        ),
+                    );
+                    None
+                }
+            }),
     };
     t.finish();
 

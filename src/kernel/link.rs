@@ -112,6 +112,13 @@ pub enum LinkError {
     },
 }
 
+impl LinkError {
+    /// Whether the kernel refused with this errno.
+    pub fn refused_with(&self, errno: i32) -> bool {
+        matches!(self, LinkError::Rejected { failures, .. } if failures.iter().any(|(_, e)| e.errno == errno))
+    }
+}
+
 fn list(f: &[(String, super::netlink::KernelError)]) -> String {
     f.iter()
         .take(5)

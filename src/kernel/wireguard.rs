@@ -20,9 +20,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::path::{Path, PathBuf};
+
 use wireguard_uapi::set::{self, WgPeerF};
+use wireguard_uapi::xplatform;
 use wireguard_uapi::{DeviceInterface, WgSocket};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::wgkey::{PresharedKey, PrivateKey};
 use crate::net::Cidr;
@@ -79,13 +82,23 @@ pub enum WgError {
     },
 }
 
+/// Where the device lives: the kernel's module (generic netlink), or a userspace
+/// implementation (wireguard-go, boringtun) behind its UAPI socket.
+enum Backend {
+    Kernel(WgSocket),
+    Userspace(PathBuf),
+}
+
 pub struct Wg {
-    sock: WgSocket,
+    backend: Backend,
 }
 
 impl std::fmt::Debug for Wg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Wg")
+        match &self.backend {
+            Backend::Kernel(_) => f.write_str("Wg(kernel)"),
+            Backend::Userspace(p) => write!(f, "Wg(userspace, {})", p.display()),
+        }
     }
 }
 
@@ -93,23 +106,185 @@ fn b64(k: &[u8; 32]) -> String {
     crate::config::wgkey::to_base64(k)
 }
 
+/// Where userspace implementations put their UAPI socket (wireguard-go and boringtun
+/// both use this directory, fixed at build time).
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+
+pub fn uapi_socket(ifname: &str) -> PathBuf {
+    Path::new(UAPI_DIR).join(format!("{ifname}.sock"))
+}
+
+/// One change to send, independent of the backend.
+#[derive(Default)]
+struct Change<'a> {
+    private_key: Option<&'a PrivateKey>,
+    listen_port: Option<u16>,
+    fwmark: Option<u32>,
+    peers: Vec<PeerChange<'a>>,
+}
+
+struct PeerChange<'a> {
+    public_key: &'a [u8; 32],
+    remove: bool,
+    endpoint: Option<&'a SocketAddr>,
+    keepalive: Option<u16>,
+    preshared_key: Option<&'a PresharedKey>,
+    allowed_ips: Vec<(IpAddr, u8)>,
+}
+
+impl<'a> PeerChange<'a> {
+    fn update(u: &'a PeerUpdate) -> PeerChange<'a> {
+        PeerChange {
+            public_key: &u.public_key,
+            remove: false,
+            endpoint: u.endpoint.as_ref(),
+            keepalive: u.keepalive,
+            preshared_key: u.preshared_key.as_ref(),
+            allowed_ips: u
+                .add_ips
+                .iter()
+                .map(|c| (c.addr(), c.prefix_len()))
+                .collect(),
+        }
+    }
+
+    fn remove(public_key: &'a [u8; 32]) -> PeerChange<'a> {
+        PeerChange {
+            public_key,
+            remove: true,
+            endpoint: None,
+            keepalive: None,
+            preshared_key: None,
+            allowed_ips: Vec::new(),
+        }
+    }
+}
+
+/// A connection to a UAPI socket, with timeouts: a hung implementation must not hang
+/// the daemon's only thread.
+fn uapi_connect(path: &Path) -> Result<std::os::unix::net::UnixStream, String> {
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+    let limit = Some(Duration::from_secs(5));
+    stream.set_read_timeout(limit).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(limit).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// A `get=1` request, parsed by `wireguard-uapi` (whose parser keeps the private key's
+/// line in a string it does not wipe, as the kernel path's `neli` buffers do).
+fn uapi_get(path: &Path) -> Result<wireguard_uapi::get::Device, String> {
+    use std::io::{BufRead, BufReader, Write as _};
+    let mut stream = uapi_connect(path)?;
+    stream.write_all(b"get=1\n\n").map_err(|e| e.to_string())?;
+    xplatform::parser::parse(BufReader::new(stream).lines()).map_err(|e| e.to_string())
+}
+
+/// A `set=1` request of the cross-platform UAPI (wireguard.com/xplatform), written
+/// here rather than by `wireguard-uapi`'s client so that the text, which holds keys in
+/// hex, is built in one buffer that is wiped afterwards.
+fn uapi_set(path: &Path, c: &Change<'_>) -> Result<(), String> {
+    use std::fmt::Write as _;
+    use std::io::{BufRead, BufReader, Write as _};
+    let mut req = Zeroizing::new(String::with_capacity(256));
+    let w = &mut *req;
+    // Infallible: writing to a String.
+    let _ = (|| -> std::fmt::Result {
+        writeln!(w, "set=1")?;
+        if let Some(k) = c.private_key {
+            writeln!(w, "private_key={}", hex::encode(k.as_bytes()))?;
+        }
+        if let Some(p) = c.listen_port {
+            writeln!(w, "listen_port={p}")?;
+        }
+        if let Some(m) = c.fwmark {
+            writeln!(w, "fwmark={m}")?;
+        }
+        for p in &c.peers {
+            writeln!(w, "public_key={}", hex::encode(p.public_key))?;
+            if p.remove {
+                writeln!(w, "remove=true")?;
+                continue;
+            }
+            if let Some(k) = p.preshared_key {
+                writeln!(w, "preshared_key={}", hex::encode(k.as_bytes()))?;
+            }
+            if let Some(e) = p.endpoint {
+                writeln!(w, "endpoint={e}")?;
+            }
+            if let Some(k) = p.keepalive {
+                writeln!(w, "persistent_keepalive_interval={k}")?;
+            }
+            for (a, len) in &p.allowed_ips {
+                writeln!(w, "allowed_ip={a}/{len}")?;
+            }
+        }
+        writeln!(w)
+    })();
+    let mut stream = uapi_connect(path)?;
+    stream
+        .write_all(req.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    match line.trim().strip_prefix("errno=") {
+        Some("0") => Ok(()),
+        // wireguard-go answers a negative errno.
+        Some(n) => Err(format!(
+            "refused: {}",
+            n.parse::<i32>().map_or_else(
+                |_| format!("errno {n}"),
+                |n| std::io::Error::from_raw_os_error(n.abs()).to_string()
+            )
+        )),
+        None => Err(format!("unexpected answer {:?}", line.trim())),
+    }
+}
+
 impl Wg {
+    /// The kernel's WireGuard.
     pub fn connect() -> Result<Wg, WgError> {
         WgSocket::connect()
-            .map(|sock| Wg { sock })
+            .map(|sock| Wg {
+                backend: Backend::Kernel(sock),
+            })
             .map_err(|e| WgError::Connect(e.to_string()))
+    }
+
+    /// A userspace implementation's device, through its UAPI socket (one connection
+    /// per request, as the protocol wants).
+    pub fn userspace(ifname: &str) -> Wg {
+        Wg {
+            backend: Backend::Userspace(uapi_socket(ifname)),
+        }
+    }
+
+    pub fn is_userspace(&self) -> bool {
+        matches!(self.backend, Backend::Userspace(_))
     }
 
     /// The device named `ifname` (which must exist and be a WireGuard interface).
     pub fn device(&mut self, ifname: &str) -> Result<Device, WgError> {
-        let mut d = self
-            .sock
-            .get_device(DeviceInterface::from_name(ifname))
-            .map_err(|e| WgError::Get {
-                ifname: ifname.into(),
-                reason: e.to_string(),
-            })?;
-        // Never keep the kernel's copy of the private key (nor preshared keys).
+        let got = match &mut self.backend {
+            Backend::Kernel(sock) => sock
+                .get_device(DeviceInterface::from_name(ifname))
+                .map_err(|e| e.to_string()),
+            Backend::Userspace(path) => {
+                uapi_get(path).map_err(|e| format!("{}: {e}", path.display()))
+            }
+        };
+        let mut d = got.map_err(|reason| WgError::Get {
+            ifname: ifname.into(),
+            reason,
+        })?;
+        // Userspace implementations report only the private key: derive the public one.
+        // Never keep the private key (nor preshared keys).
+        let public_key = d.public_key.or_else(|| {
+            d.private_key
+                .filter(|k| k.iter().any(|b| *b != 0))
+                .map(|k| PrivateKey::from_bytes(k).public())
+        });
         if let Some(k) = d.private_key.as_mut() {
             k.zeroize();
         }
@@ -138,18 +313,48 @@ impl Wg {
             })
             .collect();
         Ok(Device {
-            public_key: d.public_key,
+            public_key,
             listen_port: d.listen_port,
             fwmark: d.fwmark,
             peers,
         })
     }
 
-    fn set(&mut self, ifname: &str, what: String, dev: set::Device<'_>) -> Result<(), WgError> {
-        self.sock.set_device(dev).map_err(|e| WgError::Set {
+    fn send(&mut self, ifname: &str, what: String, c: &Change<'_>) -> Result<(), WgError> {
+        let result = match &mut self.backend {
+            Backend::Kernel(sock) => {
+                let mut dev = set::Device::from_ifname(ifname);
+                dev.private_key = c.private_key.map(PrivateKey::as_bytes);
+                dev.listen_port = c.listen_port;
+                dev.fwmark = c.fwmark;
+                for p in &c.peers {
+                    let mut sp = set::Peer::from_public_key(p.public_key);
+                    if p.remove {
+                        sp = sp.flags(vec![WgPeerF::RemoveMe]);
+                    }
+                    sp.endpoint = p.endpoint;
+                    sp.persistent_keepalive_interval = p.keepalive;
+                    sp.preshared_key = p.preshared_key.map(PresharedKey::as_bytes);
+                    sp.allowed_ips = p
+                        .allowed_ips
+                        .iter()
+                        .map(|(a, len)| set::AllowedIp {
+                            ipaddr: a,
+                            cidr_mask: Some(*len),
+                        })
+                        .collect();
+                    dev.peers.push(sp);
+                }
+                sock.set_device(dev).map_err(|e| e.to_string())
+            }
+            Backend::Userspace(path) => {
+                uapi_set(path, c).map_err(|e| format!("{}: {e}", path.display()))
+            }
+        };
+        result.map_err(|reason| WgError::Set {
             ifname: ifname.into(),
             what,
-            reason: e.to_string(),
+            reason,
         })
     }
 
@@ -161,10 +366,6 @@ impl Wg {
         listen_port: Option<u16>,
         fwmark: Option<u32>,
     ) -> Result<(), WgError> {
-        let mut dev = set::Device::from_ifname(ifname);
-        dev.private_key = private_key.map(PrivateKey::as_bytes);
-        dev.listen_port = listen_port;
-        dev.fwmark = fwmark;
         let mut what = Vec::new();
         if let Some(k) = private_key {
             what.push(format!("private key (public {})", b64(&k.public())));
@@ -175,7 +376,13 @@ impl Wg {
         if let Some(m) = fwmark {
             what.push(format!("fwmark {m:#x}"));
         }
-        self.set(ifname, format!("setting {}", what.join(", ")), dev)
+        let c = Change {
+            private_key,
+            listen_port,
+            fwmark,
+            ..Change::default()
+        };
+        self.send(ifname, format!("setting {}", what.join(", ")), &c)
     }
 
     /// Create or change peers (additive: allowed IPs are added, never replaced).
@@ -183,44 +390,25 @@ impl Wg {
         if updates.is_empty() {
             return Ok(());
         }
-        let ips: Vec<Vec<IpAddr>> = updates
-            .iter()
-            .map(|u| u.add_ips.iter().map(Cidr::addr).collect())
-            .collect();
-        let mut dev = set::Device::from_ifname(ifname);
-        for (u, addrs) in updates.iter().zip(&ips) {
-            let mut p = set::Peer::from_public_key(&u.public_key);
-            p.endpoint = u.endpoint.as_ref();
-            p.persistent_keepalive_interval = u.keepalive;
-            p.preshared_key = u.preshared_key.as_ref().map(PresharedKey::as_bytes);
-            p.allowed_ips = u
-                .add_ips
-                .iter()
-                .zip(addrs)
-                .map(|(c, a)| set::AllowedIp {
-                    ipaddr: a,
-                    cidr_mask: Some(c.prefix_len()),
-                })
-                .collect();
-            dev.peers.push(p);
-        }
+        let c = Change {
+            peers: updates.iter().map(PeerChange::update).collect(),
+            ..Change::default()
+        };
         let names: Vec<String> = updates.iter().map(|u| b64(&u.public_key)).collect();
-        self.set(ifname, format!("setting peers {}", names.join(", ")), dev)
+        self.send(ifname, format!("setting peers {}", names.join(", ")), &c)
     }
 
     pub fn remove_peers(&mut self, ifname: &str, keys: &[[u8; 32]]) -> Result<(), WgError> {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut dev = set::Device::from_ifname(ifname);
-        for k in keys {
-            dev.peers
-                .push(set::Peer::from_public_key(k).flags(vec![WgPeerF::RemoveMe]));
-        }
+        let c = Change {
+            peers: keys.iter().map(PeerChange::remove).collect(),
+            ..Change::default()
+        };
         let names: Vec<String> = keys.iter().map(b64).collect();
-        self.set(ifname, format!("removing peers {}", names.join(", ")), dev)
+        self.send(ifname, format!("removing peers {}", names.join(", ")), &c)
     }
-
     /// Take `ips` away from whichever peers have them without touching those peers'
     /// other allowed IPs: move them to a new throw-away peer, then remove that peer.
     pub fn detach_ips(&mut self, ifname: &str, ips: &[Cidr]) -> Result<(), WgError> {

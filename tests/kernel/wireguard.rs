@@ -29,7 +29,13 @@ pub const CASES: &[Case] = &[
     ),
     ("wg_bulk_transfer_no_fragments", bulk_transfer_no_fragments),
     ("wg_new_key_pair_on_reload", new_key_pair_on_reload),
+    // Before another WireGuard case, which then shows that the module is back.
+    (
+        "wg_no_module_userspace_fallback",
+        no_module_userspace_fallback,
+    ),
     ("wg_preshared_key_rotation", preshared_key_rotation),
+    ("wg_mode_switch_removes_the_other_mode", mode_switch),
 ];
 
 /// One peer line of `wg show encryptd0 dump`.
@@ -750,5 +756,238 @@ fn preshared_key_rotation() -> Result<(), String> {
     )?;
     pair_psks(&f)?;
     println!("    new keys handshake; a node on another cluster key cannot, until it has the same");
+    Ok(())
+}
+
+/// While it lives, the guest kernel has no WireGuard: the module unloaded (which deletes
+/// every WireGuard interface) and on-demand loading off. Dropping it puts both back and
+/// ends the userspace implementations the test started.
+struct NoWireguardModule {
+    modprobe: String,
+}
+
+impl NoWireguardModule {
+    fn new() -> Result<NoWireguardModule, String> {
+        let modprobe = std::fs::read_to_string("/proc/sys/kernel/modprobe")
+            .map_err(|e| e.to_string())?
+            .trim()
+            .to_string();
+        std::fs::write("/proc/sys/kernel/modprobe", "/bin/false\n").map_err(|e| e.to_string())?;
+        let guard = NoWireguardModule { modprobe };
+        crate::rig::sh("rmmod wireguard")?;
+        Ok(guard)
+    }
+}
+
+impl Drop for NoWireguardModule {
+    fn drop(&mut self) {
+        let _ = crate::rig::sh("pkill -x wireguard-go; true");
+        let _ = std::fs::write("/proc/sys/kernel/modprobe", format!("{}\n", self.modprobe));
+        let _ = crate::rig::sh("modprobe wireguard");
+    }
+}
+
+/// A kernel without WireGuard: the daemon refuses to start and says what to do; with
+/// `[wireguard] userspace` it runs wireguard-go instead (a tun device and the UAPI
+/// socket), and the mesh, the wire, a restart that changes nothing and preshared keys
+/// work as with the kernel's.
+fn no_module_userspace_fallback() -> Result<(), String> {
+    let _nomod = NoWireguardModule::new()?;
+    let mut f = Fleet::new_with("wgu", 2, Kind::Wireguard)?;
+    for (i, d) in f.dirs.iter().enumerate() {
+        // One UAPI socket directory for every namespace: a name per node.
+        write_keys(&d.join("cluster.psk"), &(wgkey::to_base64(&[7; 32]) + "\n"))?;
+        let p = d.join("encryptd.toml");
+        let s = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
+        crate::fleet::write(
+            &p,
+            &format!("{s}interface = \"uwg{i}\"\npreshared_key = \"cluster.psk\"\n"),
+        )?;
+    }
+
+    // Without `userspace`: a clear refusal, naming both ways out.
+    f.start(0)?;
+    f.daemon(0)
+        .wait_log("this kernel has no WireGuard", Duration::from_secs(10))?;
+    let (code, _, log) = f.daemons[0].take().unwrap().stop()?;
+    ensure(
+        code != 0
+            && log.contains("load the module (`modprobe wireguard`")
+            && log.contains("set [wireguard] userspace = \"/usr/bin/wireguard-go\""),
+        format!("exit code {code}, log:\n{log}"),
+    )?;
+    println!("    no module, no userspace: refused to start (exit {code}) with the way out");
+
+    for d in &f.dirs {
+        let p = d.join("encryptd.toml");
+        let s = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
+        crate::fleet::write(&p, &(s + "userspace = \"/usr/bin/wireguard-go\"\n"))?;
+        let _ = std::fs::remove_file(d.join("daemon.log"));
+    }
+    let t0 = Instant::now();
+    for i in 0..2 {
+        f.start(i)?;
+    }
+    for i in 0..2 {
+        f.daemon(i)
+            .wait_log(&format!("peer n{} up", 1 - i), Duration::from_secs(30))
+            .map_err(|e| format!("n{i}: {e}"))?;
+    }
+    let took = t0.elapsed();
+    let log = f.daemon(0).log();
+    ensure(
+        log.contains(
+            "this kernel has no WireGuard: created interface uwg0 with /usr/bin/wireguard-go",
+        ),
+        format!("n0 should say it runs userspace:\n{log}"),
+    )?;
+    let link = f.topo.exec(0, "ip -d link show uwg0")?;
+    ensure(
+        link.contains("tun") && link.contains("mtu 1420"),
+        format!("uwg0 should be a tun device with MTU 1420: {link}"),
+    )?;
+
+    let cap = f.topo.capture("")?;
+    let mut failures = Vec::new();
+    for (i, dst) in [(0, "10.77.0.2"), (0, "fd77::2"), (1, "10.1.0.1")] {
+        if let Err(e) = f.topo.exec(i, &format!("ping -c 3 -i 0.2 -W 2 {dst}")) {
+            failures.push(format!("n{i} -> {dst}: {e}"));
+        }
+    }
+    failures.extend(tcp_echo(&f, 0, 1, "10.77.0.2:5011".parse().unwrap(), 200_000).err());
+    let lines = cap.stop();
+    ensure(
+        failures.is_empty(),
+        format!("{}\n{}", failures.join("\n"), f.logs()),
+    )?;
+    no_plaintext(&plaintext(&lines, WG_WIRE))?;
+    let wg = lines.iter().filter(|l| l.contains(".51871: UDP")).count();
+    ensure(wg > 20, format!("only {wg} WireGuard packets on the wire"))?;
+    // The userspace device holds the same per-pair preshared key on both ends.
+    let psk = |i: usize| f.topo.exec(i, &format!("wg show uwg{i} preshared-keys"));
+    let (k0, k1) = (psk(0)?, psk(1)?);
+    let key_of = |out: &str| out.split('\t').nth(1).map(|k| k.trim().to_string());
+    ensure(
+        key_of(&k0).is_some() && key_of(&k0) == key_of(&k1) && !k0.contains("(none)"),
+        "the two ends' preshared keys differ or are missing",
+    )?;
+
+    // A restart adopts the userspace device and changes nothing.
+    let d = f.daemons[1].take().unwrap();
+    let (code, _, _) = d.stop()?;
+    ensure(code == 0, format!("n1 exit code {code}"))?;
+    f.start(1)?;
+    f.daemon(1)
+        .wait_log("ready: 0 kernel object(s) changed", Duration::from_secs(15))
+        .map_err(|e| format!("the restart should change nothing: {e}"))?;
+    f.topo
+        .exec(1, "ping -c 2 -i 0.2 -W 2 10.1.0.1")
+        .map_err(|e| format!("after the restart: {e}"))?;
+
+    // `encryptd teardown` removes the userspace device too; wireguard-go then exits.
+    let d = f.daemons[0].take().unwrap();
+    d.stop()?;
+    let out = f.topo.exec(
+        0,
+        &format!(
+            "{} teardown --config {}",
+            env!("CARGO_BIN_EXE_encryptd"),
+            f.dirs[0].join("encryptd.toml").display()
+        ),
+    )?;
+    ensure(
+        out.contains("removed the WireGuard interface uwg0"),
+        format!("teardown: {out}"),
+    )?;
+    let gone = wait_for(Duration::from_secs(5), || {
+        crate::rig::sh("pgrep -f 'wireguard-go uwg0'").is_err()
+    });
+    ensure(gone, "wireguard-go for uwg0 still runs after teardown")?;
+    println!(
+        "    wireguard-go mesh up in {} ms: ping, TCP, {wg} WireGuard packets, 0 plaintext; restart adopted it, 0 changes",
+        took.as_millis()
+    );
+    Ok(())
+}
+
+/// `mode` changed by a restart: the new mode's daemon removes what the other mode left
+/// (IPsec policies would otherwise catch the WireGuard UDP between the same addresses),
+/// both ways, and traffic flows in the new mode.
+fn mode_switch() -> Result<(), String> {
+    let mut f = Fleet::new_with("wgs", 2, Kind::Wireguard)?;
+    for d in &f.dirs {
+        write_keys(&d.join("ipsec.keys"), crate::fleet::KEY1)?;
+    }
+    let set_mode = |f: &Fleet, from: &str, to: &str| -> Result<(), String> {
+        for d in &f.dirs {
+            let p = d.join("encryptd.toml");
+            let s = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
+            crate::fleet::write(&p, &s.replacen(from, to, 1))?;
+            let _ = std::fs::remove_file(d.join("daemon.log"));
+        }
+        Ok(())
+    };
+    let restart_all = |f: &mut Fleet| -> Result<(), String> {
+        for i in 0..2 {
+            if let Some(d) = f.daemons[i].take() {
+                d.stop()?;
+            }
+        }
+        for i in 0..2 {
+            f.start(i)?;
+        }
+        f.wait_all_up(Duration::from_secs(30))
+    };
+    let wire = |f: &Fleet, allowed: &[&str]| -> Result<usize, String> {
+        let cap = f.topo.capture("")?;
+        let r = f.topo.exec(0, "ping -c 3 -i 0.2 -W 2 10.1.1.1");
+        let lines = cap.stop();
+        r?;
+        no_plaintext(&plaintext(&lines, allowed))?;
+        Ok(lines.len())
+    };
+
+    set_mode(&f, "mode = \"wireguard\"", "mode = \"ipsec\"")?;
+    restart_all(&mut f)?;
+    wire(&f, crate::ipsec::IPSEC_WIRE)?;
+    ensure(
+        !f.topo.exec(0, "ip xfrm state")?.is_empty(),
+        "IPsec mode should have states",
+    )?;
+
+    set_mode(&f, "mode = \"ipsec\"", "mode = \"wireguard\"")?;
+    restart_all(&mut f)?;
+    let log = f.daemon(0).log();
+    ensure(
+        log.contains("mode wireguard: removed what mode ipsec left:"),
+        format!("n0 should have removed the IPsec objects:\n{log}"),
+    )?;
+    let left = f.topo.exec(0, "ip xfrm state; ip xfrm policy")?;
+    ensure(
+        left.trim().is_empty(),
+        format!("IPsec objects left:\n{left}"),
+    )?;
+    wire(&f, WG_WIRE)?;
+
+    set_mode(&f, "mode = \"wireguard\"", "mode = \"ipsec\"")?;
+    restart_all(&mut f)?;
+    let log = f.daemon(0).log();
+    ensure(
+        log.contains(
+            "mode ipsec: removed what mode wireguard left: interface encryptd0, 2 policy rule(s)",
+        ),
+        format!("n0 should have removed the WireGuard objects:\n{log}"),
+    )?;
+    let left = f
+        .topo
+        .exec(0, "ip link show encryptd0 2>&1; ip rule; ip -6 rule")?;
+    ensure(
+        left.contains("does not exist") && !left.contains("51871"),
+        format!("WireGuard objects left:\n{left}"),
+    )?;
+    wire(&f, crate::ipsec::IPSEC_WIRE)?;
+    println!(
+        "    ipsec -> wireguard -> ipsec by restart: the other mode's objects removed each time; traffic encrypted in each"
+    );
     Ok(())
 }

@@ -26,7 +26,7 @@ trap 'die "command failed at line $LINENO of $0"' ERR
 # xz-utils: vmlinuz -> vmlinux; kmod: depmod/modprobe -d; cpio+gzip: the initramfs;
 # procps: the guest watchdog's process list.
 # Without --no-install-recommends, wireguard-tools pulls a whole kernel and a systemd upgrade.
-PKGS="qemu-system-x86 iproute2 iputils-ping nftables tcpdump wireguard-tools kmod cpio gzip xz-utils procps ${VM_EXTRA_PKGS:-}"
+PKGS="qemu-system-x86 iproute2 iputils-ping nftables tcpdump wireguard-tools wireguard-go kmod cpio gzip xz-utils procps ${VM_EXTRA_PKGS:-}"
 apt_lists_present() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
 apt_update() { log "apt-get update"; apt-get update -qq >&2 || die "apt-get update failed"; }
 missing=$(for p in $PKGS; do
