@@ -85,6 +85,8 @@ pub struct Engine {
     /// vanishes, or that the hello exchange would bring back, is re-keyed under a new SPI,
     /// never installed again under one it used (same key, sequence numbers from 1).
     installed: BTreeSet<StateId>,
+    /// Per peer, (bytes received, bytes sent) through encryptd's SAs at the last read.
+    traffic: BTreeMap<String, (u64, u64)>,
     pub stats: HelloStats,
     /// Drops already in the log, when the next report is due, and when the last was.
     drops_reported: BTreeMap<&'static str, u64>,
@@ -136,6 +138,7 @@ impl Engine {
             retire: BTreeMap::new(),
             next_rescan: Instant::now() + RESCAN,
             installed: BTreeSet::new(),
+            traffic: BTreeMap::new(),
             stats: HelloStats::default(),
             drops_reported: BTreeMap::new(),
             drop_report_at: None,
@@ -237,6 +240,17 @@ impl Engine {
         let ks = self.xfrm.dump_states()?;
         let in_kernel: BTreeSet<StateId> =
             ks.iter().filter(|s| s.is_ours()).map(|s| s.id()).collect();
+        self.traffic.clear();
+        for s in ks.iter().filter(|s| s.is_ours()) {
+            if let Some((peer, _, outbound)) = plan::slot_of(cfg, &s.id()) {
+                let t = self.traffic.entry(peer).or_default();
+                if outbound {
+                    t.1 += s.counters.bytes;
+                } else {
+                    t.0 += s.counters.bytes;
+                }
+            }
+        }
         self.installed.extend(in_kernel.iter().copied());
         let ops = reconcile::diff(&policies, &states, &kp, &ks, &self.installed);
         self.handle_gaps(cfg, &ops);
@@ -607,6 +621,9 @@ impl Engine {
                     state: state.into(),
                     key_ids,
                     last_hello_secs: p.last_fresh.map(|t| now.duration_since(t).as_secs()),
+                    rx_bytes: self.traffic.get(name).map_or(0, |t| t.0),
+                    tx_bytes: self.traffic.get(name).map_or(0, |t| t.1),
+                    endpoint: None,
                 }
             })
             .collect()

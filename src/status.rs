@@ -24,8 +24,17 @@ pub struct PeerStatus {
     pub state: String,
     /// Key-ids this node sends to the peer with.
     pub key_ids: Vec<u8>,
-    /// Seconds since the last fresh hello, if any.
+    /// Seconds since the last fresh hello (IPsec) or handshake (WireGuard), if any.
     pub last_hello_secs: Option<u64>,
+    /// Bytes received from and sent to the peer: IPsec, through the SAs in the kernel
+    /// now (a rotation starts them again); WireGuard, since the peer was configured.
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
+    /// WireGuard: the peer's endpoint as the kernel has it (roaming included).
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -106,6 +115,26 @@ pub fn metrics(s: &Snapshot, xfrm: &[(String, u64)]) -> String {
         })
         .collect();
     metric("peer_up", "1 when the peer is up.", "gauge", &per_peer);
+    for (name, help, get) in [
+        (
+            "peer_receive_bytes",
+            "Bytes received from the peer (IPsec: through the current SAs).",
+            (|p: &PeerStatus| p.rx_bytes) as fn(&PeerStatus) -> u64,
+        ),
+        (
+            "peer_transmit_bytes",
+            "Bytes sent to the peer (IPsec: through the current SAs).",
+            |p: &PeerStatus| p.tx_bytes,
+        ),
+    ] {
+        let samples: Vec<(String, u64)> = s
+            .peers
+            .iter()
+            .map(|p| (format!("{{peer=\"{}\"}}", p.name), get(p)))
+            .collect();
+        // Gauges, not counters: an IPsec rotation starts them again.
+        metric(name, help, "gauge", &samples);
+    }
     if let Some(k) = s.current_key_id {
         metric(
             "key_id",
@@ -228,12 +257,18 @@ mod tests {
                     state: "up".into(),
                     key_ids: vec![1],
                     last_hello_secs: Some(2),
+                    rx_bytes: 1500,
+                    tx_bytes: 900,
+                    endpoint: None,
                 },
                 PeerStatus {
                     name: "c".into(),
                     state: "waiting".into(),
                     key_ids: vec![],
                     last_hello_secs: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    endpoint: None,
                 },
             ],
             current_key_id: Some(3),
@@ -247,6 +282,8 @@ mod tests {
             "encryptd_peers 2",
             "encryptd_peer_up{peer=\"b\"} 1",
             "encryptd_peer_up{peer=\"c\"} 0",
+            "encryptd_peer_receive_bytes{peer=\"b\"} 1500",
+            "encryptd_peer_transmit_bytes{peer=\"b\"} 900",
             "encryptd_key_id 3",
             "encryptd_hello_dropped_total{reason=\"bad_mac\"} 4",
             "encryptd_xfrm_errors_total{counter=\"XfrmOutNoStates\"} 7",
@@ -260,6 +297,7 @@ mod tests {
 struct Report {
     daemon: Option<Snapshot>,
     daemon_running: bool,
+    decryption_interfaces: Vec<String>,
     keys_in_use: usize,
     max_seq: u64,
     max_seq_limit: u64,
@@ -281,15 +319,95 @@ struct StrictDrop {
     packets: u64,
 }
 
-fn runtime_dir(paths: &Paths) -> PathBuf {
-    // The snapshot is found even when the files are broken (that is when status matters).
-    config::load(paths)
-        .map(|c| c.settings.runtime_dir)
-        .unwrap_or_else(|_| PathBuf::from("/run/encryptd"))
+/// Where traffic from peers is decrypted: WireGuard, its interface; IPsec (which
+/// decrypts by policy, on whatever link ESP arrives), the links holding this node's
+/// inventoried addresses.
+fn decryption_interfaces(cfg: &config::Config) -> Vec<String> {
+    if cfg.settings.mode == config::Mode::Wireguard {
+        return vec![cfg.settings.wireguard.interface.clone()];
+    }
+    let Ok(mut r) = crate::kernel::link::Rtnl::open() else {
+        return Vec::new();
+    };
+    let (Ok(addrs), Ok(links)) = (r.addresses(), r.links()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cfg
+        .me()
+        .addresses
+        .iter()
+        .filter_map(|a| addrs.iter().find(|x| x.addr == *a))
+        .filter_map(|x| links.iter().find(|l| l.index == x.index))
+        .map(|l| l.name.clone())
+        .collect();
+    names.dedup();
+    names
+}
+
+/// The kernel's byte counts now, per peer, over the daemon's (up to 10 s old).
+fn ipsec_traffic(
+    cfg: &config::Config,
+    ours: &[crate::kernel::xfrm::DumpedState],
+    peers: &mut [PeerStatus],
+) {
+    for p in peers.iter_mut() {
+        p.rx_bytes = 0;
+        p.tx_bytes = 0;
+    }
+    for s in ours {
+        let Some((name, _, outbound)) = crate::plan::slot_of(cfg, &s.id()) else {
+            continue;
+        };
+        if let Some(p) = peers.iter_mut().find(|p| p.name == name) {
+            if outbound {
+                p.tx_bytes += s.counters.bytes;
+            } else {
+                p.rx_bytes += s.counters.bytes;
+            }
+        }
+    }
+}
+
+/// WireGuard: bytes, handshake and endpoint per peer, read from the device now.
+fn wireguard_traffic(cfg: &config::Config, peers: &mut [PeerStatus]) -> Result<(), String> {
+    use crate::kernel::wireguard::{Wg, uapi_socket};
+    let ifname = &cfg.settings.wireguard.interface;
+    let mut wg = if uapi_socket(ifname).exists() {
+        Wg::userspace(ifname)
+    } else {
+        Wg::connect().map_err(|e| e.to_string())?
+    };
+    let dev = wg.device(ifname).map_err(|e| e.to_string())?;
+    let now = SystemTime::now();
+    for kp in &dev.peers {
+        let Some(node) = cfg
+            .inventory
+            .nodes
+            .iter()
+            .find(|n| n.wireguard_public_key == Some(kp.public_key))
+        else {
+            continue;
+        };
+        if let Some(p) = peers.iter_mut().find(|p| p.name == node.name) {
+            p.rx_bytes = kp.rx_bytes;
+            p.tx_bytes = kp.tx_bytes;
+            p.endpoint = kp.endpoint.map(|e| e.to_string());
+            p.last_hello_secs = kp
+                .last_handshake
+                .and_then(|t| now.duration_since(t).ok())
+                .map(|d| d.as_secs());
+        }
+    }
+    Ok(())
 }
 
 pub fn main(paths: &Paths, json: bool) -> i32 {
-    let dir = runtime_dir(paths);
+    // The snapshot is found even when the files are broken (that is when status matters).
+    let cfg = config::load(paths).ok();
+    let dir = cfg.as_ref().map_or_else(
+        || PathBuf::from("/run/encryptd"),
+        |c| c.settings.runtime_dir.clone(),
+    );
     let daemon: Option<Snapshot> = std::fs::read(dir.join(SNAPSHOT))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -313,10 +431,16 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
             problems.push(format!("newest configuration refused: {r}"));
         }
     }
+    let mut daemon = daemon;
     let (keys_in_use, max_seq) =
         match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| x.dump_states()) {
             Ok(states) => {
                 let ours: Vec<_> = states.into_iter().filter(|s| s.is_ours()).collect();
+                if let (Some(d), Some(c)) = (daemon.as_mut(), cfg.as_ref())
+                    && c.settings.mode == config::Mode::Ipsec
+                {
+                    ipsec_traffic(c, &ours, &mut d.peers);
+                }
                 (
                     ours.len(),
                     ours.iter().map(|s| s.counters.oseq).max().unwrap_or(0),
@@ -327,6 +451,12 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
                 (0, 0)
             }
         };
+    if let (Some(d), Some(c)) = (daemon.as_mut(), cfg.as_ref())
+        && c.settings.mode == config::Mode::Wireguard
+        && let Err(e) = wireguard_traffic(c, &mut d.peers)
+    {
+        problems.push(format!("cannot read the WireGuard device: {e}"));
+    }
     let xfrm_errors: Vec<XfrmCounter> = xfrm_errors()
         .into_iter()
         .map(|(name, value)| XfrmCounter {
@@ -359,6 +489,7 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
     let r = Report {
         daemon,
         daemon_running: running,
+        decryption_interfaces: cfg.as_ref().map(decryption_interfaces).unwrap_or_default(),
         keys_in_use,
         max_seq,
         // ESN: 64-bit sequence numbers.
@@ -375,6 +506,22 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
     i32::from(!r.problems.is_empty())
 }
 
+/// Bytes for people: 1023 B, 1.5 KiB, 12.0 MiB.
+fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 fn print_text(r: &Report) {
     match &r.daemon {
         Some(d) => {
@@ -384,22 +531,39 @@ fn print_text(r: &Report) {
                 println!("Current key-id: {k}");
             }
             println!("Strict mode: {}", if d.strict { "on" } else { "off" });
+            if !r.decryption_interfaces.is_empty() {
+                println!(
+                    "Decryption interface(s): {}",
+                    r.decryption_interfaces.join(", ")
+                );
+            }
             println!("Peers:");
+            let wireguard = d.mode == "wireguard";
             for p in &d.peers {
                 let seen = p
                     .last_hello_secs
                     .map_or("never".to_string(), |s| format!("{s} s ago"));
-                let keys: Vec<String> = p.key_ids.iter().map(u8::to_string).collect();
-                println!(
-                    "  {:<20} {:<8} key {:<6} last hello {seen}",
-                    p.name,
-                    p.state,
-                    if keys.is_empty() {
-                        "-".into()
-                    } else {
-                        keys.join(",")
-                    }
-                );
+                let traffic = format!("rx {}  tx {}", human(p.rx_bytes), human(p.tx_bytes));
+                if wireguard {
+                    println!(
+                        "  {:<20} {:<8} handshake {seen:<10} {traffic}  endpoint {}",
+                        p.name,
+                        p.state,
+                        p.endpoint.as_deref().unwrap_or("-")
+                    );
+                } else {
+                    let keys: Vec<String> = p.key_ids.iter().map(u8::to_string).collect();
+                    println!(
+                        "  {:<20} {:<8} key {:<6} last hello {seen:<10} {traffic}",
+                        p.name,
+                        p.state,
+                        if keys.is_empty() {
+                            "-".into()
+                        } else {
+                            keys.join(",")
+                        }
+                    );
+                }
             }
             let dropped: Vec<String> = d
                 .hello_dropped

@@ -69,6 +69,7 @@ pub struct PeerStatus {
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    pub endpoint: Option<std::net::SocketAddr>,
 }
 
 pub struct Engine {
@@ -349,6 +350,7 @@ impl Engine {
                         last_handshake: p.last_handshake,
                         rx_bytes: p.rx_bytes,
                         tx_bytes: p.tx_bytes,
+                        endpoint: p.endpoint,
                     },
                 )
             })
@@ -452,6 +454,9 @@ impl Engine {
                         .and_then(|s| s.last_handshake)
                         .and_then(|t| now.duration_since(t).ok())
                         .map(|d| d.as_secs()),
+                    rx_bytes: st.map_or(0, |s| s.rx_bytes),
+                    tx_bytes: st.map_or(0, |s| s.tx_bytes),
+                    endpoint: st.and_then(|s| s.endpoint).map(|e| e.to_string()),
                 }
             })
             .collect()

@@ -119,5 +119,7 @@ echo "== on the wire: $total packets: $esp ESP, $hello hello, $clear plaintext p
 { grep 'ESP(' "$W/cap" || true; } | head -6 | sed 's/^/   /'
 echo "== n0's SAs (2 per peer per family; keys not shown):"
 ip -n $P-n0 xfrm state | grep -E '^src' | sed 's/^/   /'
+echo "== encryptd status on n0:"
+ip netns exec $P-n0 "$BIN" status --config "$W/n0/encryptd.toml" | sed 's/^/   /' || fail=1
 [ "$fail" = 0 ] && [ "$clear" = 0 ] && [ "$esp" -gt 0 ] || { echo "demo: FAILED"; exit 1; }
 echo "demo: every node reached every other, encrypted."

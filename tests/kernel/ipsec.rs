@@ -96,6 +96,20 @@ fn mesh_three_nodes() -> Result<(), String> {
         json.contains("\"keys_in_use\": 8") && json.contains("\"daemon_running\": true"),
         format!("status --json:\n{json}"),
     )?;
+    // Per peer, the bytes through its SAs now: the pings and TCP above went both ways.
+    let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    let peers = v["daemon"]["peers"].as_array().cloned().unwrap_or_default();
+    ensure(
+        peers.len() == 2
+            && peers.iter().all(|p| {
+                p["rx_bytes"].as_u64().unwrap_or(0) > 1000
+                    && p["tx_bytes"].as_u64().unwrap_or(0) > 1000
+            })
+            && v["decryption_interfaces"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
+        format!("status --json: per-peer bytes and decryption interfaces:\n{json}"),
+    )?;
     // The node_exporter textfile is kept current.
     let prom = std::fs::read_to_string(f.dirs[0].join("metrics.prom"))
         .map_err(|e| format!("metrics.prom: {e}"))?;

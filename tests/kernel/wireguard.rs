@@ -238,6 +238,28 @@ fn mesh_three_nodes() -> Result<(), String> {
     )?;
     let link = f.topo.exec(0, "ip link show encryptd0")?;
     ensure(link.contains("mtu 1420"), format!("encryptd0: {link}"))?;
+    // `encryptd status`: each peer with its handshake, bytes and endpoint; exit 0.
+    let text = f.topo.exec(
+        0,
+        &format!(
+            "{} status --config {}",
+            env!("CARGO_BIN_EXE_encryptd"),
+            f.dirs[0].join("encryptd.toml").display()
+        ),
+    )?;
+    let n1 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("n1 "))
+        .unwrap_or("");
+    ensure(
+        text.contains("Decryption interface(s): encryptd0")
+            && n1.contains(" up ")
+            && n1.contains("handshake ")
+            && n1.contains("endpoint 10.77.0.2:51871")
+            && !n1.contains("rx 0 B"),
+        format!("status:\n{text}"),
+    )?;
+    println!("    encryptd status, n1's line: {}", n1.trim());
     let rules = f.topo.exec(0, "ip rule")? + &f.topo.exec(0, "ip -6 rule")?;
     ensure(
         rules
