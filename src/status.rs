@@ -311,6 +311,8 @@ struct XfrmCounter {
     name: String,
     value: u64,
     meaning: &'static str,
+    /// The peers it most likely concerns, where that can be told.
+    peers: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -344,12 +346,20 @@ fn decryption_interfaces(cfg: &config::Config) -> Vec<String> {
     names
 }
 
-/// The kernel's byte counts now, per peer, over the daemon's (up to 10 s old).
-fn ipsec_traffic(
+/// What the kernel's IPsec SAs say per peer now: bytes (over the daemon's figures, up
+/// to 10 s old) and which peers' inbound SAs counted integrity failures or replays.
+#[derive(Default)]
+struct SaFindings {
+    integrity: std::collections::BTreeSet<String>,
+    replay: std::collections::BTreeSet<String>,
+}
+
+fn ipsec_per_peer(
     cfg: &config::Config,
     ours: &[crate::kernel::xfrm::DumpedState],
     peers: &mut [PeerStatus],
-) {
+) -> SaFindings {
+    let mut found = SaFindings::default();
     for p in peers.iter_mut() {
         p.rx_bytes = 0;
         p.tx_bytes = 0;
@@ -358,13 +368,33 @@ fn ipsec_traffic(
         let Some((name, _, outbound)) = crate::plan::slot_of(cfg, &s.id()) else {
             continue;
         };
+        let c = &s.counters;
+        if !outbound && c.integrity_failures > 0 {
+            found.integrity.insert(name.clone());
+        }
+        if !outbound && c.replay_drops + c.replay_window_drops > 0 {
+            found.replay.insert(name.clone());
+        }
         if let Some(p) = peers.iter_mut().find(|p| p.name == name) {
             if outbound {
-                p.tx_bytes += s.counters.bytes;
+                p.tx_bytes += c.bytes;
             } else {
-                p.rx_bytes += s.counters.bytes;
+                p.rx_bytes += c.bytes;
             }
         }
+    }
+    found
+}
+
+/// The peers a non-zero `/proc/net/xfrm_stat` counter most likely concerns (the counter
+/// itself is per namespace): from the per-SA statistics where the kernel keeps them,
+/// else the peers that are not up.
+fn concerned_peers(counter: &str, found: &SaFindings, not_up: &[String]) -> Vec<String> {
+    match counter {
+        "XfrmInStateProtoError" => found.integrity.iter().cloned().collect(),
+        "XfrmInStateSeqError" => found.replay.iter().cloned().collect(),
+        "XfrmOutNoStates" | "XfrmOutPolBlock" | "XfrmInNoStates" => not_up.to_vec(),
+        _ => Vec::new(),
     }
 }
 
@@ -432,6 +462,7 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
         }
     }
     let mut daemon = daemon;
+    let mut findings = SaFindings::default();
     let (keys_in_use, max_seq) =
         match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| x.dump_states()) {
             Ok(states) => {
@@ -439,7 +470,7 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
                 if let (Some(d), Some(c)) = (daemon.as_mut(), cfg.as_ref())
                     && c.settings.mode == config::Mode::Ipsec
                 {
-                    ipsec_traffic(c, &ours, &mut d.peers);
+                    findings = ipsec_per_peer(c, &ours, &mut d.peers);
                 }
                 (
                     ours.len(),
@@ -457,10 +488,20 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
     {
         problems.push(format!("cannot read the WireGuard device: {e}"));
     }
+    let not_up: Vec<String> = daemon
+        .iter()
+        .flat_map(|d| {
+            d.peers
+                .iter()
+                .filter(|p| p.state != "up")
+                .map(|p| p.name.clone())
+        })
+        .collect();
     let xfrm_errors: Vec<XfrmCounter> = xfrm_errors()
         .into_iter()
         .map(|(name, value)| XfrmCounter {
             meaning: explain(&name),
+            peers: concerned_peers(&name, &findings, &not_up),
             name,
             value,
         })
@@ -590,7 +631,12 @@ fn print_text(r: &Report) {
         r.xfrm_errors.iter().map(|c| c.value).sum::<u64>()
     );
     for c in &r.xfrm_errors {
-        println!("  {}: {} — {}", c.name, c.value, c.meaning);
+        let peers = if c.peers.is_empty() {
+            String::new()
+        } else {
+            format!(" (peers: {})", c.peers.join(", "))
+        };
+        println!("  {}: {} — {}{peers}", c.name, c.value, c.meaning);
     }
     if !r.strict_drops.is_empty() {
         println!("Strict-mode drops:");

@@ -11,7 +11,13 @@ use crate::fleet::{Fleet, KEY1, no_plaintext, plaintext, tcp_echo};
 pub const IPSEC_WIRE: &[&str] = &["ESP(", ".4510: UDP"];
 use crate::rig::ensure;
 
-pub const CASES: &[Case] = &[("ipsec_mesh_three_nodes", mesh_three_nodes)];
+pub const CASES: &[Case] = &[
+    ("ipsec_mesh_three_nodes", mesh_three_nodes),
+    (
+        "ipsec_status_names_the_peer_of_a_counter",
+        status_names_the_peer_of_a_counter,
+    ),
+];
 
 fn mesh_three_nodes() -> Result<(), String> {
     let mut f = Fleet::new("im", 3, KEY1)?;
@@ -122,5 +128,62 @@ fn mesh_three_nodes() -> Result<(), String> {
         "    {} packets captured, {esp} ESP, 0 plaintext",
         lines.len()
     );
+    Ok(())
+}
+
+/// Forged ESP from n1 (its daemon killed, its policies flushed, as an attacker holding
+/// its address would send): n0's SA from n1 fails the integrity check.
+/// `encryptd status` on n0 says XfrmInStateProtoError, names n1 (from the SA's own
+/// statistics, not n2), and exits 1.
+fn status_names_the_peer_of_a_counter() -> Result<(), String> {
+    let mut f = Fleet::new("is", 3, KEY1)?;
+    for i in 0..3 {
+        f.start(i)?;
+    }
+    f.wait_all_up(Duration::from_secs(30))
+        .map_err(|e| format!("{e}\n{}", f.logs()))?;
+    f.topo.exec(1, "ping -c 2 -i 0.2 -W 2 10.77.0.1")?;
+    f.daemons[1].take().unwrap().kill();
+    f.topo.exec(1, "ip xfrm policy flush")?;
+    let sa = f
+        .topo
+        .exec(1, "ip xfrm state list src 10.77.0.2 dst 10.77.0.1")?;
+    let spi = sa
+        .split_whitespace()
+        .skip_while(|w| *w != "spi")
+        .nth(1)
+        .and_then(|h| u32::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+        .ok_or_else(|| format!("no SPI in n1's SA to n0:\n{sa}"))?;
+    let script = f.dirs[1].join("forge.py");
+    crate::fleet::write(
+        &script,
+        &format!(
+            "import os, socket, struct\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 50)\n\
+             for seq in range(100, 105):\n    \
+                 s.sendto(struct.pack('!II', {spi}, seq) + os.urandom(64), ('10.77.0.1', 0))\n"
+        ),
+    )?;
+    f.topo.exec(1, &format!("python3 {}", script.display()))?;
+
+    let bin = env!("CARGO_BIN_EXE_encryptd");
+    let cfg = f.dirs[0].join("encryptd.toml");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", f.topo.ns(0), bin, "status", "--config"])
+        .arg(&cfg)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("XfrmInStateProtoError:"))
+        .unwrap_or("");
+    ensure(
+        out.status.code() == Some(1)
+            && line.contains("(peers: n1)")
+            && text.contains("PROBLEM: XfrmInStateProtoError"),
+        format!("exit {:?}, status:\n{text}", out.status.code()),
+    )?;
+    println!("    {}", line.trim());
     Ok(())
 }
