@@ -148,9 +148,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
 /// and priority), and the `inet encryptd` table. Foreign objects are never touched.
 fn teardown(paths: &Paths) -> i32 {
     let mut failed = false;
-    let ifname = config::load(paths)
-        .map(|c| c.settings.wireguard.interface)
-        .unwrap_or_else(|_| "encryptd0".into());
+    let (ifname, state_dir) = config::load(paths)
+        .map(|c| (c.settings.wireguard.interface, c.settings.state_dir))
+        .unwrap_or_else(|_| ("encryptd0".into(), PathBuf::from("/var/lib/encryptd")));
     match crate::teardown::wireguard(&ifname) {
         Ok((link, rules)) => {
             if link {
@@ -174,6 +174,15 @@ fn teardown(paths: &Paths) -> i32 {
             eprintln!("encryptd teardown: XFRM: {e}");
             failed = true;
         }
+    }
+    // The boot copy first: a teardown that fails half-way must not leave rules that
+    // come back at the next boot.
+    if let Err(e) = crate::strict::keep_for_boot(&state_dir, None) {
+        eprintln!(
+            "encryptd teardown: removing {}: {e}",
+            state_dir.join(crate::strict::BOOT_RULES).display()
+        );
+        failed = true;
     }
     match crate::kernel::nft::Nft::default().delete() {
         Ok(()) => println!("removed the nftables table inet encryptd (if it was there)"),

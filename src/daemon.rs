@@ -389,7 +389,23 @@ impl Daemon {
             }
         }
         self.strict = table.clone();
+        self.keep_for_boot(
+            table
+                .as_deref()
+                .map(crate::kernel::nft::replace_script)
+                .as_deref(),
+        );
         Ok(())
+    }
+
+    fn keep_for_boot(&self, script: Option<&str>) {
+        let dir = &self.config.settings.state_dir;
+        if let Err(e) = crate::strict::keep_for_boot(dir, script) {
+            warn!(
+                "strict mode: cannot keep the rules for the next boot in {}: {e}; until this works, the network comes up without them at boot",
+                dir.join(crate::strict::BOOT_RULES).display()
+            );
+        }
     }
 
     fn on_stop(&mut self) {
@@ -398,6 +414,7 @@ impl Daemon {
                 Ok(()) => info!("strict mode: rules removed (keep_on_stop = false)"),
                 Err(e) => error!("strict mode: removing the rules: {e}"),
             }
+            self.keep_for_boot(None);
         } else if self.strict.is_some() {
             info!("strict mode: rules stay in place while the daemon is stopped");
         }

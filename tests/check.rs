@@ -140,7 +140,7 @@ fn unknown_keys_are_typos() {
             "subnet = [\"10.1.1.0/24\"",
         )
         .fails_with(&[
-            "encryptd.toml:34:1: unknown key `intreface` in [ipsec]; did you mean `interface`?",
+            "encryptd.toml:38:1: unknown key `intreface` in [ipsec]; did you mean `interface`?",
             "nodes.toml:19:1: unknown key `subnet` in [[node]] #2; did you mean `subnets`?",
         ]);
 }
@@ -167,9 +167,9 @@ fn wrong_types_and_values() {
         .edit("encryptd.toml", "key_rotation_duration = \"5m\"", "key_rotation_duration = \"5 minutes\"")
         .fails_with(&[
             "encryptd.toml:12:8: `mode` must be \"ipsec\" or \"wireguard\", not \"ipsek\"",
-            "encryptd.toml:38:25: `key_rotation_duration` \"5 minutes\" is not a duration such as \"30s\", \"5m\" or \"1h\"",
-            "encryptd.toml:42:17: `replay_window` must be between 1 and 4096",
-            "encryptd.toml:77:11: `ingress` must be true or false, not a string",
+            "encryptd.toml:42:25: `key_rotation_duration` \"5 minutes\" is not a duration such as \"30s\", \"5m\" or \"1h\"",
+            "encryptd.toml:46:17: `replay_window` must be between 1 and 4096",
+            "encryptd.toml:81:11: `ingress` must be true or false, not a string",
         ]);
 }
 
@@ -182,7 +182,7 @@ fn bad_addresses_and_cidrs() {
         .edit("nodes.toml", "\"fd00:2::/64\"", "\"fd00:2::1/64\"")
         .edit("encryptd.toml", "\"10.0.0.0/8\"", "\"10.0.0.0/40\"")
         .fails_with(&[
-            "encryptd.toml:74:10: strict.cidrs: '40' is not a prefix length (0..=32)",
+            "encryptd.toml:78:10: strict.cidrs: '40' is not a prefix length (0..=32)",
             "nodes.toml:18:14: \"192.0.2.300\" is not an IPv4 or IPv6 address",
             "nodes.toml:19:12: subnet 10.1.1.7/24 has host bits set; did you mean 10.1.1.0/24?",
             "nodes.toml:19:27: subnet fd00:2::1/64 has host bits set; did you mean fd00:2::/64?",
@@ -327,7 +327,7 @@ fn strict_range_containing_own_address_needs_an_exception() {
         .edit("encryptd.toml", "cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "cidrs = [\"10.0.0.0/8\", \"192.0.2.0/24\"]")
         .edit("encryptd.toml", "exceptions = [{ proto = \"tcp\", port = 22 }]", "exceptions = []")
         .fails_with(&[
-            "encryptd.toml:74:24: protected range 192.0.2.0/24 contains this node's address 192.0.2.10, and no exception keeps it reachable: add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }] (or the port you manage it by)",
+            "encryptd.toml:78:24: protected range 192.0.2.0/24 contains this node's address 192.0.2.10, and no exception keeps it reachable: add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }] (or the port you manage it by)",
         ]);
     // With the exception it is valid.
     let f = Fixture::new();
@@ -347,7 +347,7 @@ fn every_problem_in_one_run() {
         .edit("nodes.toml", "\"192.0.2.12\"", "\"nope\"")
         .append("ipsec.keys", "0 rfc4106(gcm(aes)) 00 128\n")
         .fails_with(&[
-            "encryptd.toml:45:14: `hello_port` must be between 1 and 65535",
+            "encryptd.toml:49:14: `hello_port` must be between 1 and 65535",
             "ipsec.keys:9:1: key-id 0 is out of range 1..15",
             "nodes.toml:24:14: \"nope\" is not an IPv4 or IPv6 address",
         ]);
@@ -474,7 +474,7 @@ fn wireguard_preshared_key_file() {
         "userspace = \"/nonexistent/wireguard-go\"",
     );
     f.fails_with(&[
-        "encryptd.toml:66:13: `userspace` /nonexistent/wireguard-go is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
+        "encryptd.toml:70:13: `userspace` /nonexistent/wireguard-go is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
     ]);
     f.edit(
         "encryptd.toml",

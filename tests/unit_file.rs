@@ -247,3 +247,57 @@ fn systemd_analyze_security_rates_it_ok_or_better() {
         );
     }
 }
+
+const BOOT_UNIT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/systemd/encryptd-strict.service"
+);
+
+/// `encryptd-strict.service` installs the rules the daemon kept (in the default
+/// `state_dir`, under the name the daemon writes) before the network comes up, after
+/// anything that flushes the ruleset, and before the daemon; systemd finds nothing to
+/// say about it and rates it OK or better.
+#[test]
+fn boot_unit_installs_the_kept_rules_before_the_network() {
+    let text_ = std::fs::read_to_string(BOOT_UNIT).unwrap();
+    let unit = parse(&text_);
+    let file = format!("/var/lib/encryptd/{}", encryptd::strict::BOOT_RULES);
+    assert_eq!(single(&unit, "Service", "Type"), "oneshot");
+    assert_eq!(
+        single(&unit, "Service", "ExecStart"),
+        format!("/usr/sbin/nft -f {file}")
+    );
+    assert_eq!(single(&unit, "Unit", "ConditionPathExists"), file);
+    assert_eq!(single(&unit, "Unit", "DefaultDependencies"), "no");
+    let words = |key: &str| -> Vec<String> {
+        values(&unit, "Unit", key)
+            .iter()
+            .flat_map(|v| v.split_whitespace().map(str::to_owned))
+            .collect()
+    };
+    for t in ["network-pre.target", "encryptd.service"] {
+        assert!(words("Before").contains(&t.to_owned()), "Before= lacks {t}");
+    }
+    assert!(words("Wants").contains(&"network-pre.target".to_owned()));
+    for t in ["nftables.service", "local-fs.target"] {
+        assert!(words("After").contains(&t.to_owned()), "After= lacks {t}");
+    }
+    assert_eq!(single(&unit, "Install", "WantedBy"), "sysinit.target");
+
+    let out = analyze(&["verify", "--man=no", BOOT_UNIT]);
+    assert!(
+        out.status.success() && text(&out.stderr).trim().is_empty(),
+        "systemd-analyze verify {BOOT_UNIT}: {}",
+        text(&out.stderr)
+    );
+    let out = analyze(&["security", "--offline=true", "--no-pager", BOOT_UNIT]);
+    let stdout = text(&out.stdout);
+    let (exposure, rating) = stdout
+        .lines()
+        .find_map(overall)
+        .unwrap_or_else(|| panic!("no 'Overall exposure level' line in:\n{stdout}"));
+    assert!(
+        exposure <= MAX_EXPOSURE && GOOD_RATINGS.contains(&rating.as_str()),
+        "{BOOT_UNIT}: exposure {exposure} {rating}"
+    );
+}

@@ -85,6 +85,8 @@ pub struct Settings {
     pub node_span: Option<std::ops::Range<usize>>,
     pub inventory: PathBuf,
     pub runtime_dir: PathBuf,
+    /// Persistent state (the strict rules kept for the next boot).
+    pub state_dir: PathBuf,
     pub boot_id_path: PathBuf,
     pub ipsec: Ipsec,
     pub wireguard: Wireguard,
@@ -175,6 +177,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
     };
     let inventory = path(&top, "inventory", "nodes.toml");
     let runtime_dir = path(&top, "runtime_dir", "/run/encryptd");
+    let state_dir = path(&top, "state_dir", "/var/lib/encryptd");
     let boot_id_path = path(&top, "boot_id_path", "/proc/sys/kernel/random/boot_id");
 
     let empty = toml::Spanned::new(0..0, toml::de::DeTable::new());
@@ -318,6 +321,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         node_span,
         inventory,
         runtime_dir,
+        state_dir,
         boot_id_path,
         ipsec,
         wireguard,

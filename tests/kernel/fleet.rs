@@ -118,8 +118,9 @@ impl Fleet {
         for i in 0..n {
             let dir = root.join(format!("n{i}"));
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let common =
-                format!("node = \"n{i}\"\nruntime_dir = \"run\"\nboot_id_path = \"boot_id\"\n");
+            let common = format!(
+                "node = \"n{i}\"\nruntime_dir = \"run\"\nstate_dir = \"state\"\nboot_id_path = \"boot_id\"\n"
+            );
             match kind {
                 Kind::Ipsec(keys) => {
                     write(
@@ -316,6 +317,23 @@ impl TestDaemon {
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Wait for the daemon to exit on its own; its exit code and log.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<(i32, String), String> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Ok((st.code().unwrap_or(-1), self.log()));
+            }
+            if t0.elapsed() > timeout {
+                return Err(format!(
+                    "the daemon still runs after {timeout:?}; log:\n{}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: the daemon gets no chance to clean up (as in a crash).

@@ -139,8 +139,10 @@ impl Topo {
             .map_err(|e| format!("{cmd}: {e}"))
     }
 
+    /// Run `cmd` (a whole shell command line: `a; b`, pipes) in node i's namespace.
     pub fn exec(&self, i: usize, cmd: &str) -> Result<String, String> {
-        sh(&format!("ip netns exec {} {cmd}", self.ns(i)))
+        let quoted = format!("'{}'", cmd.replace('\'', r"'\''"));
+        sh(&format!("ip netns exec {} bash -c {quoted}", self.ns(i)))
     }
 
     /// Start tcpdump on the bridge with a capture filter; `Capture::stop` returns its lines.

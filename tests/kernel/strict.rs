@@ -9,7 +9,17 @@ use crate::fleet::{Fleet, KEY1, no_plaintext, plaintext, ssh_like};
 use crate::ipsec::IPSEC_WIRE;
 use crate::rig::{ensure, sh};
 
-pub const CASES: &[Case] = &[("strict_ipsec_leaks_nothing", ipsec_leaks_nothing)];
+pub const CASES: &[Case] = &[
+    ("strict_ipsec_leaks_nothing", ipsec_leaks_nothing),
+    (
+        "strict_boot_rules_before_the_daemon",
+        boot_rules_before_the_daemon,
+    ),
+    (
+        "strict_refuses_to_lock_this_node_out",
+        refuses_to_lock_this_node_out,
+    ),
+];
 
 const STRICT: &str = "\n[strict]\nenabled = true\ncidrs = [\"10.77.0.0/16\", \"10.1.0.0/16\", \"fd77::/16\"]\nexceptions = [{ proto = \"tcp\", port = 22 }]\n";
 
@@ -144,5 +154,114 @@ fn ipsec_leaks_nothing() -> Result<(), String> {
 
     report.push(format!("{} packets captured, 0 plaintext", lines.len()));
     println!("    {}", report.join("; "));
+    Ok(())
+}
+
+/// The rules the daemon keeps for the next boot: n0 "reboots" (daemon killed, ruleset
+/// and XFRM flushed, as after a boot), the boot unit's `nft -f state/strict.nft` runs,
+/// and before the daemon starts nothing reaches n1 in plaintext while SSH-like traffic
+/// passes; then the daemon takes over. Strict mode off removes the file, and so does
+/// `encryptd teardown`.
+fn boot_rules_before_the_daemon() -> Result<(), String> {
+    let mut f = Fleet::new("sb", 2, KEY1)?;
+    f.configure_all(STRICT)?;
+    for i in 0..2 {
+        f.start(i)?;
+    }
+    f.wait_all_up(Duration::from_secs(30))
+        .map_err(|e| format!("{e}\n{}", f.logs()))?;
+    let kept = f.dirs[0].join("state/strict.nft");
+    let script = std::fs::read_to_string(&kept).map_err(|e| format!("{}: {e}", kept.display()))?;
+    let live = f.topo.exec(0, "nft list table inet encryptd")?;
+    ensure(
+        script.starts_with("table inet encryptd {}\ndelete table inet encryptd\n")
+            && script.contains("10.77.0.0/16")
+            && live.contains("10.77.0.0/16"),
+        format!("kept rules:\n{script}"),
+    )?;
+
+    // The "reboot": nothing of encryptd's left in n0's kernel.
+    f.daemons[0].take().unwrap().kill();
+    for cmd in [
+        "nft flush ruleset",
+        "ip xfrm state flush",
+        "ip xfrm policy flush",
+    ] {
+        f.topo.exec(0, cmd)?;
+    }
+    f.topo.exec(0, &format!("nft -f {}", kept.display()))?;
+    let cap = f.topo.capture("")?;
+    let ping = f.topo.exec(0, "ping -c 3 -i 0.2 -W 1 10.77.0.2");
+    let ping6 = f.topo.exec(0, "ping -6 -c 3 -i 0.2 -W 1 fd77::2");
+    let ssh = ssh_like(&f, 1, 0);
+    let lines = cap.stop();
+    ensure(
+        ping.is_err() && ping6.is_err(),
+        "n0 reached n1 before its daemon ran",
+    )?;
+    ssh?;
+    // tcp/22 (the exception) is the only plaintext allowed.
+    no_plaintext(&plaintext(&lines, &[".22:", ".22 ", ".4510: UDP", "ESP("]))?;
+    f.start(0)?;
+    f.daemon(0)
+        .wait_notify("1/1 peers up", Duration::from_secs(30))
+        .map_err(|e| format!("{e}\n{}", f.logs()))?;
+    f.topo.exec(0, "ping -c 2 -i 0.2 -W 2 10.77.0.2")?;
+    println!(
+        "    boot rules in place before the daemon: n0 -> n1 dropped (IPv4, IPv6), tcp/22 passes, 0 plaintext; the daemon then takes over"
+    );
+
+    // Strict mode off: the kept rules go with the table.
+    let p = f.dirs[0].join("encryptd.toml");
+    let text = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
+    crate::fleet::rename_over(&p, &text.replace("enabled = true", "enabled = false"))?;
+    ensure(
+        crate::rig::wait_for(Duration::from_secs(10), || !kept.exists()),
+        format!(
+            "strict mode off, but the boot rules are still kept:\n{}",
+            f.daemon(0).log()
+        ),
+    )?;
+    crate::fleet::rename_over(&p, &text)?;
+    ensure(
+        crate::rig::wait_for(Duration::from_secs(10), || kept.exists()),
+        "strict mode on again, but no boot rules kept",
+    )?;
+    f.daemons[0].take().unwrap().kill();
+    f.topo.exec(
+        0,
+        &format!(
+            "{} teardown --config {}",
+            env!("CARGO_BIN_EXE_encryptd"),
+            p.display()
+        ),
+    )?;
+    ensure(!kept.exists(), "teardown left the boot rules")?;
+    Ok(())
+}
+
+/// A protected range holding this node's own address without an exception: the daemon
+/// refuses to start, says which setting to add, and installs nothing.
+fn refuses_to_lock_this_node_out() -> Result<(), String> {
+    let mut f = Fleet::new("sl", 2, KEY1)?;
+    f.configure_all("\n[strict]\nenabled = true\ncidrs = [\"10.77.0.0/16\"]\n")?;
+    f.start(0)?;
+    let (code, log) = f.daemons[0]
+        .take()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10))?;
+    ensure(
+        code == 1
+            && log.contains("no exception keeps it reachable")
+            && log.contains("add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }]"),
+        format!("exit {code}:\n{log}"),
+    )?;
+    let table = f.topo.exec(0, "nft list tables")?;
+    let xfrm = f.topo.exec(0, "ip xfrm policy")?;
+    ensure(
+        !table.contains("encryptd") && xfrm.trim().is_empty(),
+        format!("installed something:\n{table}\n{xfrm}"),
+    )?;
+    println!("    refused (exit {code}) with the setting to add; nothing installed");
     Ok(())
 }
