@@ -15,8 +15,9 @@ usage: encryptd <command> [options]
 
 commands:
   run [--config PATH]                      run the daemon in the foreground
-  check [--config PATH] [--inventory PATH] [--keys PATH] [CONFIG]
+  check [--config PATH] [--inventory PATH] [--keys PATH] [--preshared-key PATH] [CONFIG]
                                            validate the files offline; exit 0 valid, 1 invalid
+                                           (the options check another file than the config names)
   status [--json] [--config PATH]          show peers, keys and counters
   keygen                                   print a new WireGuard private key
   pubkey [--config PATH]                   print this node's WireGuard public key (from
@@ -55,7 +56,10 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         "-h" | "--help" | "help" => return Ok(Command::Help),
         "-V" | "--version" => return Ok(Command::Version),
         "run" => (&["--config"], false),
-        "check" => (&["--config", "--inventory", "--keys"], true),
+        "check" => (
+            &["--config", "--inventory", "--keys", "--preshared-key"],
+            true,
+        ),
         // Ownership is by encryptd's reqid/priority bands and table name, not by the
         // configuration, so teardown works even when the files are gone or broken.
         "teardown" => (&["--config"], false),
@@ -68,6 +72,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         config: PathBuf::new(),
         inventory: None,
         keys: None,
+        preshared_key: None,
     };
     let mut config = None;
     let mut json = false;
@@ -97,6 +102,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
             let slot = match flag.as_str() {
                 "--config" => &mut config,
                 "--inventory" => &mut paths.inventory,
+                "--preshared-key" => &mut paths.preshared_key,
                 _ => &mut paths.keys,
             };
             if slot.replace(PathBuf::from(value)).is_some() {

@@ -487,4 +487,14 @@ fn wireguard_preshared_key_file() {
         !out.contains(secret) && !err.contains(secret),
         "key bytes printed"
     );
+    // Ansible's `validate`: a candidate file checked in place of the configured one.
+    let candidate = f.dir.join("candidate.psk");
+    std::fs::write(&candidate, "not a key\n").unwrap();
+    f.chmod("candidate.psk", 0o600);
+    let (code, _, err) = f.check(&["--preshared-key", candidate.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("candidate.psk:1:1: the preshared key file is not one WireGuard key"),
+        "{err}"
+    );
 }

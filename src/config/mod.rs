@@ -25,6 +25,8 @@ pub struct Paths {
     pub config: PathBuf,
     pub inventory: Option<PathBuf>,
     pub keys: Option<PathBuf>,
+    /// `[wireguard] preshared_key` (Ansible validates a candidate file with it).
+    pub preshared_key: Option<PathBuf>,
 }
 
 /// Everything the daemon runs on, validated as a whole.
@@ -61,6 +63,9 @@ pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
     }
     if let Some(p) = &paths.keys {
         settings.ipsec.keys = p.clone();
+    }
+    if let Some(p) = &paths.preshared_key {
+        settings.wireguard.preshared_key = Some(p.clone());
     }
 
     let inventory = match read_text(&settings.inventory) {
