@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod files;
 pub mod hello;
 pub mod ipsec;
 pub mod kernel;

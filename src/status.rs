@@ -61,25 +61,10 @@ pub fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Write atomically (temporary file + rename), mode 0600 in a 0700 directory.
+/// Write the snapshot for `encryptd status` (see [`crate::files`]).
 pub fn write(dir: &Path, s: &Snapshot) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let tmp = dir.join(".status.json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    std::io::Write::write_all(
-        &mut f,
-        &serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, dir.join(SNAPSHOT))
+    let json = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
+    crate::files::replace(&dir.join(SNAPSHOT), &json, false)
 }
 
 /// The snapshot and the kernel's XFRM counters in the node_exporter textfile format.

@@ -25,31 +25,16 @@ pub const BOOT_RULES: &str = "strict.nft";
 
 /// Keep `script` (the `nft -f` script that installs the table) for the next boot, or
 /// remove the file (`None`: strict mode off, torn down, or not kept on stop). Written
-/// durably: a temporary file synced, renamed over, the directory synced.
+/// durably (see [`crate::files`]).
 pub fn keep_for_boot(state_dir: &Path, script: Option<&str>) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let path = state_dir.join(BOOT_RULES);
-    let Some(script) = script else {
-        return match std::fs::remove_file(&path) {
+    match script {
+        Some(script) => crate::files::replace(&path, script.as_bytes(), true),
+        None => match std::fs::remove_file(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
-        };
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)?;
-    let tmp = state_dir.join(format!(".{BOOT_RULES}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    io::Write::write_all(&mut f, script.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(state_dir)?.sync_all()
+        },
+    }
 }
 
 /// Rule comments; `encryptd status` maps counters back by them.

@@ -146,14 +146,7 @@ impl PresharedKey {
 
 /// Read the cluster preshared key file: mode 0600, one key in base64 (`wg genpsk`).
 pub fn read_psk(path: &Path) -> Result<PresharedKey, Diagnostic> {
-    check_mode(path, "preshared key")?;
-    let bytes =
-        Zeroizing::new(fs::read(path).map_err(|e| file_diag(path, format!("cannot read: {e}")))?);
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| file_diag(path, "the preshared key file is not text (base64)"))?;
-    let key = decode(text)
-        .map(PresharedKey)
-        .map_err(|m| file_diag(path, format!("the preshared key file {m}")))?;
+    let key = read_key_file(path, "preshared key").map(PresharedKey)?;
     if key.is_none() {
         return Err(file_diag(
             path,
@@ -161,6 +154,17 @@ pub fn read_psk(path: &Path) -> Result<PresharedKey, Diagnostic> {
         ));
     }
     Ok(key)
+}
+
+/// A file holding one key in base64 (`what`: "private key", "preshared key"), its
+/// mode checked first; the errors never quote the content.
+fn read_key_file(path: &Path, what: &str) -> Result<Zeroizing<[u8; 32]>, Diagnostic> {
+    check_mode(path, what)?;
+    let bytes =
+        Zeroizing::new(fs::read(path).map_err(|e| file_diag(path, format!("cannot read: {e}")))?);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| file_diag(path, format!("the {what} file is not text (base64)")))?;
+    decode(text).map_err(|m| file_diag(path, format!("the {what} file {m}")))
 }
 
 /// Refuse a key file (`what`: "private key", "preshared key") that anyone but its
@@ -183,12 +187,7 @@ pub fn check_mode(path: &Path, what: &str) -> Result<(), Diagnostic> {
 
 /// Read the private key file (its mode checked first).
 pub fn read(path: &Path) -> Result<PrivateKey, Diagnostic> {
-    check_mode(path, "private key")?;
-    let bytes =
-        Zeroizing::new(fs::read(path).map_err(|e| file_diag(path, format!("cannot read: {e}")))?);
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| file_diag(path, "the private key file is not text (base64)"))?;
-    PrivateKey::from_base64(text).map_err(|m| file_diag(path, format!("the private key file {m}")))
+    read_key_file(path, "private key").map(PrivateKey)
 }
 
 /// Read the key, or create the file with a new key if there is none. `true` when created.

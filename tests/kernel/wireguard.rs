@@ -133,6 +133,22 @@ impl Pinger {
     }
 }
 
+/// Wait for every pinger; the pings sent, or which lost any (or sent none).
+fn none_lost(pings: impl IntoIterator<Item = Pinger>) -> Result<u32, String> {
+    let mut sent = 0;
+    let mut lost = Vec::new();
+    for p in pings {
+        let what = p.what.clone();
+        let (tx, rx) = p.finish()?;
+        sent += tx;
+        if tx != rx || tx == 0 {
+            lost.push(format!("{what}: {tx} sent, {rx} received"));
+        }
+    }
+    ensure(lost.is_empty(), lost.join("\n"))?;
+    Ok(sent)
+}
+
 /// Every node's `wg show` (no private keys) and log, for failure messages.
 fn state(f: &Fleet) -> String {
     let mut s = String::new();
@@ -300,20 +316,7 @@ fn restart_loses_no_packet() -> Result<(), String> {
         st.contains("1/1 peers up"),
         format!("after the restart: {st:?}"),
     )?;
-    let mut lost = Vec::new();
-    let mut sent = 0;
-    for p in pings {
-        let what = p.what.clone();
-        let (tx, rx) = p.finish()?;
-        sent += tx;
-        if tx != rx || tx == 0 {
-            lost.push(format!("{what}: {tx} sent, {rx} received"));
-        }
-    }
-    ensure(
-        lost.is_empty(),
-        format!("{}\n{}", lost.join("\n"), f.logs()),
-    )?;
+    let sent = none_lost(pings).map_err(|e| format!("{e}\n{}", f.logs()))?;
     let log = f.daemon(1).log();
     ensure(
         log.contains("adopting interface encryptd0")
@@ -700,20 +703,7 @@ fn preshared_key_rotation() -> Result<(), String> {
         .ok_or_else(|| format!("n{i} did not set its 2 peers' new keys:\n{}", d.log()))?;
     }
     let rolled = t0.elapsed();
-    let mut sent = 0;
-    let mut lost = Vec::new();
-    for p in pings {
-        let what = p.what.clone();
-        let (tx, rx) = p.finish()?;
-        sent += tx;
-        if tx != rx || tx == 0 {
-            lost.push(format!("{what}: {tx} sent, {rx} received"));
-        }
-    }
-    ensure(
-        lost.is_empty(),
-        format!("{}\n{}", lost.join("\n"), state(&f)),
-    )?;
+    let sent = none_lost(pings).map_err(|e| format!("{e}\n{}", state(&f)))?;
     let second = pair_psks(&f)?;
     ensure(
         first.iter().zip(&second).all(|(a, b)| a != b),
