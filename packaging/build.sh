@@ -3,8 +3,8 @@
 # target/packages/ (or $PKG_OUT). As root on Debian 12, with Rust from rustup.
 #
 #   1. `cargo build --release --locked` (skipped when ENCRYPTD_BIN names a built binary);
-#   2. lays out one staging tree: the binary, systemd/encryptd.service, etc/, docs/man/,
-#      README.md, docs/hello.md;
+#   2. lays out one staging tree: the binary, systemd/encryptd.service and
+#      systemd/encryptd-strict.service, etc/, docs/man/, README.md, docs/hello.md;
 #   3. .deb: packaging/debian/ as its debian/, `dpkg-buildpackage -b` (debhelper);
 #      .rpm: a tarball of the tree and packaging/rpm/encryptd.spec, `rpmbuild -bb`
 #      (Debian's `rpm` package).
@@ -65,7 +65,7 @@ if [ -n "${PKG_KEEP:-}" ]; then log "work dir kept: $WORK"; else trap 'rm -rf "$
 S=$WORK/encryptd-$VERSION
 mkdir -p "$S/etc" "$S/man" "$S/docs"
 install -m 0755 "$BIN" "$S/encryptd"
-cp systemd/encryptd.service "$S/"
+cp systemd/encryptd.service systemd/encryptd-strict.service "$S/"
 cp etc/encryptd.toml etc/nodes.toml etc/ipsec.keys "$S/etc/"
 cp docs/man/encryptd.8 docs/man/encryptd.toml.5 "$S/man/"
 cp README.md "$S/"
@@ -76,6 +76,8 @@ sed -i "s/\"encryptd [0-9][^\"]*\"/\"encryptd $VERSION\"/" "$S"/man/*
 if [ $want_deb = 1 ]; then
     cp -r packaging/debian "$S/debian"
     cp systemd/encryptd.service "$S/debian/encryptd.service"
+    # dh_installsystemd --name=encryptd-strict looks for debian/PACKAGE.NAME.service.
+    cp systemd/encryptd-strict.service "$S/debian/encryptd.encryptd-strict.service"
     top=$(dpkg-parsechangelog -l "$S/debian/changelog" -S Version)
     if [ "$top" != "$VERSION" ]; then
         [ -n "${PKG_VERSION:-}" ] || die "packaging/debian/changelog is at $top, Cargo.toml at $VERSION: add a changelog entry"

@@ -5,7 +5,9 @@
 #
 # One cycle per package format: install (enabled, not started), configure and start
 # (`systemctl status` active, STATUS= line), upgrade (restarted, kernel objects adopted),
-# purge/erase (stopped, teardown, state gone).
+# encryptd-strict.service (enabled; with the daemon stopped and the table gone, as at a
+# boot, it puts the kept rules back under systemd's sandbox), purge/erase (stopped,
+# teardown, units and state gone).
 set -u
 . /ctl/env
 export LC_ALL=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0
@@ -128,9 +130,38 @@ upgraded() {   # $1 = MainPID before, $2 = kernel objects before, $3 = "sent rec
     check "no ping lost across the upgrade ($recv of $sent answered, every 50 ms)" test -n "$3" -a "$sent" = "$recv" -a "${sent:-0}" -gt 0
 }
 
+strict_at_boot() {   # encryptd-strict.service: the rules the daemon kept, installed at boot
+    check "encryptd-strict.service enabled" eq "$(systemctl is-enabled encryptd-strict.service)" enabled
+    # configure() turned strict mode on ([strict] enabled, the subnets' 10.99.0.0/16,
+    # tcp/22 excepted), so the running daemon keeps its table in strict.nft.
+    check "the daemon keeps its strict rules in /var/lib/encryptd/strict.nft" test -s /var/lib/encryptd/strict.nft
+    local table; table=$(nft -s list table inet encryptd 2>&1)
+    # A boot, as far as strict mode is concerned: no daemon, no table in the kernel.
+    systemctl stop encryptd
+    nft delete table inet encryptd
+    check "(simulated boot) daemon stopped, no strict table" \
+        eval '[ "$(systemctl is-active encryptd)" = inactive ] && ! nft list table inet encryptd >/dev/null 2>&1'
+    check "systemctl restart encryptd-strict.service" systemctl restart encryptd-strict.service
+    systemctl status encryptd-strict --no-pager --lines=3 | sed 's/^/       | /'
+    # Not only the exit status of systemctl: a failed condition (no file) passes too, and
+    # a syscall the filter forbids kills nft with SIGSYS (ExecMainCode=2, status 31).
+    # (show prints properties in the bus's order, not in -p's: sorted.)
+    check "encryptd-strict.service ran nft under its sandbox: condition met, exited 0" \
+        eq "$(systemctl show -p ConditionResult,Result,ExecMainCode,ExecMainStatus encryptd-strict | sort | tr '\n' ' ')" \
+        "ConditionResult=yes ExecMainCode=1 ExecMainStatus=0 Result=success "
+    check "strict table back (nft list table inet encryptd)" sh -c 'nft list table inet encryptd >/dev/null'
+    check "the daemon's rules, unchanged" eq "$(nft -s list table inet encryptd 2>&1)" "$table"
+    # Running again for the purge/erase (which stops it first).
+    check "systemctl start encryptd (adopts the table)" systemctl start encryptd
+}
+
 removed() {   # $1 = output of the purge/erase, $2 = what may stay in /etc/encryptd
     check "stopped" eq "$(systemctl is-active encryptd)" inactive
     check "unit gone" eq "$(systemctl show -p LoadState --value encryptd)" not-found
+    check "encryptd-strict.service unit gone" eq "$(systemctl show -p LoadState --value encryptd-strict)" not-found
+    check "encryptd-strict.service no longer enabled (no sysinit.target.wants link)" \
+        eval '! test -L /etc/systemd/system/sysinit.target.wants/encryptd-strict.service'
+    check "/var/lib/encryptd/strict.nft gone" test ! -e /var/lib/encryptd/strict.nft
     check "/usr/bin/encryptd gone" test ! -e /usr/bin/encryptd
     check "/var/lib/encryptd gone" test ! -e /var/lib/encryptd
     check "left in /etc/encryptd: $2" eq "$(ls -A /etc/encryptd 2>&1 | tr '\n' ' ')" "$2"
@@ -167,6 +198,9 @@ pings=$(ping_stop)
 check "version $NEXT installed" eq "$(dpkg-query -W -f='${Version}' encryptd)" "$NEXT"
 upgraded "$pid" "$before" "$pings"
 
+section ".deb: encryptd-strict.service"
+strict_at_boot
+
 section ".deb: dpkg --purge"
 out=$(dpkg --purge encryptd </dev/null 2>&1); rc=$?
 echo "$out" | sed 's/^/       | /'
@@ -195,6 +229,9 @@ check "rpm -U" test "${PIPESTATUS[0]}" = 0
 pings=$(ping_stop)
 upgraded "$pid" "$before" "$pings"
 
+section ".rpm: encryptd-strict.service"
+strict_at_boot
+
 section ".rpm: rpm -e"
 out=$(rpm -e --nodeps encryptd 2>&1); rc=$?
 echo "$out" | sed 's/^/       | /'
@@ -205,5 +242,7 @@ stop_peer
 
 section "the daemon's journal during the test"
 journalctl -b -u encryptd --no-pager -o short-monotonic | tail -40 | sed 's/^/       | /'
+echo "=== encryptd-strict.service's journal"
+journalctl -b -u encryptd-strict --no-pager -o short-monotonic | tail -20 | sed 's/^/       | /'
 echo "=== the peer's log (/ctl/peer.log)"
 tail -20 /ctl/peer.log | sed 's/^/       | /'

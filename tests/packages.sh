@@ -22,10 +22,12 @@
 #     inventory; systemctl start -> `systemctl status` active with its STATUS= line
 #     (1/1 peers up), SAs, pings through the tunnel; dpkg -i of the higher version ->
 #     restarted (new PID), kernel objects adopted unchanged, no ping lost (every 50 ms),
-#     the operator's conffile kept without a prompt; dpkg --purge -> stopped, teardown,
-#     binary, unit and /var/lib/encryptd gone. Then the same cycle for the .rpm (rpm
-#     -i/-U/-e --nodeps on the same Debian guest: its scriptlets under real systemd, not
-#     a Rocky/Alma userland).
+#     the operator's conffile kept without a prompt; encryptd-strict.service enabled, and
+#     with the daemon stopped and its table deleted (a boot), `systemctl restart` of it
+#     puts the kept rules (strict.nft) back under its sandbox; dpkg --purge -> stopped,
+#     teardown, binary, both units, strict.nft and /var/lib/encryptd gone. Then the same
+#     cycle for the .rpm (rpm -i/-U/-e --nodeps on the same Debian guest: its scriptlets
+#     under real systemd, not a Rocky/Alma userland).
 #
 # Env: PKGTEST_CACHE (~/.cache/encryptd-pkgtest), VM_CACHE (the rig's), PKGTEST_TIMEOUT
 #      (600 s for the VM), PKGTEST_KEEP=1 keeps the work dir (console.log: the guest's
