@@ -141,6 +141,13 @@ fn boot_vm(args: &[String], selected: usize, filtered_out: usize) -> ExitCode {
         .env(IN_VM, "vm")
         .env("VM_ENV", format!("{IN_VM} ENCRYPTD_BIN"))
         .env("ENCRYPTD_BIN", env!("CARGO_BIN_EXE_encryptd"))
+        // The whole suite in one boot: about 10 min on 2 idle cores, and TCG slows
+        // down a lot on a busy host; vmrun.sh's 900 s default cut a run on a host at
+        // load 6 short. The run's own limit is CI's.
+        .env(
+            "VM_TIMEOUT",
+            std::env::var("VM_TIMEOUT").unwrap_or_else(|_| "1800".into()),
+        )
         .status();
     match status {
         Ok(s) if s.success() => ExitCode::SUCCESS,
