@@ -542,7 +542,8 @@ for N in $(seq $NODES); do
         eq "$(changed_tasks psk $n)" "Install wireguard.psk;Install encryptd.toml;Reload encryptd"
     check "$n: wireguard.psk 0600 root" file_is $n /etc/encryptd/wireguard.psk "600 root:root"
     check "$n: wireguard.psk holds the vaulted key" psk_file_is $n "$PSK1"
-    check "$n: encryptd.toml names it" on $n grep -qx "'preshared_key = \"/etc/encryptd/wireguard.psk\"'" /etc/encryptd/encryptd.toml
+    check "$n: encryptd.toml names it (and no userspace WireGuard)" \
+        on $n "grep -qx 'preshared_key = \"/etc/encryptd/wireguard.psk\"' /etc/encryptd/encryptd.toml && grep -qx 'userspace = \"\"' /etc/encryptd/encryptd.toml"
     check "$n: encryptd check accepts the deployed files" on $n encryptd check
     check "$n: handler 'Reload encryptd' ran" handler_ran psk "Reload encryptd" $n
     check "$n: systemd reloaded it once, same PID (no restart)" eq "$(reloads $n) $(mainpid $n)" "$(($(eval echo \$REL$N) + 1)) $(eval echo \$PID$N)"
@@ -597,7 +598,7 @@ check "no key bytes in Ansible's output" eval "! grep -qF -e '$PSK1' -e '$PSK2' 
 
 # --- j. preshared key removed ----------------------------------------------------------------
 say "j. WireGuard: the preshared key variable emptied"
-for N in $(seq $NODES); do eval "PID$N=\$(mainpid n$N) REL$N=\$(reloads n$N)"; done
+for N in $(seq $NODES); do eval "PID$N=\$(mainpid n$N) REL$N=\$(reloads n$N) JREM$N=\$(jcount n$N 'changed: .*preshared key removed')"; done
 sed -i 's/^encryptd_wireguard_preshared_key: .*/encryptd_wireguard_preshared_key: ""/' "$A/group_vars/encryptd/vars.yml"
 play psk-remove
 [ $PRC = 0 ] || show_play psk-remove
@@ -610,6 +611,8 @@ for N in $(seq $NODES); do
     check "$n: encryptd.toml says preshared_key = \"\"" on $n grep -qx "'preshared_key = \"\"'" /etc/encryptd/encryptd.toml
     check "$n: handler 'Reload encryptd' ran" handler_ran psk-remove "Reload encryptd" $n
     check "$n: systemd reloaded it once, same PID (no restart)" eq "$(reloads $n) $(mainpid $n)" "$(($(eval echo \$REL$N) + 1)) $(eval echo \$PID$N)"
+    check "$n: the journal says 'peer ... changed: preshared key removed'" \
+        test "$(jcount $n 'changed: .*preshared key removed')" -gt "$(eval echo \$JREM$N)"
     for M in $(seq $NODES); do
         if [ $M = $N ]; then continue; fi
         check "$n: wg show: peer n$M has no preshared key (\"(none)\")" eq "$(peer_psk $n n$M)" "(none)"
