@@ -7,8 +7,8 @@
 # ansible-core (pip, into a venv) and a Debian root (debootstrap) once, both cached, and
 # boots two VMs under TCG. Measured here with the caches filled (TCG, 2 host cores shared
 # with other work): 11-14 min (661-834 s) for steps a-g alone (8 playbook runs of 75-155 s
-# each); with the preshared key steps h-j, 22-23 min (1339-1402 s: 11 playbook runs of
-# 73-160 s, and up to 2 min waiting for a WireGuard handshake in i).
+# each); with the preshared key steps h-j, 14-23 min (855-1402 s: 11 playbook runs of
+# 50-160 s, and up to 2 min waiting for a WireGuard handshake in i).
 #
 #  1. packaging/build.sh deb: the .deb of this tree.
 #  2. ansible-core from PyPI in a venv ($ANSIBLETEST_CACHE/venv-*, one per $ANSIBLE_CORE,
