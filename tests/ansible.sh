@@ -5,8 +5,10 @@
 #
 # As root on Debian 12 (Rust from rustup). Not part of tests/run.sh: it downloads
 # ansible-core (pip, into a venv) and a Debian root (debootstrap) once, both cached, and
-# boots two VMs under TCG. Measured here: 11-14 min (661-834 s) with the caches filled, 8
-# playbook runs of 75-155 s each (TCG, 2 host cores shared with other work).
+# boots two VMs under TCG. Measured here with the caches filled (TCG, 2 host cores shared
+# with other work): 11-14 min (661-834 s) for steps a-g alone (8 playbook runs of 75-155 s
+# each); with the preshared key steps h-j, 14-23 min (855-1402 s: 11 playbook runs of
+# 50-160 s, and up to 2 min waiting for a WireGuard handshake in i).
 #
 #  1. packaging/build.sh deb: the .deb of this tree.
 #  2. ansible-core from PyPI in a venv ($ANSIBLETEST_CACHE/venv-*, one per $ANSIBLE_CORE,
@@ -39,6 +41,16 @@
 #        into nodes.toml through hostvars, the mode-change handler (stop, teardown,
 #        start): no XFRM objects left, encryptd0 up, WireGuard UDP only on the wire.
 #     g. WireGuard again: nothing changed.
+#     h. A cluster preshared key in the vault (encryptd_wireguard_preshared_key): only
+#        wireguard.psk (0600 root, the vaulted key) and encryptd.toml (which names it)
+#        change, the handler reloads (same PID); `wg show encryptd0 preshared-keys` (the
+#        host's wg, as /ctl/wg): a key for every peer, derived (not the cluster key), the
+#        same at both ends of a pair; peers up, pings; no key bytes in the play's output.
+#     i. The preshared key rotated: only wireguard.psk changes, reload; every pair has a
+#        new key, the same at both ends; a handshake under it, no ping lost meanwhile
+#        (every 200 ms), pings; no key bytes in the output.
+#     j. The variable emptied: encryptd.toml says preshared_key = "", then wireguard.psk
+#        is removed; reload; the peers show "(none)"; peers up, pings.
 #     Then the wire itself, captured by qemu on the host for the whole run: no
 #     plaintext ping ever; ESP in the IPsec phases, WireGuard UDP (and no ESP) after.
 #
@@ -136,6 +148,9 @@ mkdir -p "$CTL"
 ssh-keygen -q -t ed25519 -N '' -C ansibletest -f "$WORK/id"
 cp "$WORK/id.pub" "$CTL/authorized_keys"
 cp tests/vagrant/e2e-node.sh "$CTL/"
+# wg (wireguard-tools, which tests/vm/setup.sh installs on the host, Debian 12 as the
+# guests): the preshared keys the kernel holds, read in the guests as /ctl/wg.
+cp "$(command -v wg)" "$CTL/wg"
 cat >"$CTL/net.sh" <<EOF
 #!/bin/sh
 # The test's network, as an operator's would be before Ansible runs: NICs found by MAC.
@@ -288,8 +303,13 @@ EOF
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$A/vault-pass"
 newkey() { echo "$1+ rfc4106(gcm(aes)) $(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n') 128"; }
 KEY1=$(newkey 1) KEY2=$(newkey 2)
-vault() {   # the vault file, encrypted, with the given key lines
-    { echo "vault_encryptd_ipsec_keys:"; for k in "$@"; do echo "  - \"$k\""; done; } >"$A/group_vars/encryptd/vault.yml"
+# WireGuard cluster preshared keys (h., i.), as `wg genpsk` prints them.
+PSK1=$(head -c 32 /dev/urandom | base64) PSK2=$(head -c 32 /dev/urandom | base64)
+VAULT_PSK=""
+vault() {   # the vault file, encrypted, with the given key lines (and $VAULT_PSK if set)
+    { echo "vault_encryptd_ipsec_keys:"; for k in "$@"; do echo "  - \"$k\""; done
+      [ -z "$VAULT_PSK" ] || echo "vault_encryptd_wireguard_preshared_key: \"$VAULT_PSK\""
+    } >"$A/group_vars/encryptd/vault.yml"
     ansible-vault encrypt "$A/group_vars/encryptd/vault.yml" >/dev/null
 }
 export ANSIBLE_CONFIG=$A/ansible.cfg ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
@@ -340,6 +360,27 @@ e2e() {   # e2e NODE MODE: pings to the other nodes and their subnets, tcpdump o
 }
 file_is() {   # file_is NODE PATH "MODE OWNER:GROUP"
     eq "$(on "$1" stat -c "'%a %U:%G'" "$2")" "$3"
+}
+jcount() {   # jcount NODE REGEX: lines of encryptd's journal (this boot) matching REGEX
+    on "$1" "journalctl -b -u encryptd -o cat | grep -cE '$2'" || true
+}
+hash16() { sha256sum | cut -c1-16; }
+peer_psk() {   # peer_psk NODE PEER -> "(none)", or a hash of the preshared key NODE's kernel holds for PEER
+    local pub; pub=$(eval echo "\$PUB_$2")
+    on "$1" /ctl/wg show encryptd0 preshared-keys | awk -v k="$pub" '$1 == k { print $2 }' |
+        while read -r p; do if [ "$p" = "(none)" ]; then echo "$p"; else printf %s "$p" | hash16; fi; done || true
+}
+psk_file_is() {   # psk_file_is NODE KEY: /etc/encryptd/wireguard.psk holds KEY (compared by hash)
+    eq "$(on "$1" "tr -d '\n' </etc/encryptd/wireguard.psk" | hash16)" "$(printf %s "$2" | hash16)"
+}
+handshake_after() {   # handshake_after NODE PEER T [SECONDS]: NODE's latest handshake with PEER is after T (guest clock)
+    local pub hs=0; pub=$(eval echo "\$PUB_$2")
+    for _ in $(seq "${4:-150}"); do
+        hs=$(on "$1" /ctl/wg show encryptd0 latest-handshakes | awk -v k="$pub" '$1 == k { print $2 }')
+        [ "${hs:-0}" -gt "$3" ] && { echo "       $1-$2 handshake $((hs - $3)) s after the play"; return 0; }
+        sleep 1
+    done
+    echo "       $1's latest handshake with $2: ${hs:-none}, want after $3"; return 1
 }
 
 # --- a. IPsec, first run ------------------------------------------------------------------------
@@ -485,6 +526,104 @@ play wireguard-again
 [ $PRC = 0 ] || show_play wireguard-again
 check "ansible-playbook exits 0" eq "$PRC" 0
 for N in $(seq $NODES); do check "n$N: nothing changed (changed=0)" eq "$(recap wireguard-again n$N changed)" 0; done
+
+# --- h. WireGuard preshared key -------------------------------------------------------------
+say "h. WireGuard: a cluster preshared key set in the vault"
+for N in $(seq $NODES); do
+    eval "PUB_n$N=\$(on n$N encryptd pubkey) PID$N=\$(mainpid n$N) REL$N=\$(reloads n$N)"
+    eval "JPSK$N=\$(jcount n$N 'changed: .*new preshared key')"
+done
+VAULT_PSK=$PSK1 vault "$KEY1" "$KEY2"
+echo 'encryptd_wireguard_preshared_key: "{{ vault_encryptd_wireguard_preshared_key }}"' >>"$A/group_vars/encryptd/vars.yml"
+play psk
+[ $PRC = 0 ] || show_play psk
+check "ansible-playbook exits 0" eq "$PRC" 0
+for N in $(seq $NODES); do
+    n=n$N
+    check "$n: changed: wireguard.psk, encryptd.toml, and the handler's reload" \
+        eq "$(changed_tasks psk $n)" "Install wireguard.psk;Install encryptd.toml;Reload encryptd"
+    check "$n: wireguard.psk 0600 root" file_is $n /etc/encryptd/wireguard.psk "600 root:root"
+    check "$n: wireguard.psk holds the vaulted key" psk_file_is $n "$PSK1"
+    check "$n: encryptd.toml names it (and no userspace WireGuard)" \
+        on $n "grep -qx 'preshared_key = \"/etc/encryptd/wireguard.psk\"' /etc/encryptd/encryptd.toml && grep -qx 'userspace = \"\"' /etc/encryptd/encryptd.toml"
+    check "$n: encryptd check accepts the deployed files" on $n encryptd check
+    check "$n: handler 'Reload encryptd' ran" handler_ran psk "Reload encryptd" $n
+    check "$n: systemd reloaded it once, same PID (no restart)" eq "$(reloads $n) $(mainpid $n)" "$(($(eval echo \$REL$N) + 1)) $(eval echo \$PID$N)"
+    check "$n: the journal says 'peer ... changed: new preshared key'" \
+        test "$(jcount $n 'changed: .*new preshared key')" -gt "$(eval echo \$JPSK$N)"
+    for M in $(seq $NODES); do
+        if [ $M = $N ]; then continue; fi
+        k=$(peer_psk $n n$M)
+        check "$n: wg show: a preshared key for peer n$M (not \"(none)\")" test -n "$k" -a "$k" != "(none)"
+        check "$n: the key for n$M is derived, not the cluster key itself" test "$k" != "$(printf %s "$PSK1" | hash16)"
+        if [ $M -gt $N ]; then check "$n and n$M hold the same key for their pair" eq "$k" "$(peer_psk n$M $n)"; fi
+        eval "PAIR_${N}_$M=\$k"
+    done
+done
+for N in $(seq $NODES); do
+    check "n$N: STATUS= wireguard: $((NODES - 1))/$((NODES - 1)) peers up, strict on" \
+        wait_status n$N "wireguard: $((NODES - 1))/$((NODES - 1)) peers up, strict on" 120
+done
+for N in $(seq $NODES); do check "n$N: pings; it sends only WireGuard UDP on wire0; encryptd status 0" e2e n$N wireguard; done
+check "no key bytes in Ansible's output" eval "! grep -qF -e '$PSK1' '$WORK/play-psk.log'"
+
+# --- i. preshared key rotation ----------------------------------------------------------------
+say "i. WireGuard: the cluster preshared key rotated (a new one in the vault)"
+for N in $(seq $NODES); do eval "PID$N=\$(mainpid n$N) REL$N=\$(reloads n$N)"; done
+VAULT_PSK=$PSK2 vault "$KEY1" "$KEY2"
+on n1 "ping -n -i 0.2 -W 2 -I 10.99.1.1 10.99.2.1 >/run/psk-ping.out 2>&1 & echo \$! >/run/psk-ping.pid"
+play psk-rotate
+[ $PRC = 0 ] || show_play psk-rotate
+T_PSK2=$(on n1 date +%s)
+check "ansible-playbook exits 0" eq "$PRC" 0
+for N in $(seq $NODES); do
+    n=n$N
+    check "$n: changed: wireguard.psk, and the handler's reload" eq "$(changed_tasks psk-rotate $n)" "Install wireguard.psk;Reload encryptd"
+    check "$n: wireguard.psk 0600 root, the new key" eval "file_is $n /etc/encryptd/wireguard.psk '600 root:root' && psk_file_is $n '$PSK2'"
+    check "$n: handler 'Reload encryptd' ran" handler_ran psk-rotate "Reload encryptd" $n
+    check "$n: systemd reloaded it once, same PID (no restart)" eq "$(reloads $n) $(mainpid $n)" "$(($(eval echo \$REL$N) + 1)) $(eval echo \$PID$N)"
+    for M in $(seq $NODES); do
+        if [ $M = $N ]; then continue; fi
+        k=$(peer_psk $n n$M)
+        check "$n: wg show: a new preshared key for peer n$M" \
+            test -n "$k" -a "$k" != "(none)" -a "$k" != "$(eval echo \$PAIR_${N}_$M)"
+        if [ $M -gt $N ]; then check "$n and n$M hold the same new key for their pair" eq "$k" "$(peer_psk n$M $n)"; fi
+    done
+done
+# The session in use goes on; the next handshake (every 2 min) is made with the new key.
+check "n1-n2: a handshake under the new key" handshake_after n1 n2 "$T_PSK2" 150
+pings=$(on n1 'kill -INT $(cat /run/psk-ping.pid); sleep 1; tail -3 /run/psk-ping.out' | sed -n 's/^\([0-9]*\) packets transmitted, \([0-9]*\) received.*/\1 \2/p')
+check "no ping lost across the rotation and the next handshake (${pings#* } of ${pings% *} answered, every 200 ms, subnet to subnet)" \
+    test -n "$pings" -a "${pings% *}" = "${pings#* }" -a "${pings% *}" -gt 0
+for N in $(seq $NODES); do check "n$N: pings; it sends only WireGuard UDP on wire0; encryptd status 0" e2e n$N wireguard; done
+check "no key bytes in Ansible's output" eval "! grep -qF -e '$PSK1' -e '$PSK2' '$WORK/play-psk-rotate.log'"
+
+# --- j. preshared key removed ----------------------------------------------------------------
+say "j. WireGuard: the preshared key variable emptied"
+for N in $(seq $NODES); do eval "PID$N=\$(mainpid n$N) REL$N=\$(reloads n$N) JREM$N=\$(jcount n$N 'changed: .*preshared key removed')"; done
+sed -i 's/^encryptd_wireguard_preshared_key: .*/encryptd_wireguard_preshared_key: ""/' "$A/group_vars/encryptd/vars.yml"
+play psk-remove
+[ $PRC = 0 ] || show_play psk-remove
+check "ansible-playbook exits 0" eq "$PRC" 0
+for N in $(seq $NODES); do
+    n=n$N
+    check "$n: changed: encryptd.toml, then wireguard.psk removed, and the handler's reload" \
+        eq "$(changed_tasks psk-remove $n)" "Install encryptd.toml;Remove wireguard.psk;Reload encryptd"
+    check "$n: wireguard.psk is gone" on $n test ! -e /etc/encryptd/wireguard.psk
+    check "$n: encryptd.toml says preshared_key = \"\"" on $n grep -qx "'preshared_key = \"\"'" /etc/encryptd/encryptd.toml
+    check "$n: handler 'Reload encryptd' ran" handler_ran psk-remove "Reload encryptd" $n
+    check "$n: systemd reloaded it once, same PID (no restart)" eq "$(reloads $n) $(mainpid $n)" "$(($(eval echo \$REL$N) + 1)) $(eval echo \$PID$N)"
+    check "$n: the journal says 'peer ... changed: preshared key removed'" \
+        test "$(jcount $n 'changed: .*preshared key removed')" -gt "$(eval echo \$JREM$N)"
+    for M in $(seq $NODES); do
+        if [ $M = $N ]; then continue; fi
+        check "$n: wg show: peer n$M has no preshared key (\"(none)\")" eq "$(peer_psk $n n$M)" "(none)"
+    done
+    check "$n: STATUS= wireguard: $((NODES - 1))/$((NODES - 1)) peers up, strict on" \
+        wait_status $n "wireguard: $((NODES - 1))/$((NODES - 1)) peers up, strict on" 120
+done
+for N in $(seq $NODES); do check "n$N: pings; it sends only WireGuard UDP on wire0; encryptd status 0" e2e n$N wireguard; done
+check "no key bytes in any of Ansible's output" eval "! grep -qF -e '$PSK1' -e '$PSK2' '$WORK'/play-*.log"
 
 say "the wire between n1 and n2 (qemu's capture of n1's link, host side, the whole run)"
 tcpdump -n -tt -r "$WORK/wire.pcap" 2>/dev/null >"$WORK/wire.txt" || true
