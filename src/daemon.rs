@@ -355,6 +355,7 @@ impl Daemon {
                 .unwrap_or_default(),
             hello_received: hello.map_or(0, |h| h.received),
             hello_accepted: hello.map_or(0, |h| h.accepted),
+            hello_duplicates: hello.map_or(0, |h| h.duplicates),
             hello_dropped: hello
                 .map(|h| h.dropped.iter().map(|(k, v)| (k.to_string(), *v)).collect())
                 .unwrap_or_default(),

@@ -52,6 +52,10 @@ pub struct Snapshot {
     pub peers: Vec<PeerStatus>,
     pub hello_received: u64,
     pub hello_accepted: u64,
+    /// The same hello again over the peer's other address family (each is sent over
+    /// every family the pair shares): neither accepted twice nor dropped.
+    #[serde(default)]
+    pub hello_duplicates: u64,
     pub hello_dropped: std::collections::BTreeMap<String, u64>,
 }
 
@@ -596,21 +600,29 @@ fn print_text(r: &Report) {
                 .iter()
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect();
-            println!(
-                "Hellos: {} received, {} accepted, dropped: {}",
-                d.hello_received,
-                d.hello_accepted,
-                if dropped.is_empty() {
-                    "none".into()
-                } else {
-                    dropped.join(", ")
-                }
-            );
+            if !wireguard {
+                println!(
+                    "Hellos: {} received, {} accepted, {} duplicates (other family), dropped: {}",
+                    d.hello_received,
+                    d.hello_accepted,
+                    d.hello_duplicates,
+                    if dropped.is_empty() {
+                        "none".into()
+                    } else {
+                        dropped.join(", ")
+                    }
+                );
+            }
         }
         None => println!("Daemon: no status"),
     }
-    println!("Keys in use: {}", r.keys_in_use);
-    println!("Max Seq. Number: {:#x}/{:#x}", r.max_seq, r.max_seq_limit);
+    // IPsec's keys and sequence numbers mean nothing in WireGuard mode (the kernel's
+    // WireGuard keeps its keys to itself); XFRM's error counters are shown in both, as
+    // IPsec objects of others may be in the same namespace.
+    if r.daemon.as_ref().is_none_or(|d| d.mode != "wireguard") {
+        println!("Keys in use: {}", r.keys_in_use);
+        println!("Max Seq. Number: {:#x}/{:#x}", r.max_seq, r.max_seq_limit);
+    }
     println!(
         "Errors: {}",
         r.xfrm_errors.iter().map(|c| c.value).sum::<u64>()

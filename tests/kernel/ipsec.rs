@@ -81,7 +81,12 @@ fn mesh_three_nodes() -> Result<(), String> {
     let text = f
         .topo
         .exec(0, &format!("{bin} status --config {}", cfg.display()))?;
-    for want in ["Keys in use: 8", "Strict mode: off", "Current key-id: 1"] {
+    for want in [
+        "Keys in use: 8",
+        "Strict mode: off",
+        "Current key-id: 1",
+        "duplicates (other family), dropped: none",
+    ] {
         ensure(
             text.contains(want),
             format!("status lacks `{want}`:\n{text}"),
