@@ -1105,6 +1105,17 @@ fn fleet_recording_hellos(tag: &str, n: usize) -> Result<(Fleet, Vec<Captured>),
     }
     let ready = wait_ready(&mut f, n, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
+    // The cases replay an older hello as well as the latest: keep recording until n0 has
+    // sent n1 two over IPv4 and one over IPv6. A fast setup may have needed only one
+    // round; the next comes within HELLO_SLOW (10 s).
+    let enough = || {
+        read_pcap(&pcap).is_ok_and(|c| {
+            hellos_to(&c, 0, &v4(1)).len() >= 2 && !hellos_to(&c, 0, &v6(1)).is_empty()
+        })
+    };
+    if ready.is_ok() {
+        wait_for(Duration::from_secs(12), enough);
+    }
     // SAFETY: kill(2) of our own child; SIGINT makes tcpdump flush and exit.
     unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
     let _ = dump.wait();
