@@ -186,6 +186,13 @@ fn print_result(passed: usize, failed: usize, filtered_out: usize) {
 
 fn run_here(selected: &[&Case], filtered_out: usize) -> ExitCode {
     println!("\nrunning {} kernel tests", selected.len());
+    // A test daemon's notifications queue on the harness's socket until a case reads
+    // them; the default queue of 10 fills up in a long case. (The daemon drops a
+    // notification that finds no room within 1 s; a case would then miss it.)
+    if let Err(e) = std::fs::write("/proc/sys/net/unix/max_dgram_qlen", "4096\n") {
+        println!("cannot raise net.unix.max_dgram_qlen: {e}");
+        return ExitCode::FAILURE;
+    }
     let (mut passed, mut failed) = (0, Vec::new());
     for (name, f) in selected {
         // The name first: if a case hangs, the output says which one. What the case (or a

@@ -187,8 +187,10 @@ fn mesh_three_nodes() -> Result<(), String> {
     let mut f = Fleet::new_with("wgm", 3, Kind::Wireguard)?;
     let took = start_all(&mut f)?;
     let st = f.daemon(0).notes.last().cloned().unwrap_or_default();
+    // READY=1 carries the status line; it waits at most 10 s for the handshakes, so
+    // on a slow host it may still say 1/2 (start_all then waited for every peer up).
     ensure(
-        st.contains("STATUS=wireguard: 2/2 peers up, strict off"),
+        st.contains("STATUS=wireguard: ") && st.contains("/2 peers up, strict off"),
         format!(
             "READY=1 should carry the status line, got {st:?}\n{}",
             state(&f)
