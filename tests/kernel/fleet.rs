@@ -465,6 +465,39 @@ pub fn tcp_echo(
 }
 
 /// A TCP connection from node `from` to port 22 of node `to` (the management exception).
+/// In a three-node fleet, every node pings every other over IPv4, IPv6 and into its
+/// subnet, and TCP crosses three pairs (both families, a subnet), under a capture on the
+/// wire; the capture's lines, or what failed.
+pub fn three_node_traffic(f: &Fleet) -> Result<Vec<String>, String> {
+    let cap = f.topo.capture("")?;
+    let mut failures = Vec::new();
+    for i in 0..3 {
+        for j in (0..3).filter(|j| *j != i) {
+            for dst in [
+                format!("10.77.0.{}", j + 1),
+                format!("fd77::{}", j + 1),
+                format!("10.1.{j}.1"),
+            ] {
+                if let Err(e) = f.topo.exec(i, &format!("ping -c 2 -i 0.2 -W 2 {dst}")) {
+                    failures.push(format!("n{i} -> {dst}: {e}"));
+                }
+            }
+        }
+    }
+    let tcp = [
+        tcp_echo(f, 0, 1, "10.77.0.2:5001".parse().unwrap(), 200_000),
+        tcp_echo(f, 2, 0, "[fd77::1]:5002".parse().unwrap(), 200_000),
+        tcp_echo(f, 1, 2, "10.1.2.1:5003".parse().unwrap(), 50_000),
+    ];
+    let lines = cap.stop();
+    failures.extend(tcp.into_iter().filter_map(Result::err));
+    crate::rig::ensure(
+        failures.is_empty(),
+        format!("{}\n{}", failures.join("\n"), f.logs()),
+    )?;
+    Ok(lines)
+}
+
 pub fn ssh_like(f: &Fleet, from: usize, to: usize) -> Result<(), String> {
     use std::net::{SocketAddr, TcpListener, TcpStream};
     let addr: SocketAddr = format!("10.77.0.{}:22", to + 1).parse().unwrap();

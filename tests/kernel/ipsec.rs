@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::Case;
-use crate::fleet::{Fleet, KEY1, no_plaintext, plaintext, tcp_echo};
+use crate::fleet::{Fleet, KEY1, no_plaintext, plaintext};
 
 /// What IPsec mode may put on the wire besides ARP and neighbour discovery.
 pub const IPSEC_WIRE: &[&str] = &["ESP(", ".4510: UDP"];
@@ -28,32 +28,7 @@ fn mesh_three_nodes() -> Result<(), String> {
     f.wait_all_up(Duration::from_secs(30))
         .map_err(|e| format!("{e}\n{}", f.logs()))?;
 
-    let cap = f.topo.capture("")?;
-    let mut failures = Vec::new();
-    for i in 0..3 {
-        for j in (0..3).filter(|j| *j != i) {
-            for dst in [
-                format!("10.77.0.{}", j + 1),
-                format!("fd77::{}", j + 1),
-                format!("10.1.{j}.1"),
-            ] {
-                if let Err(e) = f.topo.exec(i, &format!("ping -c 2 -i 0.2 -W 2 {dst}")) {
-                    failures.push(format!("n{i} -> {dst}: {e}"));
-                }
-            }
-        }
-    }
-    let tcp = [
-        tcp_echo(&f, 0, 1, "10.77.0.2:5001".parse().unwrap(), 200_000),
-        tcp_echo(&f, 2, 0, "[fd77::1]:5002".parse().unwrap(), 200_000),
-        tcp_echo(&f, 1, 2, "10.1.2.1:5003".parse().unwrap(), 50_000),
-    ];
-    let lines = cap.stop();
-    failures.extend(tcp.into_iter().filter_map(Result::err));
-    ensure(
-        failures.is_empty(),
-        format!("{}\n{}", failures.join("\n"), f.logs()),
-    )?;
+    let lines = crate::fleet::three_node_traffic(&f)?;
 
     let clear = plaintext(&lines, IPSEC_WIRE);
     no_plaintext(&clear)?;
