@@ -1,6 +1,8 @@
 //! `encryptd check`: exit codes and the exact message of every problem it must catch.
 //! Each case starts from the shipped example (etc/) and breaks one thing.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,12 +58,12 @@ impl Fixture {
     /// Run `encryptd check <dir>/encryptd.toml ARGS`: exit code, stdout, stderr with the
     /// directory stripped so messages read `nodes.toml:3:1: ...`.
     fn check(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_encryptd"))
-            .arg("check")
-            .arg(self.dir.join("encryptd.toml"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = common::output(
+            &mut Command::new(env!("CARGO_BIN_EXE_encryptd"))
+                .arg("check")
+                .arg(self.dir.join("encryptd.toml"))
+                .args(args),
+        );
         let strip =
             |b: &[u8]| String::from_utf8_lossy(b).replace(&format!("{}/", self.dir.display()), "");
         (
@@ -110,10 +112,7 @@ fn usage_errors_exit_2() {
         &[],
         &["check", "a", "b"],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_encryptd"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = common::output(&mut Command::new(env!("CARGO_BIN_EXE_encryptd")).args(args));
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("usage: encryptd"));
     }
@@ -388,10 +387,7 @@ fn wireguard_key_pair_commands() {
             "private_key = \"state/wireguard.key\"",
         );
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_encryptd"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = common::output(&mut Command::new(env!("CARGO_BIN_EXE_encryptd")).args(args));
         (
             out.status.code().unwrap(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

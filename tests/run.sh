@@ -52,7 +52,23 @@ locked=()
 [ -n "${CI:-}" ] && locked=(--locked)
 step fmt cargo fmt --check
 step clippy cargo clippy "${locked[@]}" --all-targets -- -D warnings
-step test cargo test "${locked[@]}" "$@"
+echo "==> test: cargo test ${locked[*]} $*"
+T1=$SECONDS
+# The output is kept so that the kernel cases' times, which the harness prints in the
+# middle of cargo's output, can be shown again at the end, slowest first.
+LOG=$(mktemp "${TMPDIR:-/tmp}/encryptd-test.XXXXXX")
+trap 'rm -f "$LOG"' EXIT
+kernel_times() {
+    awk '/^kernel case times, slowest first/{on=1} on&&/^$/{on=0} on' "$LOG"
+}
+tested() { cargo test "${locked[@]}" "$@" 2>&1 | tee "$LOG"; }
+if ! (set -o pipefail; tested "$@"); then
+    echo "==> FAILED: test (cargo test exited non-zero)" >&2
+    kernel_times
+    exit 1
+fi
+TIMES+=("$(printf '%-14s %4d s' test $((SECONDS - T1)))")
 
 echo "==> all passed in $((SECONDS - T0)) s:"
 printf '    %s\n' "${TIMES[@]}"
+kernel_times

@@ -5,6 +5,8 @@
 //! These tests need `systemd-analyze` (Debian: package `systemd`). Without it they fail:
 //! a hardening regression must not pass unseen because a tool was missing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -66,19 +68,27 @@ fn single<'a>(unit: &'a [(String, String, String)], section: &str, key: &str) ->
 
 /// Run systemd-analyze; a missing tool is a failure that says what to install.
 fn analyze(args: &[&str]) -> Output {
-    Command::new("systemd-analyze")
-        .args(args)
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.args(args)
         .env("SYSTEMD_COLORS", "0")
         .env("SYSTEMD_PAGER", "")
-        .env("LC_ALL", "C")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run systemd-analyze ({e}). These tests need it and do not skip: \
-                 install systemd (Debian: `apt-get install systemd`) or put \
-                 systemd-analyze on PATH."
-            )
-        })
+        .env("LC_ALL", "C");
+    match common::run_within(&mut cmd, common::DEADLINE) {
+        Ok((Some(status), stdout, stderr)) => Output {
+            status,
+            stdout,
+            stderr,
+        },
+        Ok((None, ..)) => panic!(
+            "systemd-analyze {args:?} did not finish within {:?}",
+            common::DEADLINE
+        ),
+        Err(e) => panic!(
+            "cannot run systemd-analyze ({e}). These tests need it and do not skip: \
+             install systemd (Debian: `apt-get install systemd`) or put \
+             systemd-analyze on PATH."
+        ),
+    }
 }
 
 fn text(bytes: &[u8]) -> String {

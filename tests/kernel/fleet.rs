@@ -438,7 +438,11 @@ pub fn tcp_echo(
         .map_err(|e| format!("bind {addr}: {e}"))?;
     std::thread::scope(|s| {
         let server = s.spawn(move || -> std::io::Result<()> {
-            let (mut c, _) = listener.accept()?;
+            let mut c = crate::rig::accept_within(
+                &listener,
+                Duration::from_secs(10),
+                Duration::from_secs(20),
+            )?;
             let mut buf = vec![0u8; n];
             c.read_exact(&mut buf)?;
             c.write_all(&buf)
@@ -447,6 +451,7 @@ pub fn tcp_echo(
         let got = crate::rig::in_netns(f.topo.ns(from), || -> std::io::Result<Vec<u8>> {
             let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
             c.set_read_timeout(Some(Duration::from_secs(20)))?;
+            c.set_write_timeout(Some(Duration::from_secs(20)))?;
             c.write_all(&payload)?;
             let mut back = vec![0u8; n];
             c.read_exact(&mut back)?;
@@ -509,4 +514,18 @@ pub fn ssh_like(f: &Fleet, from: usize, to: usize) -> Result<(), String> {
     drop(l);
     c.map(|_| ())
         .map_err(|e| format!("tcp/22 n{from} -> n{to}: {e}"))
+}
+
+/// A TCP connection to port 22 of node `to` from a host that is no node (namespace
+/// `ns`, address `src`): strict mode's door, which needs no tunnel.
+pub fn ssh_from_host(f: &Fleet, ns: &str, src: std::net::IpAddr, to: usize) -> Result<(), String> {
+    use std::net::{SocketAddr, TcpListener};
+    let addr: SocketAddr = format!("10.77.0.{}:22", to + 1).parse().unwrap();
+    let l = crate::rig::in_netns(f.topo.ns(to), || TcpListener::bind(addr))
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let c = crate::rig::in_netns(ns, || {
+        crate::rig::tcp_connect_from(SocketAddr::new(src, 0), addr, Duration::from_secs(3))
+    });
+    drop(l);
+    c.map_err(|e| format!("tcp/22 {src} -> n{to}: {e}"))
 }

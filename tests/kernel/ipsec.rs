@@ -148,21 +148,22 @@ fn status_names_the_peer_of_a_counter() -> Result<(), String> {
 
     let bin = env!("CARGO_BIN_EXE_encryptd");
     let cfg = f.dirs[0].join("encryptd.toml");
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", f.topo.ns(0), bin, "status", "--config"])
-        .arg(&cfg)
-        .output()
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (status, text, _) = crate::rig::run_within(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", f.topo.ns(0), bin, "status", "--config"])
+            .arg(&cfg),
+        Duration::from_secs(30),
+    )
+    .map_err(|e| e.to_string())?;
     let line = text
         .lines()
         .find(|l| l.contains("XfrmInStateProtoError:"))
         .unwrap_or("");
     ensure(
-        out.status.code() == Some(1)
+        status.and_then(|s| s.code()) == Some(1)
             && line.contains("(peers: n1)")
             && text.contains("PROBLEM: XfrmInStateProtoError"),
-        format!("exit {:?}, status:\n{text}", out.status.code()),
+        format!("exit {status:?}, status:\n{text}"),
     )?;
     println!("    {}", line.trim());
     Ok(())

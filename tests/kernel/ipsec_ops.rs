@@ -1118,7 +1118,7 @@ fn fleet_recording_hellos(tag: &str, n: usize) -> Result<(Fleet, Vec<Captured>),
     }
     // SAFETY: kill(2) of our own child; SIGINT makes tcpdump flush and exit.
     unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
-    let _ = dump.wait();
+    crate::rig::finish_child(&mut dump, Duration::from_secs(10), "tcpdump")?;
     let captured = read_pcap(&pcap)?;
     ready.map_err(|e| {
         let t0 = captured.first().map_or(0.0, |c| c.3);

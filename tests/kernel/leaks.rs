@@ -52,6 +52,7 @@ fn is_plaintext(l: &str) -> bool {
 struct Ping {
     child: Child,
     out: PathBuf,
+    secs: u32,
 }
 
 fn ping(f: &Fleet, from: usize, dst: &str, secs: u32, tag: &str) -> Result<Ping, String> {
@@ -67,13 +68,18 @@ fn ping(f: &Fleet, from: usize, dst: &str, secs: u32, tag: &str) -> Result<Ping,
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("ping: {e}"))?;
-    Ok(Ping { child, out })
+    Ok(Ping { child, out, secs })
 }
 
 impl Ping {
-    /// (attempted, answered), waiting for the loop to end.
+    /// (attempted, answered), waiting for the loop to end (a loop that does not end in
+    /// time is killed and counts what it had written: nothing).
     fn finish(mut self) -> (u32, u32) {
-        let _ = self.child.wait();
+        let _ = crate::rig::finish_child(
+            &mut self.child,
+            Duration::from_secs(u64::from(self.secs) + 30),
+            "ping loop",
+        );
         let s = std::fs::read_to_string(&self.out).unwrap_or_default();
         let mut it = s.split_whitespace().map(|n| n.parse().unwrap_or(0));
         (it.next().unwrap_or(0), it.next().unwrap_or(0))

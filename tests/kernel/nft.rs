@@ -144,7 +144,7 @@ fn ping_during(
     nft: &Nft,
     replace: impl Fn(&Nft, usize) -> Result<(), NftError>,
 ) -> Result<(usize, usize, usize), String> {
-    let child = Command::new("ping")
+    let mut child = Command::new("ping")
         .args([
             "-n",
             "-q",
@@ -175,6 +175,7 @@ fn ping_during(
         }
         rounds += 1;
     }
+    crate::rig::finish_child(&mut child, Duration::from_secs(30), "ping")?;
     let out = child.wait_with_output().map_err(|e| format!("ping: {e}"))?;
     result?;
     // "200 packets transmitted, 0 received, +10 errors, 100% packet loss, time 2012ms"

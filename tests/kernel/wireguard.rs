@@ -115,7 +115,9 @@ impl Pinger {
     }
 
     /// (transmitted, received) once it is done.
-    fn finish(self) -> Result<(u32, u32), String> {
+    fn finish(mut self) -> Result<(u32, u32), String> {
+        // ping bounds itself (-c, -W); this bounds a ping that does not
+        crate::rig::finish_child(&mut self.child, Duration::from_secs(300), &self.what)?;
         let out = self.child.wait_with_output().map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let line = text
@@ -494,7 +496,11 @@ fn bulk_transfer_no_fragments() -> Result<(), String> {
         .map_err(|e| format!("bind: {e}"))?;
     let received = std::thread::scope(|s| -> Result<usize, String> {
         let server = s.spawn(move || -> std::io::Result<usize> {
-            let (mut c, _) = listener.accept()?;
+            let mut c = crate::rig::accept_within(
+                &listener,
+                Duration::from_secs(10),
+                Duration::from_secs(30),
+            )?;
             let mut total = 0;
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -507,6 +513,7 @@ fn bulk_transfer_no_fragments() -> Result<(), String> {
         in_netns(f.topo.ns(0), || -> std::io::Result<()> {
             let addr: SocketAddr = "10.77.0.2:5010".parse().unwrap();
             let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            c.set_write_timeout(Some(Duration::from_secs(30)))?;
             let chunk = vec![0x5au8; 64 * 1024];
             for _ in 0..N / chunk.len() {
                 c.write_all(&chunk)?;
@@ -772,7 +779,10 @@ impl Drop for NoWireguardModule {
     fn drop(&mut self) {
         let _ = crate::rig::sh("pkill -x wireguard-go; true");
         let _ = std::fs::write("/proc/sys/kernel/modprobe", format!("{}\n", self.modprobe));
-        let _ = crate::rig::sh("modprobe wireguard");
+        // The kernel's own helper: in the VM the modules are not under /lib/modules but
+        // in the extracted kernel package, which that helper knows (plain `modprobe`
+        // does not, and the next case would find no module).
+        let _ = crate::rig::sh(&format!("{} wireguard", self.modprobe));
     }
 }
 
