@@ -75,7 +75,8 @@ impl HelloStats {
 pub struct Engine {
     boot: BootId,
     xfrm: Xfrm,
-    socket: UdpSocket,
+    /// The hello sockets: IPv4, and IPv6 where the host has it.
+    sockets: Vec<UdpSocket>,
     pub peers: BTreeMap<String, Peer>,
     next_hello: BTreeMap<String, Instant>,
     /// Old key slots to delete at a time (key rotation).
@@ -106,19 +107,65 @@ fn read_boot(cfg: &Config) -> Result<BootId, Error> {
     keys::parse_boot_id(&s).ok_or_else(|| err("not a UUID".into()))
 }
 
-fn bind(port: u16) -> Result<UdpSocket, Error> {
-    let sock = UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))
-        .or_else(|_| UdpSocket::bind(SocketAddr::from(([0u8; 4], port))))
-        .map_err(|source| Error::Socket { port, source })?;
-    sock.set_nonblocking(true)
-        .map_err(|source| Error::Socket { port, source })?;
-    Ok(sock)
+/// The hello sockets, one per family (a socket policy is per family): their datagrams,
+/// and only theirs, bypass the tunnel policies, so hellos pass before any SA exists and
+/// no other program's datagrams to the port pass in plaintext. IPv6 where the host has
+/// it.
+fn bind(port: u16) -> Result<Vec<UdpSocket>, Error> {
+    let err = |source| Error::Socket { port, source };
+    let v4 = UdpSocket::bind(SocketAddr::from(([0u8; 4], port))).map_err(err)?;
+    let mut socks = vec![v4];
+    match udp6_only(port) {
+        Ok(s) => socks.push(s),
+        // no IPv6 on this host
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+            ) => {}
+        Err(e) => return Err(err(e)),
+    }
+    for (i, s) in socks.iter().enumerate() {
+        s.set_nonblocking(true).map_err(err)?;
+        crate::kernel::xfrm::bypass_socket(s.as_raw_fd(), i == 1).map_err(err)?;
+    }
+    Ok(socks)
 }
 
-fn unmap(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+/// A UDP socket on `[::]:port` for IPv6 only (IPv4 has its own socket, and policy).
+fn udp6_only(port: u16) -> io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket syscalls on an fd that is wrapped (and so closed) at once;
+    // the sockaddr outlives the bind call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sock = UdpSocket::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        if libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_port = port.to_be();
+        if libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sock)
     }
 }
 
@@ -128,11 +175,11 @@ impl Engine {
     pub fn start(cfg: &Config) -> Result<Engine, Error> {
         let boot = read_boot(cfg)?;
         let xfrm = Xfrm::open()?;
-        let socket = bind(cfg.settings.ipsec.hello_port)?;
+        let sockets = bind(cfg.settings.ipsec.hello_port)?;
         let mut e = Engine {
             boot,
             xfrm,
-            socket,
+            sockets,
             peers: BTreeMap::new(),
             next_hello: BTreeMap::new(),
             retire: BTreeMap::new(),
@@ -362,7 +409,15 @@ impl Engine {
         for f in fams {
             if let Some(ip) = plan::endpoint(node, f) {
                 let to = SocketAddr::new(ip, cfg.settings.ipsec.hello_port);
-                if let Err(e) = self.socket.send_to(&bytes, to) {
+                let sock = self
+                    .sockets
+                    .iter()
+                    .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == to.is_ipv4()));
+                let Some(sock) = sock else {
+                    debug!("hello to {peer} at {to}: no socket of that family");
+                    continue;
+                };
+                if let Err(e) = sock.send_to(&bytes, to) {
                     debug!("hello to {peer} at {to}: {e}");
                 }
             }
@@ -373,17 +428,19 @@ impl Engine {
     pub fn on_readable(&mut self, cfg: &Config) -> bool {
         let mut buf = [0u8; hello::MAX_LEN + 1];
         let mut changed = false;
-        loop {
-            let (n, from) = match self.socket.recv_from(&mut buf) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    warn!("hello socket: {e}");
-                    break;
-                }
-            };
-            self.stats.received += 1;
-            changed |= self.on_datagram(cfg, &buf[..n], unmap(from.ip()));
+        for i in 0..self.sockets.len() {
+            loop {
+                let (n, from) = match self.sockets[i].recv_from(&mut buf) {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        warn!("hello socket: {e}");
+                        break;
+                    }
+                };
+                self.stats.received += 1;
+                changed |= self.on_datagram(cfg, &buf[..n], from.ip());
+            }
         }
         if self.drop_report_at.is_none() && self.stats.dropped != self.drops_reported {
             let now = Instant::now();
@@ -634,8 +691,9 @@ impl Engine {
     }
 }
 
-impl AsRawFd for Engine {
-    fn as_raw_fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
+impl Engine {
+    /// The hello sockets' fds, for the poll loop.
+    pub fn hello_fds(&self) -> Vec<RawFd> {
+        self.sockets.iter().map(AsRawFd::as_raw_fd).collect()
     }
 }

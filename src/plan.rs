@@ -12,8 +12,8 @@ use crate::config::settings::Proto;
 use crate::config::{Config, Node};
 use crate::hello::Family;
 use crate::kernel::xfrm::{
-    Action, Algorithm, Direction, Mode, PRIORITY_BLOCK, PRIORITY_EXEMPT, PRIORITY_TUNNEL,
-    REQID_MIN, Selector, StateId, Template, XfrmPolicy, XfrmState,
+    Action, Algorithm, Direction, Mode, PRIORITY_BLOCK, PRIORITY_EXEMPT, PRIORITY_REPLY,
+    PRIORITY_TUNNEL, REQID_MIN, Selector, StateId, Template, XfrmPolicy, XfrmState,
 };
 use crate::keys::{BootId, SaContext, SaKey, sa_key};
 use crate::net::Cidr;
@@ -72,9 +72,9 @@ fn exempt(selector: Selector, dir: Direction) -> XfrmPolicy {
     }
 }
 
-/// Policies: exemptions for the hello, the management exceptions and IPv6 neighbour
-/// discovery, then for every
-/// peer and family, out/in/fwd between every prefix of each side through the tunnel.
+/// Policies: exemptions for the management exceptions and IPv6 neighbour discovery, then
+/// for every peer and family, out/in/fwd between every prefix of each side through the
+/// tunnel. (The hello needs no policy: its socket bypasses XFRM on its own.)
 pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
     let me = cfg.me();
     let mut out = Vec::new();
@@ -87,32 +87,33 @@ pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
         })
         .collect();
     for &f in &used {
-        let hello = Selector::new(any(f), any(f)).udp_dport(cfg.settings.ipsec.hello_port);
-        out.push(exempt(hello, Direction::Out));
-        out.push(exempt(hello, Direction::In));
-        // The operator's management exceptions (e.g. SSH) never go through a tunnel, so
-        // a broken tunnel cannot lock the operators out.
-        for e in &cfg.settings.strict.exceptions {
-            let proto = match e.proto {
-                Proto::Tcp => libc::IPPROTO_TCP as u8,
-                Proto::Udp => libc::IPPROTO_UDP as u8,
-            };
-            let base = Selector {
-                proto: Some(proto),
-                ..Selector::new(any(f), any(f))
-            };
-            for sel in [
-                Selector {
-                    dport: Some(e.port),
-                    ..base
-                },
-                Selector {
-                    sport: Some(e.port),
-                    ..base
-                },
-            ] {
-                out.push(exempt(sel, Direction::Out));
-                out.push(exempt(sel, Direction::In));
+        // Strict mode's management exceptions (e.g. SSH) are a door to this node's own
+        // service, so that a broken tunnel or a protected range cannot lock the
+        // operators out. Inbound needs no policy (a management host is no peer: no IN
+        // policy covers it; a peer's connections come through its tunnel). Outbound,
+        // the replies, from this node's own addresses and that port, ranked below the
+        // tunnels (a peer gets them encrypted) and above the `block` (a management
+        // host inside a protected range gets them at all). XFRM cannot tell a reply
+        // from a new connection out of that port; nft's `ct direction reply` does.
+        if cfg.settings.strict.enabled {
+            for e in &cfg.settings.strict.exceptions {
+                let proto = Some(match e.proto {
+                    Proto::Tcp => libc::IPPROTO_TCP as u8,
+                    Proto::Udp => libc::IPPROTO_UDP as u8,
+                });
+                for own in me.addresses.iter().filter(|a| family(a) == f) {
+                    out.push(XfrmPolicy {
+                        selector: Selector {
+                            proto,
+                            sport: Some(e.port),
+                            ..Selector::new(Cidr::host(*own), any(f))
+                        },
+                        dir: Direction::Out,
+                        priority: PRIORITY_REPLY,
+                        action: Action::Allow,
+                        template: None,
+                    });
+                }
             }
         }
         if f == Family::V6 {
@@ -347,13 +348,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn policies_cover_every_prefix_pair_and_exempt_hello_and_nd() {
+    fn policies_cover_every_prefix_pair_and_exempt_nd() {
         let p = policies(&mesh());
         let tunnel: Vec<_> = p.iter().filter(|p| p.template.is_some()).collect();
         // a-b: v4 2×1 + v6 1×1 = 3 pairs; a-c: v4 2×3 = 6 pairs; 3 directions each.
         assert_eq!(tunnel.len(), (3 + 6) * 3);
         let exempt: Vec<_> = p.iter().filter(|p| p.template.is_none()).collect();
-        assert_eq!(exempt.len(), 2 + 2 + 4);
+        // IPv6 neighbour discovery, both types, in and out; nothing for the hello (its
+        // socket bypasses XFRM) and no exceptions with strict mode off.
+        assert_eq!(exempt.len(), 4, "{exempt:#?}");
+        assert!(exempt.iter().all(|p| p.selector.proto == Some(58)));
         let out_ab = p
             .iter()
             .find(|p| {
@@ -378,6 +382,48 @@ pub(crate) mod tests {
             p.iter()
                 .all(|p| crate::kernel::xfrm::is_our_priority(p.priority))
         );
+    }
+
+    #[test]
+    fn an_exception_is_a_door_to_this_nodes_own_addresses_only() {
+        let mut cfg = mesh();
+        cfg.settings.strict.exceptions = vec![crate::config::settings::Exception {
+            proto: Proto::Tcp,
+            port: 22,
+        }];
+        let doors = |cfg: &Config| -> Vec<XfrmPolicy> {
+            policies(cfg)
+                .into_iter()
+                .filter(|p| p.selector.proto == Some(libc::IPPROTO_TCP as u8))
+                .collect()
+        };
+        assert!(doors(&cfg).is_empty(), "strict mode off: no exceptions");
+        cfg.settings.strict.enabled = true;
+        let d = doors(&cfg);
+        let show: Vec<String> = d
+            .iter()
+            .map(|p| {
+                format!(
+                    "{:?} {} {:?} > {} {:?}",
+                    p.dir, p.selector.src, p.selector.sport, p.selector.dst, p.selector.dport
+                )
+            })
+            .collect();
+        assert_eq!(
+            show,
+            [
+                "Out 10.0.0.1/32 Some(22) > 0.0.0.0/0 None",
+                "Out fd00::1/128 Some(22) > ::/0 None",
+            ]
+        );
+        // Below every tunnel policy, above the block.
+        assert!(d.iter().all(|p| p.priority == PRIORITY_REPLY));
+        assert!(
+            policies(&cfg)
+                .iter()
+                .all(|p| p.template.is_none() || p.priority < PRIORITY_REPLY)
+        );
+        const { assert!(PRIORITY_REPLY < PRIORITY_BLOCK) };
     }
 
     #[test]

@@ -51,10 +51,14 @@ pub const REQID_MAX: u32 = 0xEFFF_FFFF;
 pub const PRIORITY_MIN: u32 = 0xE000_0000;
 /// Last (lowest-precedence) policy priority of encryptd's band.
 pub const PRIORITY_MAX: u32 = 0xE000_FFFF;
-/// Suggested base for exemptions (hello port, IPv6 neighbour discovery): before tunnels.
+/// Suggested base for exemptions (IPv6 neighbour discovery, own prefixes): before tunnels.
 pub const PRIORITY_EXEMPT: u32 = 0xE000_1000;
 /// Suggested base for tunnel policies (subtract a prefix length to prefer specific ones).
 pub const PRIORITY_TUNNEL: u32 = 0xE000_2000;
+/// The replies of strict mode's management exceptions: after the tunnels (a peer's
+/// replies are encrypted like everything else), before the `block` policies (a
+/// management host in a protected range gets its replies).
+pub const PRIORITY_REPLY: u32 = 0xE000_E000;
 /// Suggested base for the catch-all `block` policies of protected ranges: last.
 pub const PRIORITY_BLOCK: u32 = 0xE000_F000;
 
@@ -79,6 +83,47 @@ pub fn is_our_reqid(reqid: u32) -> bool {
 pub fn is_our_priority(priority: u32) -> bool {
     (PRIORITY_MIN..=PRIORITY_MAX).contains(&priority)
 }
+
+/// Let one socket's own traffic, both ways, bypass every XFRM policy, as IKE daemons do
+/// for their sockets: the hello must travel before any SA exists, and a global exemption
+/// for its port would also let any other program's datagrams to that port pass in
+/// plaintext. `v6`: the socket is AF_INET6 (a dual-stack one covers IPv4 too: the
+/// kernel matches a socket policy's empty selector whatever the packet's family).
+pub fn bypass_socket(fd: std::os::fd::RawFd, v6: bool) -> std::io::Result<()> {
+    use netlink_packet_core::Emitable;
+    let (level, opt) = if v6 {
+        (libc::SOL_IPV6, libc::IPV6_XFRM_POLICY)
+    } else {
+        (libc::SOL_IP, libc::IP_XFRM_POLICY)
+    };
+    for dir in [XFRM_POLICY_IN, XFRM_POLICY_OUT] {
+        let mut p = UserPolicyInfo {
+            action: XFRM_POLICY_ALLOW,
+            direction: dir,
+            ..Default::default()
+        };
+        p.selector.family = if v6 { AF_INET6 } else { AF_INET };
+        let mut buf = vec![0u8; p.buffer_len()];
+        p.emit(&mut buf);
+        // SAFETY: setsockopt with a buffer of the length passed, on a caller's fd.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                buf.as_ptr().cast(),
+                buf.len() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `XFRM_POLICY_MAX`: dumped policies at or past this direction are sockets' own.
+const SOCKET_POLICY_DIR: u8 = 3;
 
 /// Key material; wiped when dropped.
 pub type Key = Zeroizing<Vec<u8>>;
@@ -848,6 +893,10 @@ impl Xfrm {
         let mut out = Vec::with_capacity(replies.len());
         for m in &replies {
             match m {
+                // A socket's own policy (the hello socket's bypass, an IKE daemon's) is
+                // dumped with XFRM_POLICY_MAX added to its direction: not in the SPD.
+                XfrmMessage::AddPolicy(m) | XfrmMessage::UpdatePolicy(m)
+                    if m.user_policy_info.direction >= SOCKET_POLICY_DIR => {}
                 XfrmMessage::AddPolicy(m) | XfrmMessage::UpdatePolicy(m) => {
                     out.push(parse_policy(op, &m.user_policy_info, &m.nlas)?)
                 }

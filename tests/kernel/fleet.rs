@@ -16,6 +16,14 @@ use encryptd::config::wgkey::{self, PrivateKey};
 use crate::rig::{Topo, sh, wait_for};
 
 pub const KEY1: &str = "1+ rfc4106(gcm(aes)) 6b1c3f0e2d4a59788a9b0c1d2e3f40516273849a 128\n";
+/// Strict mode as the strict-mode cases configure it: the wire's and the subnets'
+/// ranges protected, tcp/22 the exception.
+pub const STRICT: &str = "\n[strict]\nenabled = true\ncidrs = [\"10.77.0.0/16\", \"10.1.0.0/16\", \"fd77::/16\"]\nexceptions = [{ proto = \"tcp\", port = 22 }]\n";
+
+/// A management host's addresses: on the wire, inside a protected range, in no inventory.
+pub const MGMT4: &str = "10.77.0.50";
+pub const MGMT6: &str = "fd77::50";
+
 pub const KEY2: &str = "2+ rfc4106(gcm(aes)) 00112233445566778899aabbccddeeff01020304 128\n";
 
 /// A boot ID as the kernel prints it, made from `seed`.
@@ -162,6 +170,21 @@ impl Fleet {
             dirs,
             daemons: (0..n).map(|_| None).collect(),
         })
+    }
+
+    /// Add the management host ([`MGMT4`], [`MGMT6`]) to the wire; its namespace.
+    pub fn add_management_host(&mut self) -> Result<String, String> {
+        self.topo
+            .add_wire_host("m", MGMT4.parse().unwrap(), MGMT6.parse().unwrap())
+    }
+
+    /// Start every node's daemon and wait until all have every peer up.
+    pub fn start_all(&mut self, timeout: Duration) -> Result<(), String> {
+        for i in 0..self.n {
+            self.start(i)?;
+        }
+        self.wait_all_up(timeout)
+            .map_err(|e| format!("{e}\n{}", self.logs()))
     }
 
     /// Append `toml` (e.g. a `[strict]` table) to every node's encryptd.toml.
@@ -412,16 +435,18 @@ pub fn plaintext<'a>(lines: &'a [String], allowed: &[&str]) -> Vec<&'a String> {
 pub fn no_plaintext(clear: &[&String]) -> Result<(), String> {
     crate::rig::ensure(
         clear.is_empty(),
-        format!(
-            "plaintext on the wire:\n{}",
-            clear
-                .iter()
-                .take(20)
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        ),
+        format!("plaintext on the wire:\n{}", first_lines(clear, 20)),
     )
+}
+
+/// The first `n` of `lines`, one per line.
+pub fn first_lines(lines: &[&String], n: usize) -> String {
+    lines
+        .iter()
+        .take(n)
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Send `n` bytes over TCP from node `from` to `addr` (in node `to`), echoed back.

@@ -1161,12 +1161,18 @@ fn drop_counts(log: &str) -> BTreeMap<String, u64> {
     m
 }
 
-/// Send datagrams to `dst`:4510 from `src` (any port) inside namespace `ns`.
+/// Send datagrams to `dst`:4510 from `src` (any port) inside namespace `ns`, in
+/// plaintext as an attacker on the wire would: the socket bypasses the node's tunnel
+/// policies as the daemon's own does. (Through the tunnel they would not even reach the
+/// daemon: its socket takes plaintext hellos only.)
 fn send_udp(ns: &str, src: &str, dst: &str, dgrams: &[(&str, Vec<u8>)]) -> Result<usize, String> {
+    use std::os::fd::AsRawFd;
     let src: std::net::IpAddr = src.parse().map_err(|e| format!("{src}: {e}"))?;
     let dst: std::net::IpAddr = dst.parse().map_err(|e| format!("{dst}: {e}"))?;
     crate::rig::in_netns(ns, || {
         let s = std::net::UdpSocket::bind((src, 0)).map_err(|e| format!("bind {src}: {e}"))?;
+        encryptd::kernel::xfrm::bypass_socket(s.as_raw_fd(), src.is_ipv6())
+            .map_err(|e| format!("XFRM bypass for the sending socket: {e}"))?;
         for (what, d) in dgrams {
             s.send_to(d, (dst, 4510))
                 .map_err(|e| format!("{what} ({} bytes) to {dst}: {e}", d.len()))?;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::Case;
 use crate::fleet::{
-    Fleet, KEY1, KEY2, Kind, boot_id, node_entry, rename_over, ssh_like, wg_node_entry, write,
-    write_keys,
+    Fleet, KEY1, KEY2, Kind, STRICT, boot_id, node_entry, rename_over, ssh_like, wg_node_entry,
+    write, write_keys,
 };
 use crate::rig::{Capture, ensure, sh};
 
@@ -25,8 +25,6 @@ enum Mode {
     Ipsec,
     Wireguard,
 }
-
-const STRICT: &str = "\n[strict]\nenabled = true\ncidrs = [\"10.77.0.0/16\", \"10.1.0.0/16\", \"fd77::/16\"]\nexceptions = [{ proto = \"tcp\", port = 22 }]\n";
 
 /// A capture line that is plaintext between protected addresses: not ESP, not a hello,
 /// not WireGuard's UDP, not ARP/ND/MLD, not the tcp/22 exception.
@@ -379,7 +377,7 @@ fn suite(mode: Mode) -> Result<(), String> {
     }
     f.topo
         .exec(0, &format!("{bin} teardown --config {}", cfg.display()))?;
-    let left = f.topo.exec(0, "ip xfrm policy; ip xfrm state; ip link show type wireguard; ip rule | grep 51871 || true; nft list tables")?;
+    let left = f.topo.exec(0, "ip xfrm policy; ip xfrm state; ip link show type wireguard; ip rule | grep -E '5187[12]|31872' || true; ip route show table 51871; ip route show table 51872; nft list tables")?;
     ensure(
         left.trim().is_empty(),
         format!("left after teardown:\n{left}"),

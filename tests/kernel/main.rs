@@ -18,11 +18,13 @@ mod rig;
 mod supervise;
 
 mod daemon;
+mod doors;
 mod ipsec;
 mod ipsec_ops;
 mod leaks;
 mod nft;
 mod strict;
+mod subnets;
 mod wireguard;
 mod xfrm;
 
@@ -46,6 +48,8 @@ fn cases() -> Vec<Case> {
         ipsec::CASES,
         ipsec_ops::CASES,
         strict::CASES,
+        doors::CASES,
+        subnets::CASES,
         leaks::CASES,
         wireguard::CASES,
     ]

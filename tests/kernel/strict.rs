@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::Case;
-use crate::fleet::{Fleet, KEY1, no_plaintext, plaintext, ssh_like};
+use crate::fleet::{Fleet, KEY1, STRICT, no_plaintext, plaintext, ssh_from_host, ssh_like};
 use crate::ipsec::IPSEC_WIRE;
 use crate::rig::{ensure, sh};
 
@@ -20,8 +20,6 @@ pub const CASES: &[Case] = &[
         refuses_to_lock_this_node_out,
     ),
 ];
-
-const STRICT: &str = "\n[strict]\nenabled = true\ncidrs = [\"10.77.0.0/16\", \"10.1.0.0/16\", \"fd77::/16\"]\nexceptions = [{ proto = \"tcp\", port = 22 }]\n";
 
 fn drop_counter(f: &Fleet, i: usize, comment: &str) -> Result<u64, String> {
     let out = f.topo.exec(i, "nft list table inet encryptd")?;
@@ -42,6 +40,7 @@ fn drop_counter(f: &Fleet, i: usize, comment: &str) -> Result<u64, String> {
 fn ipsec_leaks_nothing() -> Result<(), String> {
     let mut f = Fleet::new("sx", 3, KEY1)?;
     f.configure_all(STRICT)?;
+    let m = f.add_management_host()?;
     let mut report = Vec::new();
 
     // Cold start: from the moment every node's strict rules are in (the first thing its
@@ -61,7 +60,7 @@ fn ipsec_leaks_nothing() -> Result<(), String> {
     )?;
     f.wait_all_up(Duration::from_secs(30))
         .map_err(|e| format!("{e}\n{}", f.logs()))?;
-    let _ = ping.wait();
+    crate::rig::finish_child(&mut ping, Duration::from_secs(60), "the cold-start ping")?;
     report.push("cold start".to_string());
 
     // A protected destination that is not in the inventory: dropped at the source, by
@@ -97,7 +96,8 @@ fn ipsec_leaks_nothing() -> Result<(), String> {
         f.topo.exec(0, "nft list table inet encryptd").is_ok(),
         "strict table gone after SIGKILL",
     )?;
-    ssh_like(&f, 1, 0)?;
+    // (A peer's SSH now waits for n0's tunnel; a management host's does not.)
+    ssh_from_host(&f, &m, crate::fleet::MGMT4.parse().unwrap(), 0)?;
 
     let lines = cap.stop();
     // SSH-like traffic (the exception) is the only plaintext allowed.
@@ -159,17 +159,14 @@ fn ipsec_leaks_nothing() -> Result<(), String> {
 
 /// The rules the daemon keeps for the next boot: n0 "reboots" (daemon killed, ruleset
 /// and XFRM flushed, as after a boot), the boot unit's `nft -f state/strict.nft` runs,
-/// and before the daemon starts nothing reaches n1 in plaintext while SSH-like traffic
-/// passes; then the daemon takes over. Strict mode off removes the file, and so does
+/// and before the daemon starts nothing reaches n1 in plaintext while SSH from a
+/// management host passes; then the daemon takes over. Strict mode off removes the file, and so does
 /// `encryptd teardown`.
 fn boot_rules_before_the_daemon() -> Result<(), String> {
     let mut f = Fleet::new("sb", 2, KEY1)?;
     f.configure_all(STRICT)?;
-    for i in 0..2 {
-        f.start(i)?;
-    }
-    f.wait_all_up(Duration::from_secs(30))
-        .map_err(|e| format!("{e}\n{}", f.logs()))?;
+    let m = f.add_management_host()?;
+    f.start_all(Duration::from_secs(30))?;
     let kept = f.dirs[0].join("state/strict.nft");
     let script = std::fs::read_to_string(&kept).map_err(|e| format!("{}: {e}", kept.display()))?;
     let live = f.topo.exec(0, "nft list table inet encryptd")?;
@@ -193,7 +190,9 @@ fn boot_rules_before_the_daemon() -> Result<(), String> {
     let cap = f.topo.capture("")?;
     let ping = f.topo.exec(0, "ping -c 3 -i 0.2 -W 1 10.77.0.2");
     let ping6 = f.topo.exec(0, "ping -6 -c 3 -i 0.2 -W 1 fd77::2");
-    let ssh = ssh_like(&f, 1, 0);
+    // SSH from a management host (in a protected range, in no inventory): the door.
+    // (A peer's SSH goes through its tunnel, which waits for n0's daemon.)
+    let ssh = ssh_from_host(&f, &m, crate::fleet::MGMT4.parse().unwrap(), 0);
     let lines = cap.stop();
     ensure(
         ping.is_err() && ping6.is_err(),
