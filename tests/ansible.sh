@@ -38,8 +38,8 @@
 #     e. The rotation: only ipsec.keys changes, the handler reloads (same PID), both
 #        nodes move to key 2, no ping lost meanwhile (every 200 ms).
 #     f. Mode switched to WireGuard: `encryptd pubkey` on each node, the keys gathered
-#        into nodes.toml through hostvars, the mode-change handler (stop, teardown,
-#        start): no XFRM objects left, encryptd0 up, WireGuard UDP only on the wire.
+#        into nodes.toml through hostvars, the mode-change handler (a restart; the new
+#        daemon removes the old mode's objects): no XFRM objects left, encryptd0 up, WireGuard UDP only on the wire.
 #     g. WireGuard again: nothing changed.
 #     h. A cluster preshared key in the vault (encryptd_wireguard_preshared_key): only
 #        wireguard.psk (0600 root, the vaulted key) and encryptd.toml (which names it)
@@ -515,7 +515,7 @@ for N in $(seq $NODES); do
     n=n$N
     check "$n: STATUS= wireguard: $((NODES - 1))/$((NODES - 1)) peers up, strict on" \
         wait_status $n "wireguard: $((NODES - 1))/$((NODES - 1)) peers up, strict on" 120
-    check "$n: no XFRM policies or states left (teardown)" eq "$(on $n 'ip xfrm policy; ip xfrm state')" ""
+    check "$n: no XFRM policies or states left (removed by the new daemon)" eq "$(on $n 'ip xfrm policy; ip xfrm state')" ""
     check "$n: encryptd0 is a WireGuard link" on $n "ip -d link show encryptd0 | grep -qw wireguard"
 done
 T_WG_UP=$(date +%s.%N)
