@@ -164,8 +164,9 @@ fn teardown(paths: &Paths) -> i32 {
             }
             if rules > 0 {
                 println!(
-                    "removed {rules} policy rule(s) of table {}",
-                    crate::wgplan::TABLE
+                    "removed {rules} policy rule(s) and route(s) of tables {} and {}",
+                    crate::wgplan::TABLE,
+                    crate::wgplan::BLACKHOLE_TABLE
                 );
             }
         }
@@ -225,6 +226,9 @@ fn check(paths: &Paths) -> i32 {
                         "note: not root, the strict-mode ruleset was not checked with `nft -c`"
                     );
                 }
+            }
+            for w in config::warnings(&c) {
+                eprintln!("{}: warning: {w}", paths.config.display());
             }
             println!(
                 "{}: valid: mode {}, node {}, {} nodes{key}",

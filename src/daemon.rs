@@ -22,6 +22,11 @@ use crate::{ipsec, wireguard};
 const INOTIFY: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const HELLO: Token = Token(2);
+const NFTABLES: Token = Token(3);
+
+/// After an nftables notification, check the strict table this much later: one check
+/// for a burst of changes (a ruleset reload is many), well within a second.
+const STRICT_CHECK_DELAY: Duration = Duration::from_millis(20);
 
 /// READY=1 waits at most this long, after the engine has configured the kernel, for
 /// peers to come up (peers that do not run encryptd yet must not hold the boot of this
@@ -129,6 +134,14 @@ struct Daemon {
     engine: Option<Engine>,
     /// The strict-mode table last applied (`None`: strict mode off).
     strict: Option<String>,
+    /// nftables' notifications, to notice another program removing the table.
+    nft_monitor: Option<crate::kernel::nft::Monitor>,
+    /// When to check the strict table in the kernel next.
+    strict_check_at: Option<Instant>,
+    /// How often the table was found missing or changed and put back.
+    strict_reinstalls: u64,
+    /// The last check found the table in the kernel as applied (or put it back).
+    strict_verified: bool,
     /// The STATUS= line last sent, so that a change (a peer up or down) is sent once.
     last_status: String,
     /// Next periodic rewrite of the status snapshot.
@@ -149,6 +162,10 @@ impl Daemon {
             watchdog,
             engine: None,
             strict: None,
+            nft_monitor: None,
+            strict_check_at: None,
+            strict_reinstalls: 0,
+            strict_verified: false,
             last_status: String::new(),
             snapshot_at: Instant::now(),
             ready_by: Some(Instant::now() + READY_WAIT),
@@ -240,6 +257,19 @@ impl Daemon {
             .register(&mut SourceFd(&ifd), INOTIFY, Interest::READABLE)
             .map_err(io_err("register inotify"))?;
         self.rewatch();
+        // Subscribed before the table goes in, so that no removal goes unseen.
+        match crate::kernel::nft::Monitor::open() {
+            Ok(m) => {
+                poll.registry()
+                    .register(&mut SourceFd(&m.as_raw_fd()), NFTABLES, Interest::READABLE)
+                    .map_err(io_err("register nftables notifications"))?;
+                self.nft_monitor = Some(m);
+            }
+            Err(e) => warn!(
+                "nftables notifications unavailable ({e}): the strict table is checked every {} s only",
+                SNAPSHOT_EVERY.as_secs()
+            ),
+        }
         // Strict rules go in before any tunnel: nothing may leave in plaintext while the
         // tunnels are being built. If they cannot be installed, the daemon does not start.
         self.apply_strict(&crate::strict::ruleset(&self.config))?;
@@ -247,13 +277,11 @@ impl Daemon {
         match self.config.settings.mode {
             Mode::Ipsec => {
                 let engine = ipsec::Engine::start(&self.config).map_err(engine::Error::from)?;
-                poll.registry()
-                    .register(
-                        &mut SourceFd(&engine.as_raw_fd()),
-                        HELLO,
-                        Interest::READABLE,
-                    )
-                    .map_err(io_err("register hello socket"))?;
+                for fd in engine.hello_fds() {
+                    poll.registry()
+                        .register(&mut SourceFd(&fd), HELLO, Interest::READABLE)
+                        .map_err(io_err("register hello socket"))?;
+                }
                 let mut engine = Engine::Ipsec(engine);
                 engine.tick(&self.config, Instant::now())?;
                 self.engine = Some(engine);
@@ -267,6 +295,9 @@ impl Daemon {
         // The wait for peers counts from when the tunnels are configured: a slow start
         // (the kernel busy, a big inventory) must not use it up.
         self.ready_by = Some(Instant::now() + READY_WAIT);
+        for w in config::warnings(&self.config) {
+            warn!("{}: {w}", self.paths.config.display());
+        }
         let me = self.config.me();
         info!(
             "started: mode {}, node {} ({}), {} peers",
@@ -286,6 +317,7 @@ impl Daemon {
                 self.reload_at,
                 self.watchdog.map(|w| w.1),
                 self.ready_by,
+                self.strict_check_at,
                 Some(self.snapshot_at),
                 self.engine.as_ref().and_then(Engine::next_deadline),
             ]
@@ -323,6 +355,12 @@ impl Daemon {
                             }
                         }
                     }
+                    NFTABLES => {
+                        let n = self.nft_monitor.as_mut().map_or(0, |m| m.drain());
+                        if n > 0 && self.strict.is_some() && self.strict_check_at.is_none() {
+                            self.strict_check_at = Some(Instant::now() + STRICT_CHECK_DELAY);
+                        }
+                    }
                     HELLO => {
                         if let Some(e) = &mut self.engine
                             && e.on_readable(&self.config)
@@ -347,7 +385,13 @@ impl Daemon {
                     self.snapshot_at = now;
                 }
             }
+            if self.strict_check_at.is_some_and(|t| t <= now) {
+                self.strict_check_at = None;
+                self.verify_strict();
+            }
             if self.snapshot_at <= now {
+                // the backstop, should a notification have been missed
+                self.verify_strict();
                 self.write_snapshot(now);
                 self.snapshot_at = now + SNAPSHOT_EVERY;
             }
@@ -376,6 +420,8 @@ impl Daemon {
             status_line: self.status_line(),
             current_key_id: c.keys.as_ref().and_then(|k| k.current()).map(|k| k.id),
             strict: self.strict.is_some(),
+            strict_reinstalls: self.strict_reinstalls,
+            strict_in_kernel: self.strict_verified,
             config_refused: self.refused.clone(),
             peers: self
                 .engine
@@ -409,12 +455,18 @@ impl Daemon {
         match table {
             Some(t) => {
                 nft.apply(t)?;
+                self.strict_verified = true;
                 info!("strict mode: rules installed (table inet encryptd)");
             }
             // Strict mode off: a table left from when it was on goes.
             None => {
-                if let Err(e) = nft.delete() {
-                    warn!("strict mode is off, but the old table could not be removed: {e}");
+                self.strict_verified = false;
+                match nft.delete() {
+                    Ok(()) if self.strict.is_some() => info!("strict mode off: rules removed"),
+                    Ok(()) => {}
+                    Err(e) => {
+                        warn!("strict mode is off, but the old table could not be removed: {e}")
+                    }
                 }
             }
         }
@@ -426,6 +478,45 @@ impl Daemon {
                 .as_deref(),
         );
         Ok(())
+    }
+
+    /// Check that the table applied last is in the kernel as applied; put it back if
+    /// another program removed or changed it (`nft flush ruleset`, which is what
+    /// `systemctl restart nftables` does, a firewall manager's reload).
+    fn verify_strict(&mut self) {
+        let Some(want) = self.strict.clone() else {
+            return;
+        };
+        let nft = crate::kernel::nft::Nft::default();
+        let what = match nft.list() {
+            Ok(None) => "was removed from the kernel",
+            Ok(Some(listing)) if !crate::kernel::nft::holds(&listing, &want) => {
+                "was changed by another program"
+            }
+            Ok(Some(_)) => {
+                self.strict_verified = true;
+                return;
+            }
+            Err(e) => {
+                warn!("strict mode: cannot check table inet encryptd: {e}");
+                self.strict_verified = false;
+                return;
+            }
+        };
+        self.strict_reinstalls += 1;
+        // `encryptd status` and the metrics say so now, not at the next periodic write
+        self.snapshot_at = Instant::now();
+        let r = nft.apply(&want);
+        self.strict_verified = r.is_ok();
+        match r {
+            Ok(()) => warn!(
+                "strict mode: table inet encryptd {what} (a ruleset flush or firewall reload?); reinstalled ({} time(s) since start)",
+                self.strict_reinstalls
+            ),
+            Err(e) => {
+                error!("strict mode: table inet encryptd {what}, and reinstalling it failed: {e}")
+            }
+        }
     }
 
     fn keep_for_boot(&self, script: Option<&str>) {
@@ -443,6 +534,11 @@ impl Daemon {
             match crate::kernel::nft::Nft::default().delete() {
                 Ok(()) => info!("strict mode: rules removed (keep_on_stop = false)"),
                 Err(e) => error!("strict mode: removing the rules: {e}"),
+            }
+            if self.config.settings.mode == Mode::Wireguard
+                && let Err(e) = crate::teardown::wireguard_strict()
+            {
+                error!("strict mode: removing the blackhole routes: {e}");
             }
             self.keep_for_boot(None);
         } else if self.strict.is_some() {

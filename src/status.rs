@@ -46,7 +46,16 @@ pub struct Snapshot {
     pub written: u64,
     pub status_line: String,
     pub current_key_id: Option<u8>,
+    /// Strict mode is on in the configuration (what the kernel holds, `status` reads
+    /// from the kernel itself).
     pub strict: bool,
+    /// How often the daemon found its table removed or changed and put it back.
+    #[serde(default)]
+    pub strict_reinstalls: u64,
+    /// The daemon's last check found its table in the kernel (every few seconds, and at
+    /// once on an nftables notification).
+    #[serde(default)]
+    pub strict_in_kernel: bool,
     /// Why the newest configuration files were refused, while they are.
     pub config_refused: Option<String>,
     pub peers: Vec<PeerStatus>,
@@ -134,9 +143,15 @@ pub fn metrics(s: &Snapshot, xfrm: &[(String, u64)]) -> String {
     }
     metric(
         "strict",
-        "1 when strict-mode rules are installed.",
+        "1 when strict mode is on and the daemon's last check found its table in the kernel.",
         "gauge",
-        &[(String::new(), u64::from(s.strict))],
+        &[(String::new(), u64::from(s.strict && s.strict_in_kernel))],
+    );
+    metric(
+        "strict_reinstalls_total",
+        "Times the strict table was found removed or changed by another program and put back.",
+        "counter",
+        &[(String::new(), s.strict_reinstalls)],
     );
     metric(
         "config_refused",
@@ -292,6 +307,8 @@ struct Report {
     max_seq_limit: u64,
     xfrm_errors: Vec<XfrmCounter>,
     strict_drops: Vec<StrictDrop>,
+    /// What `status` itself found: is `table inet encryptd` in the kernel now?
+    strict_table_in_kernel: bool,
     problems: Vec<String>,
 }
 
@@ -503,7 +520,14 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
             problems.push(format!("{} = {}: {}", c.name, c.value, c.meaning));
         }
     }
-    let strict_drops = crate::kernel::nft::Nft::default()
+    let nft = crate::kernel::nft::Nft::default();
+    let strict_table_in_kernel = matches!(nft.list(), Ok(Some(_)));
+    if daemon.as_ref().is_some_and(|d| d.strict) && !strict_table_in_kernel {
+        problems.push(
+            "strict mode is on, but table inet encryptd is not in the kernel: nothing stops plaintext to the protected ranges (the daemon puts it back within a second when it runs)".into(),
+        );
+    }
+    let strict_drops = nft
         .counters()
         .map(|cs| {
             cs.into_iter()
@@ -526,6 +550,7 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
         max_seq_limit: u64::MAX,
         xfrm_errors,
         strict_drops,
+        strict_table_in_kernel,
         problems,
     };
     if json {
@@ -560,7 +585,23 @@ fn print_text(r: &Report) {
             if let Some(k) = d.current_key_id {
                 println!("Current key-id: {k}");
             }
-            println!("Strict mode: {}", if d.strict { "on" } else { "off" });
+            let reinstalled = if d.strict_reinstalls > 0 {
+                format!(
+                    "; found removed or changed and reinstalled {} time(s) since start",
+                    d.strict_reinstalls
+                )
+            } else {
+                String::new()
+            };
+            match (d.strict, r.strict_table_in_kernel) {
+                (true, true) => {
+                    println!("Strict mode: on (table inet encryptd in the kernel{reinstalled})")
+                }
+                (true, false) => println!(
+                    "Strict mode: on, but table inet encryptd is MISSING from the kernel{reinstalled}"
+                ),
+                (false, _) => println!("Strict mode: off"),
+            }
             if !r.decryption_interfaces.is_empty() {
                 println!(
                     "Decryption interface(s): {}",

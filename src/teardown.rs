@@ -11,8 +11,8 @@ use crate::kernel::xfrm::{Xfrm, XfrmError};
 use crate::wgplan;
 
 /// Remove WireGuard mode's interface `ifname` (the kernel's, or a userspace
-/// implementation's `tun`, which then exits) and its policy rules. Returns (whether
-/// the interface was there, the number of rules removed).
+/// implementation's `tun`, which then exits), its policy rules and routes. Returns
+/// (whether the interface was there, the number of rules and routes removed).
 pub fn wireguard(ifname: &str) -> Result<(bool, usize), LinkError> {
     let mut r = Rtnl::open()?;
     let link = r.link(ifname)?.filter(|l| match l.kind.as_deref() {
@@ -25,7 +25,28 @@ pub fn wireguard(ifname: &str) -> Result<(bool, usize), LinkError> {
     }
     let rules: Vec<_> = r.rules()?.into_iter().filter(wgplan::is_our_rule).collect();
     r.delete_rules(&rules)?;
-    Ok((link.is_some(), rules.len()))
+    // strict mode's blackhole and throw routes outlive the interface
+    let mut routes = r.routes(wgplan::TABLE)?;
+    routes.extend(r.routes(wgplan::BLACKHOLE_TABLE)?);
+    r.delete_routes(&routes)?;
+    Ok((link.is_some(), rules.len() + routes.len()))
+}
+
+/// Remove strict mode's part of WireGuard mode's routing (the blackhole and throw routes,
+/// the exception rules), leaving the tunnel; the number of objects removed.
+pub fn wireguard_strict() -> Result<usize, LinkError> {
+    let mut r = Rtnl::open()?;
+    let rules: Vec<_> = r
+        .rules()?
+        .into_iter()
+        .filter(|x| {
+            wgplan::is_our_rule(x) && (x.sport.is_some() || x.table == wgplan::BLACKHOLE_TABLE)
+        })
+        .collect();
+    r.delete_rules(&rules)?;
+    let routes = r.routes(wgplan::BLACKHOLE_TABLE)?;
+    r.delete_routes(&routes)?;
+    Ok(rules.len() + routes.len())
 }
 
 /// Remove IPsec mode's XFRM policies and states. Returns (states, policies) removed.

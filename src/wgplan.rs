@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::wgkey::PresharedKey;
 use crate::config::{Config, Node};
-use crate::kernel::link::{Route, Rule};
+use crate::kernel::link::{Route, RouteKind, Rule};
 use crate::kernel::wireguard::{Device, PeerUpdate};
 use crate::net::Cidr;
 
@@ -44,6 +44,16 @@ pub const FWMARK: u32 = 0xca9f;
 /// Priority of the `not fwmark FWMARK lookup TABLE` rules: after any rule an operator
 /// adds with a lower number, before `main` (32766).
 pub const RULE_PRIORITY: u32 = 31871;
+/// Priority of strict mode's exception rules (`from OWN ipproto P sport N lookup main`):
+/// after [`TABLE`] (a peer gets its replies through the tunnel), before
+/// [`BLACKHOLE_TABLE`] (a management host in a protected range gets them at all).
+pub const EXCEPTION_RULE_PRIORITY: u32 = RULE_PRIORITY + 1;
+/// Strict mode's routing table: a blackhole per protected range (see [`fail_closed`]).
+pub const BLACKHOLE_TABLE: u32 = 51872;
+/// Priority of the `not fwmark FWMARK lookup BLACKHOLE_TABLE` rules.
+pub const BLACKHOLE_RULE_PRIORITY: u32 = RULE_PRIORITY + 2;
+/// The `main` routing table.
+pub const MAIN_TABLE: u32 = 254;
 /// `proto` of encryptd's routes (`ip route show table 51871 proto 236`).
 pub const ROUTE_PROTO: u8 = 236;
 /// Worst-case WireGuard overhead (IPv6 outer header).
@@ -183,6 +193,7 @@ pub fn plan(cfg: &Config, public_key: [u8; 32], local: &Local) -> Desired {
         let ips = allowed_ips(p);
         for dst in &ips {
             routes.push(Route {
+                kind: RouteKind::Unicast,
                 dst: *dst,
                 table: TABLE,
                 oif: local.ifindex,
@@ -213,19 +224,35 @@ pub fn plan(cfg: &Config, public_key: [u8; 32], local: &Local) -> Desired {
             },
         );
     }
+    let mut exception_rules = Vec::new();
+    if cfg.settings.strict.enabled {
+        exception_rules = fail_closed(cfg, &mut routes);
+    }
     routes.sort();
-    let rules = [false, true]
-        .into_iter()
-        .filter(|v6| routes.iter().any(|r| r.dst.is_ipv4() != *v6))
-        .map(|v6| Rule {
-            v6,
-            priority: RULE_PRIORITY,
-            invert: true,
-            fwmark: Some(FWMARK),
-            table: TABLE,
-            other_selectors: false,
-        })
-        .collect();
+    // `not fwmark FWMARK lookup T` for each table and family that has routes
+    let mut rules: Vec<Rule> = [
+        (TABLE, RULE_PRIORITY),
+        (BLACKHOLE_TABLE, BLACKHOLE_RULE_PRIORITY),
+    ]
+    .into_iter()
+    .flat_map(|(table, priority)| [false, true].map(|v6| (table, priority, v6)))
+    .filter(|(table, _, v6)| {
+        routes
+            .iter()
+            .any(|r| r.table == *table && r.dst.is_ipv4() != *v6)
+    })
+    .map(|(table, priority, v6)| Rule {
+        v6,
+        priority,
+        invert: true,
+        fwmark: Some(FWMARK),
+        src: None,
+        sport: None,
+        table,
+        other_selectors: false,
+    })
+    .collect();
+    rules.extend(exception_rules);
     Desired {
         public_key,
         listen_port: port,
@@ -237,9 +264,74 @@ pub fn plan(cfg: &Config, public_key: [u8; 32], local: &Local) -> Desired {
     }
 }
 
-/// Whether a rule is encryptd's: its priority and its table.
+/// Strict mode in the routing, where an `nft flush ruleset` does not reach. After
+/// [`TABLE`] (the peers' routes), every packet but the tunnel's own UDP consults
+/// [`BLACKHOLE_TABLE`]: a `blackhole` for every protected range, so that what has no
+/// peer route drops instead of leaving in plaintext even while the nft table is gone,
+/// and `throw` routes for this node's own addresses and subnets, which fall through to
+/// `main`. Between the two, the replies of the management exceptions (from this node's
+/// addresses and the exception's port) look up `main`: a management host gets them, a
+/// peer has got them through [`TABLE`] already. Returns those rules; adds the routes to
+/// `routes`.
+fn fail_closed(cfg: &Config, routes: &mut Vec<Route>) -> Vec<Rule> {
+    let me = cfg.me();
+    let strict = &cfg.settings.strict;
+    let special = |dst: Cidr, kind| Route {
+        kind,
+        dst,
+        table: BLACKHOLE_TABLE,
+        oif: 0,
+        src: None,
+        protocol: ROUTE_PROTO,
+    };
+    let own: Vec<Cidr> = me
+        .addresses
+        .iter()
+        .map(|a| Cidr::host(*a))
+        .chain(me.subnets.iter().copied())
+        .collect();
+    for o in own
+        .iter()
+        .filter(|o| strict.cidrs.iter().any(|c| c.overlaps(o)))
+    {
+        routes.push(special(*o, RouteKind::Throw));
+    }
+    for c in &strict.cidrs {
+        routes.push(special(*c, RouteKind::Blackhole));
+    }
+    let mut rules = Vec::new();
+    for e in &strict.exceptions {
+        let proto = match e.proto {
+            crate::config::settings::Proto::Tcp => libc::IPPROTO_TCP as u8,
+            crate::config::settings::Proto::Udp => libc::IPPROTO_UDP as u8,
+        };
+        for a in &me.addresses {
+            rules.push(Rule {
+                v6: a.is_ipv6(),
+                priority: EXCEPTION_RULE_PRIORITY,
+                invert: false,
+                fwmark: None,
+                src: Some(Cidr::host(*a)),
+                sport: Some((proto, e.port)),
+                table: MAIN_TABLE,
+                other_selectors: false,
+            });
+        }
+    }
+    rules.sort();
+    rules.dedup();
+    rules
+}
+
+/// Whether a rule is encryptd's: its priority and its table (and, for the exception
+/// rules into `main`, the port they select on).
 pub fn is_our_rule(r: &Rule) -> bool {
-    r.priority == RULE_PRIORITY && r.table == TABLE
+    (r.priority == RULE_PRIORITY && r.table == TABLE)
+        || (r.priority == BLACKHOLE_RULE_PRIORITY && r.table == BLACKHOLE_TABLE)
+        || (r.priority == EXCEPTION_RULE_PRIORITY
+            && r.table == MAIN_TABLE
+            && r.sport.is_some()
+            && !r.other_selectors)
 }
 
 /// The operations that make `have` match `want`.
@@ -318,18 +410,22 @@ pub fn diff(want: &Desired, have: &Observed) -> Ops {
     ops.detach_ips.sort();
     ops.detach_ips.dedup();
 
-    let have_routes: BTreeMap<Cidr, &Route> = have.routes.iter().map(|r| (r.dst, r)).collect();
-    let want_routes: BTreeMap<Cidr, &Route> = want.routes.iter().map(|r| (r.dst, r)).collect();
+    // a route is identified by its table and destination (what `replace` replaces)
+    let key = |r: &Route| (r.table, r.dst);
+    let have_routes: BTreeMap<(u32, Cidr), &Route> =
+        have.routes.iter().map(|r| (key(r), r)).collect();
+    let want_routes: BTreeMap<(u32, Cidr), &Route> =
+        want.routes.iter().map(|r| (key(r), r)).collect();
     ops.replace_routes = want
         .routes
         .iter()
-        .filter(|r| have_routes.get(&r.dst) != Some(r))
+        .filter(|r| have_routes.get(&key(r)) != Some(r))
         .copied()
         .collect();
     ops.delete_routes = have
         .routes
         .iter()
-        .filter(|r| !want_routes.contains_key(&r.dst))
+        .filter(|r| !want_routes.contains_key(&key(r)))
         .copied()
         .collect();
 
@@ -623,6 +719,8 @@ mod tests {
             priority: 100,
             invert: false,
             fwmark: None,
+            src: None,
+            sport: None,
             table: 200,
             other_selectors: true,
         };
@@ -635,6 +733,81 @@ mod tests {
         let ops = diff(&d, &have);
         assert_eq!(ops.delete_rules, vec![stale]);
         assert!(ops.add_rules.is_empty());
+    }
+
+    #[test]
+    fn strict_mode_fails_closed_in_the_routing_too() {
+        let mut cfg = three();
+        let d = plan(&cfg, key(1), &local());
+        assert!(d.routes.iter().all(|r| r.kind == RouteKind::Unicast));
+        assert_eq!(
+            d.rules.len(),
+            d.rules.iter().filter(|r| r.fwmark.is_some()).count()
+        );
+        cfg.settings.strict.enabled = true;
+        cfg.settings.strict.cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        cfg.settings.strict.exceptions = vec![crate::config::settings::Exception {
+            proto: crate::config::settings::Proto::Tcp,
+            port: 22,
+        }];
+        let d = plan(&cfg, key(1), &local());
+        let of = |k| {
+            d.routes
+                .iter()
+                .filter(|r| r.kind == k)
+                .map(|r| r.dst.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of(RouteKind::Blackhole), ["10.0.0.0/8"]);
+        // this node's own address falls through to `main`
+        let me = cfg.me();
+        let own: Vec<String> = me
+            .addresses
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .map(|a| format!("{a}/32"))
+            .collect();
+        for o in &own {
+            assert!(
+                of(RouteKind::Throw).contains(o),
+                "{:?}",
+                of(RouteKind::Throw)
+            );
+        }
+        assert!(
+            d.routes
+                .iter()
+                .all(|r| (r.kind == RouteKind::Unicast) == (r.table == TABLE))
+        );
+        let order: Vec<(u32, u32)> = {
+            let mut v: Vec<_> = d.rules.iter().map(|r| (r.priority, r.table)).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        assert_eq!(
+            order,
+            [
+                (RULE_PRIORITY, TABLE),
+                (EXCEPTION_RULE_PRIORITY, MAIN_TABLE),
+                (BLACKHOLE_RULE_PRIORITY, BLACKHOLE_TABLE)
+            ],
+            "peers first, then the exceptions' replies, then the blackholes"
+        );
+        let ex: Vec<&Rule> = d.rules.iter().filter(|r| r.sport.is_some()).collect();
+        assert_eq!(ex.len(), me.addresses.len());
+        assert!(ex.iter().all(|r| r.sport == Some((6, 22))
+            && r.table == MAIN_TABLE
+            && r.priority > RULE_PRIORITY
+            && is_our_rule(r)
+            && me.addresses.iter().any(|a| r.src == Some(Cidr::host(*a)))));
+        // a second pass over what the first installed changes nothing
+        let ops = diff(&d, &applied(&d));
+        assert!(
+            ops.replace_routes.is_empty()
+                && ops.add_rules.is_empty()
+                && ops.delete_rules.is_empty()
+        );
     }
 
     #[test]

@@ -245,7 +245,11 @@ impl Engine {
             mtu: link.mtu,
             up: link.up,
             device,
-            routes: self.rtnl.routes(wgplan::TABLE)?,
+            routes: {
+                let mut r = self.rtnl.routes(wgplan::TABLE)?;
+                r.extend(self.rtnl.routes(wgplan::BLACKHOLE_TABLE)?);
+                r
+            },
             rules: self.rtnl.rules()?,
         })
     }

@@ -59,7 +59,7 @@ impl Fixture {
     /// directory stripped so messages read `nodes.toml:3:1: ...`.
     fn check(&self, args: &[&str]) -> (i32, String, String) {
         let out = common::output(
-            &mut Command::new(env!("CARGO_BIN_EXE_encryptd"))
+            Command::new(env!("CARGO_BIN_EXE_encryptd"))
                 .arg("check")
                 .arg(self.dir.join("encryptd.toml"))
                 .args(args),
@@ -112,7 +112,7 @@ fn usage_errors_exit_2() {
         &[],
         &["check", "a", "b"],
     ] {
-        let out = common::output(&mut Command::new(env!("CARGO_BIN_EXE_encryptd")).args(args));
+        let out = common::output(Command::new(env!("CARGO_BIN_EXE_encryptd")).args(args));
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("usage: encryptd"));
     }
@@ -387,7 +387,7 @@ fn wireguard_key_pair_commands() {
             "private_key = \"state/wireguard.key\"",
         );
     let run = |args: &[&str]| {
-        let out = common::output(&mut Command::new(env!("CARGO_BIN_EXE_encryptd")).args(args));
+        let out = common::output(Command::new(env!("CARGO_BIN_EXE_encryptd")).args(args));
         (
             out.status.code().unwrap(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -493,4 +493,65 @@ fn wireguard_preshared_key_file() {
         err.starts_with("candidate.psk:1:1: the preshared key file is not one WireGuard key"),
         "{err}"
     );
+}
+
+#[test]
+fn interface_names_are_linux_names_that_need_no_quoting() {
+    Fixture::new()
+        .edit(
+            "encryptd.toml",
+            "interface = \"encryptd0\"",
+            "interface = \"wg0\\\" accept\"",
+        )
+        .edit("encryptd.toml", "interface = \"\"", "interface = \"eth/0\"")
+        .fails_with(&[
+            "encryptd.toml:38:13: `interface` must be a Linux interface name: 1 to 15 of the characters A-Z a-z 0-9 - _ . (not \".\" or \"..\")",
+            "encryptd.toml:53:13: `interface` must be a Linux interface name: 1 to 15 of the characters A-Z a-z 0-9 - _ . (not \".\" or \"..\")",
+        ]);
+}
+
+/// Both modes' strict rulesets pass `nft -c` (run by `check` as root): a syntax error in
+/// the rendered table is caught here, not first in the kernel VM.
+#[test]
+fn both_modes_strict_rulesets_pass_nft_check() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (nft -c talks to the kernel); run the suite as root");
+    }
+    for mode in ["ipsec", "wireguard"] {
+        let f = Fixture::new();
+        let f = f.edit(
+            "encryptd.toml",
+            "mode = \"ipsec\"",
+            &format!("mode = \"{mode}\""),
+        );
+        let (code, out, err) = f.check(&[]);
+        assert_eq!((code, err.as_str()), (0, ""), "{mode}: {out}{err}");
+        assert!(!out.contains("not checked with `nft -c`"), "{out}");
+    }
+}
+
+#[test]
+fn protected_ranges_covering_one_family_only_are_a_warning() {
+    let f = Fixture::new();
+    let f = f.edit(
+        "encryptd.toml",
+        "cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]",
+        "cidrs = [\"192.0.2.0/24\"]",
+    );
+    let (code, out, err) = f.check(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        err,
+        "encryptd.toml: warning: [strict] cidrs cover the nodes' IPv4 addresses but not their IPv6 addresses 2001:db8::10 (node-a), 2001:db8::11 (node-b): strict mode does not protect traffic to and from those; add their range to cidrs if it should\n"
+    );
+    // covering both families: no warning
+    let (code, _, err) = f
+        .edit(
+            "encryptd.toml",
+            "cidrs = [\"192.0.2.0/24\"]",
+            "cidrs = [\"192.0.2.0/24\", \"2001:db8::/32\"]",
+        )
+        .check(&[]);
+    assert_eq!((code, err.as_str()), (0, ""));
 }

@@ -207,6 +207,44 @@ fn cross_check(src: &Source, s: &Settings, inv: &Inventory, diags: &Diags) {
     }
 }
 
+/// What is valid but probably not meant, for `check` and the daemon's log: strict mode
+/// protecting the nodes' addresses of one family and not of the other (traffic between
+/// the IPv6 addresses would then travel unprotected by the strict rules).
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    let strict = &cfg.settings.strict;
+    if !strict.enabled {
+        return Vec::new();
+    }
+    let covered = |a: &std::net::IpAddr| strict.cidrs.iter().any(|c| c.contains(*a));
+    let addrs: Vec<(&str, std::net::IpAddr)> = cfg
+        .inventory
+        .nodes
+        .iter()
+        .flat_map(|n| n.addresses.iter().map(move |a| (n.name.as_str(), *a)))
+        .collect();
+    let mut out = Vec::new();
+    for (fam, other, v4) in [("IPv4", "IPv6", true), ("IPv6", "IPv4", false)] {
+        let some_other = addrs.iter().any(|(_, a)| a.is_ipv4() != v4 && covered(a));
+        let missed: Vec<String> = addrs
+            .iter()
+            .filter(|(_, a)| a.is_ipv4() == v4 && !covered(a))
+            .map(|(n, a)| format!("{a} ({n})"))
+            .collect();
+        if some_other && !missed.is_empty() {
+            let more = if missed.len() > 3 {
+                format!(" and {} more", missed.len() - 3)
+            } else {
+                String::new()
+            };
+            out.push(format!(
+                "[strict] cidrs cover the nodes' {other} addresses but not their {fam} addresses {}{more}: strict mode does not protect traffic to and from those; add their range to cidrs if it should",
+                missed[..missed.len().min(3)].join(", ")
+            ));
+        }
+    }
+    out
+}
+
 /// The mode's engine is chosen at start: a reload cannot switch it.
 pub fn check_mode_change(old: &Config, new: &Config, config_path: &Path) -> Option<Diagnostic> {
     let (o, n) = (old.settings.mode, new.settings.mode);

@@ -189,7 +189,13 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
     let t = sub("ipsec");
     let ipsec = Ipsec {
         keys: path(&t, "keys", "ipsec.keys"),
-        interface: t.string("interface").map(|v| v.value).filter(|s| !s.is_empty()),
+        interface: match t.string("interface") {
+            Some(At { value, span }) if !value.is_empty() && !is_interface_name(&value) => {
+                t.error(span, INTERFACE_NAME_RULE);
+                None
+            }
+            v => v.map(|v| v.value).filter(|s| !s.is_empty()),
+        },
         key_rotation_duration: match t.string("key_rotation_duration") {
             None => Duration::from_secs(300),
             Some(At { value, span }) => parse_duration(&value).unwrap_or_else(|| {
@@ -213,11 +219,8 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
     let t = sub("wireguard");
     let wireguard = Wireguard {
         interface: match t.string("interface") {
-            Some(At { value, span }) if value.is_empty() || value.len() > 15 => {
-                t.error(
-                    span,
-                    "`interface` must be 1 to 15 characters (a Linux interface name)",
-                );
+            Some(At { value, span }) if !is_interface_name(&value) => {
+                t.error(span, INTERFACE_NAME_RULE);
                 value
             }
             Some(v) => v.value,
@@ -346,6 +349,18 @@ pub fn parse_str(path: &Path, text: &str) -> Result<Settings, Vec<super::Diagnos
 /// `port` was present but bad (already reported) rather than absent.
 fn diags_has_port_error(t: &Table) -> bool {
     t.has_key("port")
+}
+
+const INTERFACE_NAME_RULE: &str = "`interface` must be a Linux interface name: 1 to 15 of the characters A-Z a-z 0-9 - _ . (not \".\" or \"..\")";
+
+/// A name the kernel takes for an interface, restricted to the characters that need no
+/// quoting anywhere it is written (nft rules, `ip` commands, file names).
+pub fn is_interface_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]

@@ -41,20 +41,38 @@ pub struct Address {
     pub prefix_len: u8,
 }
 
-/// A unicast route `dst dev oif [src src] table table proto protocol`.
+/// A route `[blackhole|throw] dst [dev oif] [src src] table table proto protocol`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Route {
     pub dst: Cidr,
     pub table: u32,
+    /// The output interface (0 for blackhole and throw routes).
     pub oif: u32,
     /// Preferred source address (`RTA_PREFSRC`).
     pub src: Option<IpAddr>,
     pub protocol: u8,
+    pub kind: RouteKind,
+}
+
+/// What a route does with the packets it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum RouteKind {
+    /// Out through `oif`.
+    #[default]
+    Unicast,
+    /// Dropped (the lookup fails with EINVAL for local senders).
+    Blackhole,
+    /// Not here: the lookup goes on with the next policy rule.
+    Throw,
 }
 
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "route {} dev #{}", self.dst, self.oif)?;
+        match self.kind {
+            RouteKind::Unicast => write!(f, "route {} dev #{}", self.dst, self.oif)?,
+            RouteKind::Blackhole => write!(f, "route blackhole {}", self.dst)?,
+            RouteKind::Throw => write!(f, "route throw {}", self.dst)?,
+        }
         if let Some(s) = self.src {
             write!(f, " src {s}")?;
         }
@@ -70,6 +88,10 @@ pub struct Rule {
     pub priority: u32,
     pub invert: bool,
     pub fwmark: Option<u32>,
+    /// `from SRC`.
+    pub src: Option<Cidr>,
+    /// `ipproto P sport N`.
+    pub sport: Option<(u8, u16)>,
     pub table: u32,
     /// A dumped rule that also selects on something this type does not model (source,
     /// destination, interface…); never equal to a rule encryptd wants.
@@ -87,8 +109,14 @@ impl fmt::Display for Rule {
         if self.invert {
             f.write_str(" not")?;
         }
+        if let Some(src) = self.src {
+            write!(f, " from {src}")?;
+        }
         if let Some(m) = self.fwmark {
             write!(f, " fwmark {m:#x}")?;
+        }
+        if let Some((p, port)) = self.sport {
+            write!(f, " ipproto {p} sport {port}")?;
         }
         if self.other_selectors {
             f.write_str(" (more selectors)")?;
@@ -406,9 +434,12 @@ fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
 /// A unicast route with a destination and an output interface; `None` for anything else
 /// (multipath, gateways, local/broadcast routes).
 fn parse_route(r: &RouteMessage) -> Option<Route> {
-    if r.header.kind != RouteType::Unicast {
-        return None;
-    }
+    let kind = match r.header.kind {
+        RouteType::Unicast => RouteKind::Unicast,
+        RouteType::BlackHole => RouteKind::Blackhole,
+        RouteType::Throw => RouteKind::Throw,
+        _ => return None,
+    };
     let mut table = u32::from(r.header.table);
     let (mut dst, mut oif, mut src) = (None, None, None);
     for a in &r.attributes {
@@ -435,9 +466,10 @@ fn parse_route(r: &RouteMessage) -> Option<Route> {
     Some(Route {
         dst,
         table,
-        oif: oif?,
+        oif: if kind == RouteKind::Unicast { oif? } else { 0 },
         src,
         protocol: u8::from(r.header.protocol),
+        kind,
     })
 }
 
@@ -457,11 +489,20 @@ fn route_message(r: &Route) -> RouteMessage {
     };
     m.header.protocol = RouteProtocol::from(r.protocol);
     m.header.scope = RouteScope::Link;
-    m.header.kind = RouteType::Unicast;
+    m.header.kind = match r.kind {
+        RouteKind::Unicast => RouteType::Unicast,
+        RouteKind::Blackhole => RouteType::BlackHole,
+        RouteKind::Throw => RouteType::Throw,
+    };
+    if r.kind != RouteKind::Unicast {
+        m.header.scope = RouteScope::Universe;
+    }
     m.attributes.push(RouteAttribute::Table(r.table));
     m.attributes
         .push(RouteAttribute::Destination(r.dst.addr().into()));
-    m.attributes.push(RouteAttribute::Oif(r.oif));
+    if r.kind == RouteKind::Unicast {
+        m.attributes.push(RouteAttribute::Oif(r.oif));
+    }
     if let Some(s) = r.src {
         m.attributes.push(RouteAttribute::PrefSource(s.into()));
     }
@@ -474,13 +515,18 @@ fn parse_rule(r: &RuleMessage) -> Rule {
         priority: 0,
         invert: r.header.flags.contains(RuleFlags::Invert),
         fwmark: None,
+        src: None,
+        sport: None,
         table: u32::from(r.header.table),
         other_selectors: r.header.dst_len != 0
-            || r.header.src_len != 0
             || r.header.tos != 0
             || r.header.action != RuleAction::ToTable,
     };
+    let mut has_src = false;
     for a in &r.attributes {
+        if matches!(a, RuleAttribute::Source(_)) {
+            has_src = true;
+        }
         match a {
             RuleAttribute::Priority(p) => rule.priority = *p,
             RuleAttribute::FwMark(m) => rule.fwmark = Some(*m),
@@ -488,11 +534,23 @@ fn parse_rule(r: &RuleMessage) -> Rule {
             RuleAttribute::FwMask(_) => {}
             RuleAttribute::Table(t) => rule.table = *t,
             RuleAttribute::Protocol(_) => {}
+            RuleAttribute::Source(a) => rule.src = Cidr::new(*a, r.header.src_len),
+            RuleAttribute::IpProtocol(p) => {
+                let p = u8::from(*p);
+                rule.sport = Some((p, rule.sport.map_or(0, |s| s.1)));
+            }
+            RuleAttribute::SourcePortRange(range) if range.start == range.end => {
+                rule.sport = Some((rule.sport.map_or(0, |s| s.0), range.start));
+            }
             // -1: not set (the kernel reports these on every rule)
             RuleAttribute::SuppressPrefixLen(u32::MAX)
             | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
             _ => rule.other_selectors = true,
         }
+    }
+    // a source length without an address, or a port without its protocol: not ours
+    if (r.header.src_len != 0 && !has_src) || rule.sport.is_some_and(|(p, n)| p == 0 || n == 0) {
+        rule.other_selectors = true;
     }
     rule
 }
@@ -515,6 +573,21 @@ fn rule_message(r: &Rule) -> RuleMessage {
         m.attributes.push(RuleAttribute::FwMark(mark));
         m.attributes.push(RuleAttribute::FwMask(u32::MAX));
     }
+    if let Some(src) = r.src {
+        m.header.src_len = src.prefix_len();
+        m.attributes.push(RuleAttribute::Source(src.addr()));
+    }
+    if let Some((p, port)) = r.sport {
+        m.attributes.push(RuleAttribute::IpProtocol(
+            netlink_packet_route::IpProtocol::from(p),
+        ));
+        m.attributes.push(RuleAttribute::SourcePortRange(
+            netlink_packet_route::rule::RulePortRange {
+                start: port,
+                end: port,
+            },
+        ));
+    }
     m
 }
 
@@ -526,6 +599,7 @@ mod tests {
     #[test]
     fn route_round_trip() {
         let r = Route {
+            kind: RouteKind::Unicast,
             dst: "10.1.2.0/24".parse().unwrap(),
             table: 51871,
             oif: 7,
@@ -542,6 +616,8 @@ mod tests {
     #[test]
     fn rule_round_trip() {
         let r = Rule {
+            src: None,
+            sport: None,
             v6: true,
             priority: 31871,
             invert: true,

@@ -73,6 +73,77 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
+/// nftables' change notifications (`NFNLGRP_NFTABLES`): every table, chain, rule or set
+/// that any program adds or deletes in this network namespace. The daemon learns from
+/// them that its table may be gone (`nft flush ruleset`, a firewall reload) and checks.
+pub struct Monitor {
+    socket: netlink_sys::Socket,
+}
+
+/// The multicast group of nftables' notifications.
+const NFNLGRP_NFTABLES: u32 = 7;
+
+impl Monitor {
+    pub fn open() -> io::Result<Monitor> {
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
+        socket.bind(&netlink_sys::SocketAddr::new(0, 0))?;
+        socket.add_membership(NFNLGRP_NFTABLES)?;
+        socket.set_non_blocking(true)?;
+        Ok(Monitor { socket })
+    }
+
+    /// Read what is pending, without looking inside: the number of datagrams read, at
+    /// least 1 when notifications were lost (`ENOBUFS`: something surely changed).
+    pub fn drain(&mut self) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 16 * 1024];
+        let mut n = 0;
+        loop {
+            // SAFETY: recv into a buffer of the length passed, on the socket's own fd.
+            let r = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r > 0 {
+                n += 1;
+                continue;
+            }
+            if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                n += 1;
+                continue;
+            }
+            return n;
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Monitor {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+/// Whether `listing` (`nft list table inet encryptd`) still holds what `table_text`
+/// installed: every chain, and as many drop rules. Another program may have deleted
+/// a chain or a rule without removing the table.
+pub fn holds(listing: &str, table_text: &str) -> bool {
+    let chains = |t: &str| {
+        let mut v: Vec<String> = t
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("chain "))
+            .map(|c| c.trim_end_matches(['{', ' ']).to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let drops = |t: &str| t.lines().filter(|l| l.trim_end().contains(" drop")).count();
+    chains(listing) == chains(table_text) && drops(listing) == drops(table_text)
+}
+
 /// The `nft` program; [`Nft::default`] finds it on `PATH`.
 #[derive(Debug, Clone)]
 pub struct Nft {

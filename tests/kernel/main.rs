@@ -19,6 +19,7 @@ mod supervise;
 
 mod daemon;
 mod doors;
+mod flush;
 mod ipsec;
 mod ipsec_ops;
 mod leaks;
@@ -49,6 +50,7 @@ fn cases() -> Vec<Case> {
         ipsec_ops::CASES,
         strict::CASES,
         doors::CASES,
+        flush::CASES,
         subnets::CASES,
         leaks::CASES,
         wireguard::CASES,

@@ -77,6 +77,10 @@ pub fn run_all(selected: &[&Case], filtered_out: usize) -> ExitCode {
         .unwrap_or(1);
     let count = selected.len() * repeat;
     println!("\nrunning {count} kernel tests");
+    // What they run on: the cases' results hold for this kernel build.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let version = std::fs::read_to_string("/proc/sys/kernel/version").unwrap_or_default();
+    println!("kernel {} {}", release.trim(), version.trim());
     // A test daemon's notifications queue on the harness's socket until a case reads
     // them; the default queue of 10 fills up in a long case. (The daemon drops a
     // notification that finds no room within 1 s; a case would then miss it.)
