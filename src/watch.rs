@@ -39,13 +39,23 @@ impl Watcher {
     /// cannot be watched is returned with its error; the others are still watched.
     pub fn set_files(&mut self, files: &[&Path]) -> Vec<(PathBuf, io::Error)> {
         let mut watches = self.inotify.watches();
-        for (wd, _) in self.dirs.drain() {
-            let _ = watches.remove(wd);
-        }
         let mut wanted: HashMap<PathBuf, HashSet<OsString>> = HashMap::new();
         for f in files {
             let (dir, name) = split(f);
             wanted.entry(dir).or_default().insert(name);
+        }
+        // Only directories no longer wanted lose their watch: removing and adding one
+        // again gives it a new descriptor, and the events already queued under the old
+        // one (a file replaced while the daemon was reloading) would be ignored.
+        self.dirs.retain(|wd, (dir, _)| {
+            let keep = wanted.contains_key(dir);
+            if !keep {
+                let _ = watches.remove(wd.clone());
+            }
+            keep
+        });
+        for (_, names) in self.dirs.values_mut() {
+            names.clear();
         }
         let mask = WatchMask::CLOSE_WRITE
             | WatchMask::MOVED_TO
@@ -109,6 +119,21 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn a_change_before_the_files_are_set_again_is_not_lost() {
+        let d = tmpdir("reset");
+        let f = d.join("encryptd.toml");
+        std::fs::write(&f, "a").unwrap();
+        let mut w = Watcher::new().unwrap();
+        assert!(w.set_files(&[&f]).is_empty());
+        // replaced while the daemon reloads, which then sets its files again
+        std::fs::write(d.join(".tmp"), "b").unwrap();
+        std::fs::rename(d.join(".tmp"), &f).unwrap();
+        assert!(w.set_files(&[&f, &d.join("nodes.toml")]).is_empty());
+        assert_eq!(w.changed().unwrap(), vec![f.clone()]);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

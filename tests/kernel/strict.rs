@@ -224,7 +224,10 @@ fn boot_rules_before_the_daemon() -> Result<(), String> {
     crate::fleet::rename_over(&p, &text)?;
     ensure(
         crate::rig::wait_for(Duration::from_secs(10), || kept.exists()),
-        "strict mode on again, but no boot rules kept",
+        format!(
+            "strict mode on again, but no boot rules kept:\n{}",
+            f.daemon(0).log()
+        ),
     )?;
     f.daemons[0].take().unwrap().kill();
     f.topo.exec(
