@@ -23,13 +23,22 @@ pub fn run_within(
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()?;
+    // Read on threads, handed over by channel: a process that left the group (a daemon
+    // that put itself in the background) may hold a pipe open for good.
     let drain = |r: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut s = Vec::new();
             if let Some(mut r) = r {
                 let _ = r.read_to_end(&mut s);
             }
-            s
+            let _ = tx.send(s);
+        });
+        rx
+    };
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| {
+            b"(output not collected: a process that left the group holds the pipe)".to_vec()
         })
     };
     let out = drain(
@@ -52,11 +61,7 @@ pub fn run_within(
     if status.is_none() {
         let _ = child.wait();
     }
-    Ok((
-        status,
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    ))
+    Ok((status, collect(out), collect(err)))
 }
 
 /// Wait at most `deadline` for `child` to exit; its status, or `None` if it still runs.

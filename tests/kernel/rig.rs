@@ -431,6 +431,9 @@ pub fn tcp_connect_from(
             revents: 0,
         };
         let n = libc::poll(&mut pfd, 1, timeout.as_millis() as i32);
+        if n < 0 {
+            return Err(last());
+        }
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
