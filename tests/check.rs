@@ -132,14 +132,14 @@ fn toml_syntax() {
 #[test]
 fn unknown_keys_are_typos() {
     Fixture::new()
-        .edit("encryptd.toml", "interface = \"\"", "intreface = \"\"")
+        .edit("encryptd.toml", "replay_window = 4096", "replay_windwo = 4096")
         .edit(
             "nodes.toml",
             "subnets = [\"10.1.1.0/24\"",
             "subnet = [\"10.1.1.0/24\"",
         )
         .fails_with(&[
-            "encryptd.toml:38:1: unknown key `intreface` in [ipsec]; did you mean `interface`?",
+            "encryptd.toml:43:1: unknown key `replay_windwo` in [ipsec]; did you mean `replay_window`?",
             "nodes.toml:19:1: unknown key `subnet` in [[node]] #2; did you mean `subnets`?",
         ]);
 }
@@ -166,9 +166,9 @@ fn wrong_types_and_values() {
         .edit("encryptd.toml", "key_rotation_duration = \"5m\"", "key_rotation_duration = \"5 minutes\"")
         .fails_with(&[
             "encryptd.toml:12:8: `mode` must be \"ipsec\" or \"wireguard\", not \"ipsek\"",
-            "encryptd.toml:42:25: `key_rotation_duration` \"5 minutes\" is not a duration such as \"30s\", \"5m\" or \"1h\"",
-            "encryptd.toml:46:17: `replay_window` must be between 1 and 4096",
-            "encryptd.toml:81:11: `ingress` must be true or false, not a string",
+            "encryptd.toml:39:25: `key_rotation_duration` \"5 minutes\" is not a duration such as \"30s\", \"5m\" or \"1h\"",
+            "encryptd.toml:43:17: `replay_window` must be between 1 and 4096",
+            "encryptd.toml:78:11: `ingress` must be true or false, not a string",
         ]);
 }
 
@@ -181,7 +181,7 @@ fn bad_addresses_and_cidrs() {
         .edit("nodes.toml", "\"fd00:2::/64\"", "\"fd00:2::1/64\"")
         .edit("encryptd.toml", "\"10.0.0.0/8\"", "\"10.0.0.0/40\"")
         .fails_with(&[
-            "encryptd.toml:78:10: strict.cidrs: '40' is not a prefix length (0..=32)",
+            "encryptd.toml:75:10: strict.cidrs: '40' is not a prefix length (0..=32)",
             "nodes.toml:18:14: \"192.0.2.300\" is not an IPv4 or IPv6 address",
             "nodes.toml:19:12: subnet 10.1.1.7/24 has host bits set; did you mean 10.1.1.0/24?",
             "nodes.toml:19:27: subnet fd00:2::1/64 has host bits set; did you mean fd00:2::/64?",
@@ -326,7 +326,7 @@ fn strict_range_containing_own_address_needs_an_exception() {
         .edit("encryptd.toml", "cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "cidrs = [\"10.0.0.0/8\", \"192.0.2.0/24\"]")
         .edit("encryptd.toml", "exceptions = [{ proto = \"tcp\", port = 22 }]", "exceptions = []")
         .fails_with(&[
-            "encryptd.toml:78:24: protected range 192.0.2.0/24 contains this node's address 192.0.2.10, and no exception keeps it reachable: add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }] (or the port you manage it by)",
+            "encryptd.toml:75:24: protected range 192.0.2.0/24 contains this node's address 192.0.2.10, and no exception keeps it reachable: add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }] (or the port you manage it by)",
         ]);
     // With the exception it is valid.
     let f = Fixture::new();
@@ -346,7 +346,7 @@ fn every_problem_in_one_run() {
         .edit("nodes.toml", "\"192.0.2.12\"", "\"nope\"")
         .append("ipsec.keys", "0 rfc4106(gcm(aes)) 00 128\n")
         .fails_with(&[
-            "encryptd.toml:49:14: `hello_port` must be between 1 and 65535",
+            "encryptd.toml:46:14: `hello_port` must be between 1 and 65535",
             "ipsec.keys:9:1: key-id 0 is out of range 1..15",
             "nodes.toml:24:14: \"nope\" is not an IPv4 or IPv6 address",
         ]);
@@ -470,7 +470,7 @@ fn wireguard_preshared_key_file() {
         "userspace = \"/nonexistent/wireguard-go\"",
     );
     f.fails_with(&[
-        "encryptd.toml:70:13: `userspace` /nonexistent/wireguard-go is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
+        "encryptd.toml:67:13: `userspace` /nonexistent/wireguard-go is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
     ]);
     f.edit(
         "encryptd.toml",
@@ -503,11 +503,24 @@ fn interface_names_are_linux_names_that_need_no_quoting() {
             "interface = \"encryptd0\"",
             "interface = \"wg0\\\" accept\"",
         )
-        .edit("encryptd.toml", "interface = \"\"", "interface = \"eth/0\"")
         .fails_with(&[
-            "encryptd.toml:38:13: `interface` must be a Linux interface name: 1 to 15 of the characters A-Z a-z 0-9 - _ . (not \".\" or \"..\")",
-            "encryptd.toml:53:13: `interface` must be a Linux interface name: 1 to 15 of the characters A-Z a-z 0-9 - _ . (not \".\" or \"..\")",
+            "encryptd.toml:50:13: `interface` must be a Linux interface name: 1 to 15 of the characters A-Z a-z 0-9 - _ . (not \".\" or \"..\")",
         ]);
+}
+
+/// `[ipsec] interface` never did anything (XFRM encrypts by policy on any link): a config
+/// that names a link is told so, where it says it; the old default, empty, still loads.
+#[test]
+fn ipsec_interface_is_refused_where_it_names_a_link() {
+    Fixture::new()
+        .edit("encryptd.toml", "[ipsec]\n", "[ipsec]\ninterface = \"eth1\"\n")
+        .fails_with(&[
+            "encryptd.toml:33:13: `[ipsec] interface` is no longer a setting (\"eth1\" was never used): IPsec encrypts by policy whatever link a packet leaves by and decrypts on whichever link ESP arrives; remove this line",
+        ]);
+    let f = Fixture::new();
+    f.edit("encryptd.toml", "[ipsec]\n", "[ipsec]\ninterface = \"\"\n");
+    let (code, _, err) = f.check(&[]);
+    assert_eq!((code, err.as_str()), (0, ""));
 }
 
 /// Both modes' strict rulesets pass `nft -c` (run by `check` as root): a syntax error in

@@ -25,8 +25,6 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ipsec {
     pub keys: PathBuf,
-    /// `None`: the link of the default route.
-    pub interface: Option<String>,
     pub key_rotation_duration: Duration,
     pub replay_window: u32,
     pub hello_port: u16,
@@ -189,13 +187,6 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
     let t = sub("ipsec");
     let ipsec = Ipsec {
         keys: path(&t, "keys", "ipsec.keys"),
-        interface: match t.string("interface") {
-            Some(At { value, span }) if !value.is_empty() && !is_interface_name(&value) => {
-                t.error(span, INTERFACE_NAME_RULE);
-                None
-            }
-            v => v.map(|v| v.value).filter(|s| !s.is_empty()),
-        },
         key_rotation_duration: match t.string("key_rotation_duration") {
             None => Duration::from_secs(300),
             Some(At { value, span }) => parse_duration(&value).unwrap_or_else(|| {
@@ -214,6 +205,20 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
             .map_or(4096, |n| n.value as u32),
         hello_port: port(&t, "hello_port", 4510),
     };
+    // It once claimed to name "the link whose traffic is encrypted", which nothing read:
+    // XFRM encrypts by policy whatever link a packet takes, and decrypts on whichever link
+    // ESP arrives. An empty value (the old default) still loads, so that configs written
+    // for earlier versions keep working; a name is refused rather than silently ignored.
+    if let Some(At { value, span }) = t.string("interface")
+        && !value.is_empty()
+    {
+        t.error(
+            span,
+            format!(
+                "`[ipsec] interface` is no longer a setting (\"{value}\" was never used): IPsec encrypts by policy whatever link a packet leaves by and decrypts on whichever link ESP arrives; remove this line"
+            ),
+        );
+    }
     t.finish();
 
     let t = sub("wireguard");

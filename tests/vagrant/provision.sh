@@ -56,8 +56,6 @@ cat >/etc/encryptd/encryptd.toml <<EOF
 # Written by tests/vagrant/provision.sh
 mode = "ipsec"
 node = "$NAME"
-[ipsec]
-interface = "$WIRE"
 [strict]
 enabled = true
 cidrs = ["10.99.0.0/16"]
