@@ -64,6 +64,11 @@ impl Cidr {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.len) == self.addr
     }
 
+    /// Whether every address of `other` is in this prefix.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        self.len <= other.len && self.contains(other.addr)
+    }
+
     /// Two prefixes overlap when one contains the other's network address.
     pub fn overlaps(&self, other: &Cidr) -> bool {
         self.contains(other.addr) || other.contains(self.addr)

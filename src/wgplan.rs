@@ -296,7 +296,14 @@ fn fail_closed(cfg: &Config, routes: &mut Vec<Route>) -> Vec<Rule> {
     {
         routes.push(special(*o, RouteKind::Throw));
     }
-    for c in &strict.cidrs {
+    // A protected range inside (or equal to) one of this node's own prefixes gets no
+    // blackhole: it would outrank the throw (or collide with it, one route per
+    // destination) and drop what this node delivers or forwards to its own subnet.
+    for c in strict
+        .cidrs
+        .iter()
+        .filter(|c| !own.iter().any(|o| o.covers(c)))
+    {
         routes.push(special(*c, RouteKind::Blackhole));
     }
     let mut rules = Vec::new();
@@ -808,6 +815,39 @@ mod tests {
                 && ops.add_rules.is_empty()
                 && ops.delete_rules.is_empty()
         );
+    }
+
+    /// Own subnets that equal or contain a protected range: the throw alone, never a
+    /// blackhole for the same or a narrower destination (one would collide with the
+    /// throw, the other outrank it and drop what this node forwards to its subnet).
+    #[test]
+    fn fail_closed_leaves_own_subnets_to_main() {
+        let mut cfg = three();
+        let own = cfg.me().subnets[0];
+        let inside = Cidr::new(own.addr(), own.prefix_len() + 2).unwrap();
+        cfg.settings.strict.enabled = true;
+        cfg.settings.strict.cidrs = vec![own, inside, "10.0.0.0/8".parse().unwrap()];
+        let d = plan(&cfg, key(1), &local());
+        let in_table = |dst: &Cidr| -> Vec<RouteKind> {
+            d.routes
+                .iter()
+                .filter(|r| r.table == BLACKHOLE_TABLE && r.dst == *dst)
+                .map(|r| r.kind)
+                .collect()
+        };
+        assert_eq!(in_table(&own), [RouteKind::Throw]);
+        assert_eq!(in_table(&inside), Vec::<RouteKind>::new());
+        assert_eq!(
+            in_table(&"10.0.0.0/8".parse().unwrap()),
+            [RouteKind::Blackhole]
+        );
+        // one route per (table, destination): what the kernel can hold
+        let mut keys: Vec<_> = d.routes.iter().map(|r| (r.table, r.dst)).collect();
+        let n = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), n);
+        assert!(diff(&d, &applied(&d)).replace_routes.is_empty());
     }
 
     #[test]
