@@ -142,6 +142,9 @@ struct Daemon {
     strict_reinstalls: u64,
     /// The last check found the table in the kernel as applied (or put it back).
     strict_verified: bool,
+    /// The kernel's own listing of the table, [`crate::kernel::nft::canonical`], taken
+    /// right after installing it: what every later check compares against.
+    strict_listing: Option<String>,
     /// The STATUS= line last sent, so that a change (a peer up or down) is sent once.
     last_status: String,
     /// Next periodic rewrite of the status snapshot.
@@ -166,6 +169,7 @@ impl Daemon {
             strict_check_at: None,
             strict_reinstalls: 0,
             strict_verified: false,
+            strict_listing: None,
             last_status: String::new(),
             snapshot_at: Instant::now(),
             ready_by: Some(Instant::now() + READY_WAIT),
@@ -456,11 +460,13 @@ impl Daemon {
             Some(t) => {
                 nft.apply(t)?;
                 self.strict_verified = true;
+                self.strict_listing = listed(&nft);
                 info!("strict mode: rules installed (table inet encryptd)");
             }
             // Strict mode off: a table left from when it was on goes.
             None => {
                 self.strict_verified = false;
+                self.strict_listing = None;
                 match nft.delete() {
                     Ok(()) if self.strict.is_some() => info!("strict mode off: rules removed"),
                     Ok(()) => {}
@@ -490,8 +496,13 @@ impl Daemon {
         let nft = crate::kernel::nft::Nft::default();
         let what = match nft.list() {
             Ok(None) => "was removed from the kernel",
-            Ok(Some(listing)) if !crate::kernel::nft::holds(&listing, &want) => {
-                "was changed by another program"
+            Ok(Some(listing))
+                if !match &self.strict_listing {
+                    Some(canon) => crate::kernel::nft::canonical(&listing) == *canon,
+                    None => crate::kernel::nft::holds(&listing, &want),
+                } =>
+            {
+                "was changed by another program (a rule, a chain or a set's elements)"
             }
             Ok(Some(_)) => {
                 self.strict_verified = true;
@@ -508,6 +519,7 @@ impl Daemon {
         self.snapshot_at = Instant::now();
         let r = nft.apply(&want);
         self.strict_verified = r.is_ok();
+        self.strict_listing = r.is_ok().then(|| listed(&nft)).flatten();
         match r {
             Ok(()) => warn!(
                 "strict mode: table inet encryptd {what} (a ruleset flush or firewall reload?); reinstalled ({} time(s) since start)",
@@ -687,6 +699,18 @@ fn describe_change(old: &Config, new: &Config) -> String {
             parts.join("; ")
         }
     )
+}
+
+/// The table as the kernel lists it now, canonical; `None` if it cannot be listed (the
+/// next check then falls back to the coarse comparison with the applied text).
+fn listed(nft: &crate::kernel::nft::Nft) -> Option<String> {
+    match nft.list() {
+        Ok(l) => l.map(|l| crate::kernel::nft::canonical(&l)),
+        Err(e) => {
+            warn!("strict mode: cannot list table inet encryptd after installing it: {e}");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

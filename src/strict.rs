@@ -136,7 +136,11 @@ pub fn ruleset(cfg: &Config) -> Option<String> {
                     + &both(&format!(
                         "IP saddr @X udp sport {hello} udp dport {hello} accept"
                     )),
-                both("IP saddr @X IP daddr @X meta l4proto esp accept"),
+                // A node that routes between two others passes their ESP and hellos.
+                both("IP saddr @X IP daddr @X meta l4proto esp accept")
+                    + &both(&format!(
+                        "IP saddr @X IP daddr @X udp sport {hello} udp dport {hello} accept"
+                    )),
             )
         }
         Mode::Wireguard => {
@@ -272,7 +276,19 @@ mod tests {
         assert!(!chain("input").contains("sport 22"));
         assert!(!chain("forward").contains(" 22 "), "{}", chain("forward"));
         assert!(!r.contains("sport 22 accept"));
-        // ESP is plaintext only between node addresses.
+        // A node routing between two others passes their hellos, only between nodes.
+        assert!(
+            chain("forward")
+                .contains("ip saddr @nodes4 ip daddr @nodes4 udp sport 4510 udp dport 4510 accept"),
+            "{}",
+            chain("forward")
+        );
+        // ESP and the hello are plaintext only between node addresses.
+        assert!(
+            r.lines()
+                .filter(|l| l.contains("4510"))
+                .all(|l| l.contains("@nodes"))
+        );
         assert!(
             r.lines()
                 .filter(|l| l.contains("esp"))

@@ -92,8 +92,10 @@ impl Monitor {
         Ok(Monitor { socket })
     }
 
-    /// Read what is pending, without looking inside: the number of datagrams read, at
-    /// least 1 when notifications were lost (`ENOBUFS`: something surely changed).
+    /// Read what is pending: the number of notifications that concern `inet encryptd`
+    /// (other programs' tables are their business, and checking costs an `nft` run), at
+    /// least 1 when notifications were lost (`ENOBUFS`) or one did not fit the buffer:
+    /// then something may have changed.
     pub fn drain(&mut self) -> usize {
         use std::os::fd::AsRawFd;
         let mut buf = [0u8; 16 * 1024];
@@ -105,20 +107,77 @@ impl Monitor {
                     self.socket.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
-                    libc::MSG_DONTWAIT,
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
                 )
             };
             if r > 0 {
-                n += 1;
+                let len = r as usize;
+                if len > buf.len() || concerns_our_table(&buf[..len]) {
+                    n += 1;
+                }
                 continue;
             }
-            if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
-                n += 1;
-                continue;
+            match (r < 0)
+                .then(|| io::Error::last_os_error().raw_os_error())
+                .flatten()
+            {
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOBUFS) => n += 1,
+                _ => return n,
             }
-            return n;
         }
     }
+}
+
+/// `NFNL_SUBSYS_NFTABLES`: the high byte of an nftables message's type.
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWGEN: u16 = 15;
+/// `NFPROTO_INET`, the family of `table inet ...`.
+const NFPROTO_INET: u8 = 1;
+
+/// Whether a datagram of nftables notifications holds one about `inet encryptd`. Every
+/// notification of a table, chain, rule, set or element change names its table in
+/// attribute 1 (`NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`, `NFTA_RULE_TABLE`,
+/// `NFTA_SET_TABLE`, `NFTA_SET_ELEM_LIST_TABLE`), after the 4-byte `nfgenmsg` whose
+/// first byte is the family. Anything that does not parse counts as ours: a check too
+/// many costs an `nft` run, one too few a table nobody looks at.
+pub fn concerns_our_table(datagram: &[u8]) -> bool {
+    let mut rest = datagram;
+    while rest.len() >= 16 {
+        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes([rest[4], rest[5]]);
+        if len < 16 || len > rest.len() {
+            return true;
+        }
+        let msg = &rest[16..len];
+        if ty >> 8 == NFNL_SUBSYS_NFTABLES && ty & 0xff != NFT_MSG_NEWGEN {
+            if msg.len() < 4 {
+                return true;
+            }
+            if msg[0] == NFPROTO_INET && table_attr(&msg[4..]).is_none_or(|t| t == b"encryptd") {
+                return true;
+            }
+        }
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+    }
+    false
+}
+
+/// The value of attribute 1, without its NUL; `None` if absent or malformed.
+fn table_attr(mut attrs: &[u8]) -> Option<&[u8]> {
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let ty = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if ty == 1 {
+            let v = &attrs[4..len];
+            return Some(v.strip_suffix(&[0]).unwrap_or(v));
+        }
+        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
+    }
+    None
 }
 
 impl std::os::fd::AsRawFd for Monitor {
@@ -127,9 +186,37 @@ impl std::os::fd::AsRawFd for Monitor {
     }
 }
 
+/// A listing with what the kernel changes on its own taken out (the counters' values,
+/// which packets move; blank lines): two canonical listings of one table differ only
+/// when someone changed a rule, a chain or a set's elements.
+pub fn canonical(listing: &str) -> String {
+    let mut out = String::with_capacity(listing.len());
+    for line in listing.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let mut words = line.split_whitespace().peekable();
+        let mut first = true;
+        while let Some(w) = words.next() {
+            if !first {
+                out.push(' ');
+            }
+            first = false;
+            out.push_str(w);
+            // `counter packets N bytes M` -> `counter`
+            if w == "counter" && words.peek() == Some(&"packets") {
+                for _ in 0..4 {
+                    words.next();
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Whether `listing` (`nft list table inet encryptd`) still holds what `table_text`
 /// installed: every chain, and as many drop rules. Another program may have deleted
-/// a chain or a rule without removing the table.
+/// a chain or a rule without removing the table. Coarse: it is the check for a table
+/// whose own listing was not taken when it was installed; [`canonical`] listings
+/// compare everything.
 pub fn holds(listing: &str, table_text: &str) -> bool {
     let chains = |t: &str| {
         let mut v: Vec<String> = t
@@ -524,6 +611,68 @@ fn rule_counter(rule: &str) -> Result<Option<RuleCounter>, String> {
 
 #[cfg(test)]
 mod tests {
+    /// One nftables notification: header, nfgenmsg (family), attribute 1 (the table).
+    fn notification(msg: u16, family: u8, table: &str) -> Vec<u8> {
+        let mut attr = Vec::new();
+        let v = [table.as_bytes(), &[0]].concat();
+        attr.extend(((4 + v.len()) as u16).to_ne_bytes());
+        attr.extend(1u16.to_ne_bytes());
+        attr.extend(&v);
+        while attr.len() % 4 != 0 {
+            attr.push(0);
+        }
+        let mut m = Vec::new();
+        m.extend(((16 + 4 + attr.len()) as u32).to_ne_bytes());
+        m.extend(((10u16 << 8) | msg).to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend([family, 0, 0, 0]);
+        m.extend(attr);
+        m
+    }
+
+    #[test]
+    fn only_notifications_of_our_table_count() {
+        use super::concerns_our_table as ours;
+        const DELTABLE: u16 = 2;
+        const NEWRULE: u16 = 6;
+        const DELSETELEM: u16 = 14;
+        assert!(ours(&notification(DELTABLE, 1, "encryptd")));
+        assert!(ours(&notification(DELSETELEM, 1, "encryptd")));
+        assert!(!ours(&notification(NEWRULE, 1, "firewalld")));
+        assert!(
+            !ours(&notification(NEWRULE, 2, "encryptd")),
+            "ip encryptd is not ours"
+        );
+        assert!(!ours(&notification(15, 1, "encryptd")), "NEWGEN");
+        // `nft flush ruleset`: the other tables' notifications, then ours, in one read
+        let batch = [
+            notification(DELTABLE, 2, "filter"),
+            notification(DELTABLE, 1, "encryptd"),
+        ]
+        .concat();
+        assert!(ours(&batch));
+        assert!(!ours(&notification(DELTABLE, 2, "filter")));
+        // what does not parse counts
+        let mut bad = notification(DELTABLE, 2, "filter");
+        bad[0] = 200;
+        assert!(ours(&bad));
+    }
+
+    #[test]
+    fn canonical_ignores_counters_and_sees_everything_else() {
+        let a = "table inet encryptd {\n\tset protected4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.0.0.0/8 }\n\t}\n\n\tchain output {\n\t\tip daddr @protected4 rt ipsec missing counter packets 0 bytes 0 drop comment \"egress\"\n\t}\n}\n";
+        let moved = a.replace("packets 0 bytes 0", "packets 12 bytes 1008");
+        assert_eq!(super::canonical(a), super::canonical(&moved));
+        assert!(super::canonical(a).contains("counter drop comment"));
+        // a flushed set, an inserted accept: both seen
+        let flushed = a.replace("\t\telements = { 10.0.0.0/8 }\n", "");
+        assert_ne!(super::canonical(a), super::canonical(&flushed));
+        let opened = a.replace("\tchain output {\n", "\tchain output {\n\t\taccept\n");
+        assert_ne!(super::canonical(a), super::canonical(&opened));
+        // what the coarse check misses
+        assert!(super::holds(&flushed, a) && super::holds(&opened, a));
+    }
+
     use super::*;
 
     /// Verbatim `nft list table inet encryptd` output of nftables 1.0.6 (Debian 12).
