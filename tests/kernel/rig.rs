@@ -234,7 +234,6 @@ impl Topo {
         sh(&format!("ip netns exec {ns} bash -c {quoted}"))
     }
 
-    /// Run `cmd` inside node i's namespace.
     /// Start `cmd` inside node i's namespace without waiting (output discarded).
     pub fn exec_bg(&self, i: usize, cmd: &str) -> Result<Child, String> {
         Command::new("ip")
@@ -311,6 +310,7 @@ impl Capture {
         std::fs::read_to_string(&self.path)
             .unwrap_or_default()
             .lines()
+            .filter(|l| !l.is_empty())
             .map(str::to_string)
             .collect()
     }
