@@ -176,7 +176,31 @@ fn uapi_get(path: &Path) -> Result<wireguard_uapi::get::Device, String> {
     use std::io::{BufRead, BufReader, Write as _};
     let mut stream = uapi_connect(path)?;
     stream.write_all(b"get=1\n\n").map_err(|e| e.to_string())?;
-    xplatform::parser::parse(BufReader::new(stream).lines()).map_err(|e| e.to_string())
+    parse_get(BufReader::new(stream).lines())
+}
+
+/// A `get=1` answer. wireguard-go answers a device that has neither a private key nor a
+/// listen port yet (the moments after it starts, before its first bind) with nothing but
+/// `errno=0`, which the crate's parser calls an incomplete response (it is the only
+/// answer it does: the end line before any key). That is a device with nothing set, the
+/// state the daemon is about to configure; refusing it made a daemon that read its
+/// fresh device a few milliseconds early fail to start.
+fn parse_get(
+    lines: impl Iterator<Item = std::io::Result<String>>,
+) -> Result<wireguard_uapi::get::Device, String> {
+    use wireguard_uapi::xplatform::parser::ParseGetResponseError as E;
+    match xplatform::parser::parse(lines) {
+        Err(E::IncompleteResponse) => Ok(wireguard_uapi::get::Device {
+            ifindex: 0,
+            ifname: String::new(),
+            private_key: None,
+            public_key: None,
+            listen_port: 0,
+            fwmark: 0,
+            peers: Vec::new(),
+        }),
+        r => r.map_err(|e| e.to_string()),
+    }
 }
 
 /// A `set=1` request of the cross-platform UAPI (wireguard.com/xplatform), written
@@ -427,5 +451,36 @@ impl Wg {
             }],
         )?;
         self.remove_peers(ifname, &[dummy])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(text: &str) -> impl Iterator<Item = std::io::Result<String>> + '_ {
+        text.lines().map(|l| Ok(l.to_string()))
+    }
+
+    /// What wireguard-go answers right after it starts: a device with nothing set.
+    #[test]
+    fn a_fresh_userspace_device_is_empty_not_an_error() {
+        let d = parse_get(lines("errno=0\n\n")).unwrap();
+        assert_eq!(
+            (d.private_key, d.listen_port, d.fwmark, d.peers.len()),
+            (None, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_configured_device_and_a_refusal() {
+        let d = parse_get(lines(&format!(
+            "private_key={}\nlisten_port=51871\nfwmark=51871\npublic_key={}\nallowed_ip=10.0.0.2/32\nerrno=0\n\n",
+            "11".repeat(32),
+            "22".repeat(32)
+        )))
+        .unwrap();
+        assert_eq!((d.listen_port, d.fwmark, d.peers.len()), (51871, 51871, 1));
+        assert!(parse_get(lines("errno=-22\n\n")).is_err());
     }
 }
