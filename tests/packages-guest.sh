@@ -7,11 +7,32 @@
 # (`systemctl status` active, STATUS= line), upgrade (restarted, kernel objects adopted),
 # encryptd-strict.service (enabled; with the daemon stopped and the table gone, as at a
 # boot, it puts the kept rules back under systemd's sandbox), purge/erase (stopped,
-# teardown, units and state gone).
+# teardown, units and state gone). Between the .deb's strict step and its purge, a real
+# reboot: this script runs again in the second boot (/ctl/boot1 says which boot it is)
+# and carries its counts over in /ctl/counts.
+#
+# `packages-guest.sh wire` (pkgtest-net.service, at every boot): only the wire.
 set -u
 . /ctl/env
 export LC_ALL=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0
+# The wire: this node (192.0.2.10, subnet 10.99.1.0/24 behind it) and one peer in a
+# network namespace (192.0.2.11, 10.99.2.0/24), over a veth pair. The peer runs
+# encryptd by hand (not a unit), so the unit under test has a real tunnel: READY=1
+# when the peer is up, SAs that an upgrade must not drop, pings across the upgrade.
+wire() {
+    ip netns add peer
+    ip link add veth0 type veth peer name veth1 netns peer
+    ip link set veth0 up && ip addr add 192.0.2.10/24 dev veth0
+    ip route add default via 192.0.2.1 dev veth0 onlink   # the IPsec link: the default route's
+    ip link add sub0 type dummy && ip link set sub0 up && ip addr add 10.99.1.1/24 dev sub0
+    ip route add 10.99.2.0/24 via 192.0.2.11
+    ip -n peer link set lo up && ip -n peer link set veth1 up && ip -n peer addr add 192.0.2.11/24 dev veth1
+    ip -n peer route add default via 192.0.2.10
+    ip -n peer link add sub0 type dummy && ip -n peer link set sub0 up && ip -n peer addr add 10.99.2.1/24 dev sub0
+}
+if [ "${1:-}" = wire ]; then wire; exit; fi
 PASS=0 FAIL=0
+[ -e /ctl/counts ] && . /ctl/counts
 ok() { PASS=$((PASS + 1)); echo "  ok   $*"; }
 bad() { FAIL=$((FAIL + 1)); echo "  FAIL $*"; }
 check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
@@ -29,19 +50,11 @@ trap finish EXIT
 # (Not `is-system-running --wait`: this unit is part of the boot, which would wait for it.)
 section "the system: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r), PID 1 $(cat /proc/1/comm), $(systemctl is-system-running)"
 systemctl --failed --no-legend | sed 's/^/       failed unit: /'
-# The wire: this node (192.0.2.10, subnet 10.99.1.0/24 behind it) and one peer in a
-# network namespace (192.0.2.11, 10.99.2.0/24), over a veth pair. The peer runs
-# encryptd by hand (not a unit), so the unit under test has a real tunnel: READY=1
-# when the peer is up, SAs that an upgrade must not drop, pings across the upgrade.
-ip netns add peer
-ip link add veth0 type veth peer name veth1 netns peer
-ip link set veth0 up && ip addr add 192.0.2.10/24 dev veth0
-ip route add default via 192.0.2.1 dev veth0 onlink   # the IPsec link: the default route's
-ip link add sub0 type dummy && ip link set sub0 up && ip addr add 10.99.1.1/24 dev sub0
-ip route add 10.99.2.0/24 via 192.0.2.11
-ip -n peer link set lo up && ip -n peer link set veth1 up && ip -n peer addr add 192.0.2.11/24 dev veth1
-ip -n peer route add default via 192.0.2.10
-ip -n peer link add sub0 type dummy && ip -n peer link set sub0 up && ip -n peer addr add 10.99.2.1/24 dev sub0
+if [ ! -e /ctl/boot1 ]; then
+    # The wire as the network manager of this test brings it up at every boot.
+    cp /ctl/pkgtest-net.service /etc/systemd/system/ && systemctl daemon-reload
+    systemctl enable --now pkgtest-net.service 2>&1 | sed 's/^/       | /'
+fi
 P=/run/peer
 start_peer() {   # after configure: the same inventory and key, its own boot ID
     rm -rf $P && mkdir -p $P && cp /usr/bin/encryptd /etc/encryptd/nodes.toml /etc/encryptd/ipsec.keys $P/
@@ -56,7 +69,11 @@ stop_peer() {
 }
 
 kernel_objects() {   # what encryptd made in the kernel, without counters
-    ip xfrm policy; ip xfrm state | grep -E '^src|proto esp'; nft -s list table inet encryptd 2>/dev/null
+    # Not the hello socket's own bypass policies (`socket in/out`): they belong to the
+    # process's socket, go with it and are new after every restart.
+    ip xfrm policy | awk '/^src/ { if (r !~ /socket (in|out)/) printf "%s", r; r = "" } { r = r $0 "\n" }
+                          END { if (r !~ /socket (in|out)/) printf "%s", r }'
+    ip xfrm state | grep -E '^src|proto esp'; nft -s list table inet encryptd 2>/dev/null
 }
 
 configure() {   # what the operator (Ansible) writes after installing the package
@@ -119,11 +136,17 @@ ping_stop() {   # prints "sent received"
     sed -n 's/^\([0-9]*\) packets transmitted, \([0-9]*\) received.*/\1 \2/p' /run/ping.out
 }
 
+same_objects() {   # $1 = kernel_objects before; on a difference, shows it
+    local now; now=$(kernel_objects)
+    [ "$now" = "$1" ] && return 0
+    diff <(echo "$1") <(echo "$now") | head -20 | sed 's/^/       | /'; return 1
+}
+
 upgraded() {   # $1 = MainPID before, $2 = kernel objects before, $3 = "sent received" pings
     check "active after the upgrade" eq "$(systemctl is-active encryptd)" active
     local pid; pid=$(systemctl show -p MainPID --value encryptd)
     check "restarted by the upgrade (MainPID $1 -> $pid)" test "$pid" != "$1" -a "$pid" != 0
-    check "kernel objects adopted unchanged (not flushed)" eq "$(kernel_objects | md5sum)" "$(echo "$2" | md5sum)"
+    check "kernel objects adopted unchanged (not flushed)" same_objects "$2"
     check "STATUS= line after the upgrade" eq "$(systemctl show -p StatusText --value encryptd)" "ipsec: 1/1 peers up, key 1, strict on"
     check "the operator's encryptd.toml kept" grep -q '^node = "pkgtest"' /etc/encryptd/encryptd.toml
     local sent=${3% *} recv=${3#* }
@@ -155,6 +178,46 @@ strict_at_boot() {   # encryptd-strict.service: the rules the daemon kept, insta
     check "systemctl start encryptd (adopts the table)" systemctl start encryptd
 }
 
+status_within() {   # $1 seconds for encryptd's STATUS= line to become $2
+    local i got
+    for i in $(seq "$1"); do
+        got=$(systemctl show -p StatusText --value encryptd)
+        [ "$got" = "$2" ] && return 0
+        sleep 1
+    done
+    echo "       got \"$got\", want \"$2\""; return 1
+}
+
+mono() { systemctl show -p "$2" --value "$1"; }   # a unit's timestamp (µs since boot)
+
+after_reboot() {   # the second boot: the strict table came before the network and the daemon
+    check "a new boot (boot ID $(cat /ctl/boot1) -> $(cat /proc/sys/kernel/random/boot_id))" \
+        test "$(cat /proc/sys/kernel/random/boot_id)" != "$(cat /ctl/boot1)"
+    check "encryptd-strict.service ran at boot: condition met, exited 0" \
+        eq "$(systemctl show -p ConditionResult,Result,ExecMainCode,ExecMainStatus encryptd-strict | sort | tr '\n' ' ')" \
+        "ConditionResult=yes ExecMainCode=1 ExecMainStatus=0 Result=success "
+    local strict pre net daemon
+    strict=$(mono encryptd-strict.service ExecMainExitTimestampMonotonic)
+    pre=$(mono network-pre.target ActiveEnterTimestampMonotonic)
+    net=$(mono pkgtest-net.service ExecMainStartTimestampMonotonic)
+    daemon=$(mono encryptd.service ExecMainStartTimestampMonotonic)
+    echo "       | µs since boot: encryptd-strict done $strict, network-pre.target $pre, network unit $net, encryptd $daemon"
+    check "systemd's order: encryptd-strict done < network-pre.target < the network unit < encryptd" \
+        test "${strict:-0}" -gt 0 -a "$strict" -lt "${pre:-0}" -a "$pre" -lt "${net:-0}" -a "$net" -lt "${daemon:-0}"
+    check "the strict table in the kernel when the network unit started" \
+        eq "$(grep -c -e '^table inet encryptd' -e ' drop' /run/pkgtest-table-at-network 2>/dev/null)" \
+        "$(grep -c -e '^table inet encryptd' -e ' drop' /ctl/table-before-reboot)"
+    check "the strict table in the kernel when encryptd.service started" \
+        eq "$(grep -c -e '^table inet encryptd' -e ' drop' /run/pkgtest-table-at-encryptd 2>/dev/null)" \
+        "$(grep -c -e '^table inet encryptd' -e ' drop' /ctl/table-before-reboot)"
+    check "the table kept across the reboot: the daemon's rules (nft -s)" \
+        eq "$(nft -s list table inet encryptd 2>&1)" "$(cat /ctl/table-before-reboot)"
+    start_peer
+    check "after the reboot: 1/1 peers up (STATUS= line, within 60 s)" status_within 60 "ipsec: 1/1 peers up, key 1, strict on"
+    check "after the reboot: ping through the tunnel" ping -q -c 2 -W 5 -I 10.99.1.1 10.99.2.1
+    rm -rf /etc/systemd/system/encryptd.service.d && systemctl daemon-reload
+}
+
 removed() {   # $1 = output of the purge/erase, $2 = what may stay in /etc/encryptd
     check "stopped" eq "$(systemctl is-active encryptd)" inactive
     check "unit gone" eq "$(systemctl show -p LoadState --value encryptd)" not-found
@@ -177,6 +240,7 @@ removed() {   # $1 = output of the purge/erase, $2 = what may stay in /etc/encry
     rm -rf /etc/encryptd
 }
 
+if [ ! -e /ctl/boot1 ]; then   # the first boot: up to the reboot
 section ".deb: dpkg -i encryptd_${VERSION}_amd64.deb"
 dpkg -i /ctl/encryptd_${VERSION}_amd64.deb </dev/null 2>&1 | sed 's/^/       | /'
 check "dpkg -i" test "${PIPESTATUS[0]}" = 0
@@ -200,6 +264,28 @@ upgraded "$pid" "$before" "$pings"
 
 section ".deb: encryptd-strict.service"
 strict_at_boot
+
+    section ".deb: reboot for real"
+    # What encryptd.service finds in the kernel as it starts (run outside its sandbox).
+    mkdir -p /etc/systemd/system/encryptd.service.d
+    printf '[Service]\nExecStartPre=+/bin/sh -c %s\n' \
+        "'nft list table inet encryptd >/run/pkgtest-table-at-encryptd 2>&1 || true'" \
+        >/etc/systemd/system/encryptd.service.d/pkgtest.conf
+    # Only this test's result powers the guest off; a stop by the reboot is no result.
+    mkdir -p /run/systemd/system/pkgtest.service.d
+    printf '[Unit]\nSuccessAction=none\nFailureAction=none\n' >/run/systemd/system/pkgtest.service.d/reboot.conf
+    systemctl daemon-reload
+    nft -s list table inet encryptd >/ctl/table-before-reboot
+    cat /proc/sys/kernel/random/boot_id >/ctl/boot1
+    echo "PASS=$PASS FAIL=$FAIL" >/ctl/counts
+    trap - EXIT
+    sync; touch /ctl/rebooting
+    echo "  .. systemctl reboot (boot ID $(cat /ctl/boot1))"
+    # (Not `systemctl reboot`: it asks logind over D-Bus first, which this root has not.)
+    systemctl start --job-mode=replace-irreversibly --no-block reboot.target
+    exec sleep 600
+fi   # the second boot from here
+after_reboot
 
 section ".deb: dpkg --purge"
 out=$(dpkg --purge encryptd </dev/null 2>&1); rc=$?

@@ -11,8 +11,9 @@
 #  2. lintian (pedantic, overrides in packaging/debian/encryptd.lintian-overrides) and
 #     rpmlint (packaging/rpm/rpmlint.toml): any error or warning fails the test.
 #  3. A clean Debian 12 root (debootstrap minbase + systemd, nftables, iproute2,
-#     iputils-ping, kmod, procps, rpm), cached in $PKGTEST_CACHE; booted read-only with
-#     a RAM overlay under qemu, with Debian's stock kernel from the VM rig
+#     iputils-ping, kmod, procps, rpm), cached in $PKGTEST_CACHE; a copy of it (3 s; the
+#     cached root stays clean) booted read-write over 9p, so that what the test installs
+#     survives its reboot, under qemu, with Debian's stock kernel from the VM rig
 #     (tests/vm/setup.sh), systemd as PID 1. No Docker here, and systemd-nspawn --boot
 #     hangs silently in this sandbox; it would also run the host's kernel, which has no
 #     ESP/gcm.
@@ -24,14 +25,19 @@
 #     restarted (new PID), kernel objects adopted unchanged, no ping lost (every 50 ms),
 #     the operator's conffile kept without a prompt; encryptd-strict.service enabled, and
 #     with the daemon stopped and its table deleted (a boot), `systemctl restart` of it
-#     puts the kept rules (strict.nft) back under its sandbox; dpkg --purge -> stopped,
+#     puts the kept rules (strict.nft) back under its sandbox; then a real reboot
+#     (`systemctl reboot`: systemd stops everything, reboot(2), qemu starts the same root
+#     again) -> a new boot ID, the table in the kernel when the network unit (ordered
+#     like Debian's networking.service) starts and when encryptd.service starts, and
+#     systemd's own timestamps ordering encryptd-strict before network-pre.target;
+#     the daemon and the peer up again; dpkg --purge -> stopped,
 #     teardown, binary, both units, strict.nft and /var/lib/encryptd gone. Then the same
 #     cycle for the .rpm (rpm -i/-U/-e --nodeps on the same Debian guest: its scriptlets
 #     under real systemd, not a Rocky/Alma userland).
 #
 # Env: PKGTEST_CACHE (~/.cache/encryptd-pkgtest), VM_CACHE (the rig's), PKGTEST_TIMEOUT
-#      (600 s for the VM), PKGTEST_KEEP=1 keeps the work dir (console.log: the guest's
-#      kernel and systemd messages).
+#      (600 s for each boot of the VM), PKGTEST_KEEP=1 keeps the work dir (console-N.log:
+#      the guest's kernel and systemd messages of boot N).
 # Exit status 0 when everything passed; the last line is "N passed, M failed".
 set -euo pipefail
 export LC_ALL=C.UTF-8
@@ -105,6 +111,8 @@ fi
 # The control dir, shared read-write with the guest: the packages, the guest script, rc.
 CTL=$WORK/ctl
 mkdir -p "$CTL"
+# The guest's root: a copy, written through, so that its reboot keeps what it installed.
+cp -a "$RDIR" "$WORK/root"
 cp "$OUT"/*.deb "$OUT"/*.rpm tests/packages-guest.sh "$CTL/"
 printf 'VERSION=%q\nNEXT=%q\n' "$VERSION" "$NEXT" >"$CTL/env"
 cat >"$CTL/pkgtest.service" <<'EOF'
@@ -118,23 +126,43 @@ StandardOutput=tty
 StandardError=inherit
 TTYPath=/dev/ttyS1
 TimeoutStartSec=infinity
-# -immediate: straight to reboot(2); -force hangs unmounting the 9p/overlay root.
+# -immediate: straight to reboot(2); -force hangs unmounting the 9p root.
 # /ctl/rc is already on the host (9p without a cache).
 SuccessAction=poweroff-immediate
 FailureAction=poweroff-immediate
 [Install]
 WantedBy=multi-user.target
 EOF
+# The guest's wire to its peer, brought up at boot as a network manager does: ordered
+# like Debian's networking.service (after network-pre.target, before network.target).
+# What it finds in the kernel when it starts is the proof that the strict table is in
+# force before the network comes up.
+cat >"$CTL/pkgtest-net.service" <<'EOF'
+[Unit]
+Description=encryptd package test: the wire to the peer (as ifupdown would)
+DefaultDependencies=no
+Wants=network.target
+After=local-fs.target network-pre.target
+Before=network.target network-online.target shutdown.target
+Conflicts=shutdown.target
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStartPre=/bin/sh -c 'nft list table inet encryptd >/run/pkgtest-table-at-network 2>&1 || true'
+ExecStart=/bin/bash /ctl/packages-guest.sh wire
+[Install]
+WantedBy=multi-user.target network-online.target
+EOF
 
-# initramfs: busybox, the modules for the 9p/overlay root and for what the daemon uses
+# initramfs: busybox, the modules for the 9p root and for what the daemon uses
 # (loaded from RAM: fast under TCG; the rest autoloads from the kernel's modules, which
-# the guest sees at /lib/modules over 9p). The guest's root: overlay(debootstrap root
-# read-only, tmpfs), so the cached root stays clean; then systemd is PID 1.
+# the guest sees at /lib/modules over 9p). The guest's root: the copy, read-write; then
+# systemd is PID 1.
 I=$WORK/initramfs
-mkdir -p "$I"/{bin,dev,proc,sys,lower,upper,newroot,mods}
+mkdir -p "$I"/{bin,dev,proc,sys,newroot,mods}
 cp "$VM_CACHE/busybox/bin/busybox" "$I/bin/"
 for a in sh mount umount mkdir insmod switch_root cat poweroff ln cp echo; do ln -s busybox "$I/bin/$a"; done
-for m in virtio_pci 9pnet_virtio 9p overlay esp4 esp6 xfrm_user dummy veth nf_tables nft_ct \
+for m in virtio_pci 9pnet_virtio 9p esp4 esp6 xfrm_user dummy veth nf_tables nft_ct \
          nft_reject_inet nft_xfrm nft_chain_nat gcm seqiv echainiv authenc ghash_generic ctr cbc hmac; do
     modprobe -d "$KDIR" -S "$KV" --show-depends "$m" | awk '$1=="insmod"{print $2}' || die "module $m not in $KV"
 done | awk '!seen[$0]++' | while read -r ko; do cp "$ko" "$I/mods/"; basename "$ko" >>"$I/mods/order"; done
@@ -144,17 +172,15 @@ fail() { echo "initramfs: $*"; poweroff -f; }
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /mods/order); do insmod /mods/$m || echo "initramfs: insmod $m failed"; done
 O=trans=virtio,version=9p2000.L,msize=512000
-mount -t 9p -o $O,cache=loose,ro root /lower || fail "9p root mount failed"
-mount -t tmpfs tmpfs /upper && mkdir /upper/u /upper/w
-mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w /newroot || fail "overlay failed"
+mount -t 9p -o $O,cache=loose root /newroot || fail "9p root mount failed"
 mkdir -p /newroot/ctl /newroot/lib/modules
 mount -t 9p -o $O ctl /newroot/ctl || fail "ctl mount failed"
 mount -t 9p -o $O,ro mods /newroot/lib/modules || fail "modules mount failed"
 S=/newroot/etc/systemd/system
 cp /newroot/ctl/pkgtest.service $S/
-ln -s ../pkgtest.service $S/multi-user.target.wants/pkgtest.service
+ln -sf ../pkgtest.service $S/multi-user.target.wants/pkgtest.service
 # No udev in the root: no device units, so no gettys (they would wait for them).
-ln -s /dev/null $S/getty.target
+ln -sf /dev/null $S/getty.target
 echo pkgtest >/newroot/etc/hostname
 umount /proc /sys /dev
 exec switch_root /newroot /lib/systemd/systemd
@@ -162,39 +188,47 @@ EOF
 chmod +x "$I/init"
 ( cd "$I" && find . | cpio -o -H newc --quiet | gzip -1 ) >"$WORK/initramfs.cpio.gz"
 
-say "boot the clean root under qemu (Debian kernel $KV, systemd); the guest's output follows"
 TIMEOUT=${PKGTEST_TIMEOUT:-600}
+boot() {   # $1: the boot's number. Returns when qemu has exited.
+    say "boot $1 of the clean root under qemu (Debian kernel $KV, systemd); the guest's output follows"
+    timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
+        -machine "q35,accel=${VM_ACCEL:-tcg}" -cpu max -smp "${VM_SMP:-2}" -m "${VM_MEM:-1024}" \
+        -nodefaults -no-user-config -nographic -no-reboot -monitor none \
+        -serial "file:$WORK/console-$1.log" -serial stdio \
+        -kernel "$KDIR/vmlinux" -initrd "$WORK/initramfs.cpio.gz" \
+        -append "console=ttyS0 panic=-1 systemd.show_status=error" \
+        -fsdev "local,id=root,path=$WORK/root,security_model=none,multidevs=remap" \
+        -device virtio-9p-pci,fsdev=root,mount_tag=root \
+        -fsdev "local,id=ctl,path=$CTL,security_model=none" \
+        -device virtio-9p-pci,fsdev=ctl,mount_tag=ctl \
+        -fsdev "local,id=mods,path=$KDIR/lib/modules,security_model=none,readonly=on" \
+        -device virtio-9p-pci,fsdev=mods,mount_tag=mods </dev/null >"$WORK/guest-$1.out" &
+    qpid=$!
+    trap 'kill "$qpid" 2>/dev/null' INT TERM HUP
+    tail -f --pid="$qpid" "$WORK/guest-$1.out" | tr -d '\r' &
+    # Once the guest has written its result, it powers itself off; give it 30 s. A
+    # reboot it asked for ends qemu (-no-reboot); the next boot starts the same root.
+    while kill -0 "$qpid" 2>/dev/null && [ ! -s "$CTL/rc" ]; do sleep 1; done
+    for _ in $(seq 30); do kill -0 "$qpid" 2>/dev/null || break; sleep 1; done
+    kill "$qpid" 2>/dev/null && echo "packages.sh: the guest did not power off; qemu stopped"
+    wait "$qpid"
+    qrc=$?
+    sleep 0.5
+}
 set +e
-timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
-    -machine "q35,accel=${VM_ACCEL:-tcg}" -cpu max -smp "${VM_SMP:-2}" -m "${VM_MEM:-1024}" \
-    -nodefaults -no-user-config -nographic -no-reboot -monitor none \
-    -serial "file:$WORK/console.log" -serial stdio \
-    -kernel "$KDIR/vmlinux" -initrd "$WORK/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 systemd.show_status=error" \
-    -fsdev "local,id=root,path=$RDIR,security_model=none,readonly=on,multidevs=remap" \
-    -device virtio-9p-pci,fsdev=root,mount_tag=root \
-    -fsdev "local,id=ctl,path=$CTL,security_model=none" \
-    -device virtio-9p-pci,fsdev=ctl,mount_tag=ctl \
-    -fsdev "local,id=mods,path=$KDIR/lib/modules,security_model=none,readonly=on" \
-    -device virtio-9p-pci,fsdev=mods,mount_tag=mods </dev/null >"$WORK/guest.out" &
-qpid=$!
-trap 'kill "$qpid" 2>/dev/null' INT TERM HUP
-tail -f --pid="$qpid" "$WORK/guest.out" | tr -d '\r' &
-# Once the guest has written its result, it powers itself off; give it 30 s.
-while kill -0 "$qpid" 2>/dev/null && [ ! -s "$CTL/rc" ]; do sleep 1; done
-for _ in $(seq 30); do kill -0 "$qpid" 2>/dev/null || break; sleep 1; done
-kill "$qpid" 2>/dev/null && echo "packages.sh: the guest did not power off; qemu stopped"
-wait "$qpid"
-qrc=$?
-sleep 0.5
+boot 1
+# The guest touches /ctl/rebooting just before `systemctl reboot`.
+if [ ! -s "$CTL/rc" ] && [ -e "$CTL/rebooting" ]; then boot 2; fi
 set -e
+CONSOLE=$WORK/console-1.log
+[ -e "$WORK/console-2.log" ] && CONSOLE=$WORK/console-2.log
 if [ ! -s "$CTL/rc" ]; then
     echo "packages.sh: the guest gave no result (qemu exit $qrc; $([ $qrc = 124 ] && echo "timed out after $TIMEOUT s")). Console log tail:" >&2
-    tail -40 "$WORK/console.log" >&2
+    tail -40 "$CONSOLE" >&2
     echo "0 passed, 1 failed"
     exit 1
 fi
 rc=$(cat "$CTL/rc")
 say "done: guest exit $rc"
-tr -d '\r' <"$WORK/guest.out" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -1
+cat "$WORK"/guest-*.out | tr -d '\r' | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -1
 exit "$rc"

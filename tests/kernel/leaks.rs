@@ -216,6 +216,26 @@ fn suite(mode: Mode) -> Result<(), String> {
         |_| Ok(()),
     )?;
 
+    // What `systemctl restart nftables` does. The daemon puts its table back (within a
+    // second: tests/kernel/flush.rs); the gap is the XFRM block or the blackhole routes.
+    scenario(
+        &mut f,
+        mode,
+        &mut rows,
+        "firewall reload (nft flush ruleset)",
+        ("10.77.0.99", "fd77::99"),
+        4,
+        |f| {
+            std::thread::sleep(Duration::from_secs(1));
+            f.topo.exec(0, "nft flush ruleset")?;
+            f.daemon(0).wait_log(
+                "reinstalled (1 time(s) since start)",
+                Duration::from_secs(5),
+            )?;
+            Ok(())
+        },
+    )?;
+
     scenario(
         &mut f,
         mode,
