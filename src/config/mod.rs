@@ -58,6 +58,7 @@ pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
     let text = read_text(&paths.config).map_err(|d| vec![d])?;
     let src = Source::new(&paths.config, &text);
     let mut settings = settings::read(&src, &diags);
+    settings::on_this_machine(&mut settings, &src, &diags);
     if let Some(p) = &paths.inventory {
         settings.inventory = p.clone();
     }

@@ -39,6 +39,8 @@ pub struct Wireguard {
     pub preshared_key: Option<PathBuf>,
     /// A userspace WireGuard (wireguard-go, boringtun) to run when the kernel has none.
     pub userspace: Option<PathBuf>,
+    /// Where `userspace` was written, for [`on_this_machine`]'s message.
+    pub userspace_span: Option<std::ops::Range<usize>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,6 +114,26 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
+/// The second phase's look at this machine, for what the text alone cannot say: the
+/// hostname when `node` is not set, and that `userspace` names a file (`None` then, with
+/// the error at the line that names it).
+pub fn on_this_machine(s: &mut Settings, src: &Source, diags: &Diags) {
+    if s.node_span.is_none() {
+        s.node = hostname();
+    }
+    let w = &mut s.wireguard;
+    if let Some(p) = &w.userspace
+        && !p.is_file()
+    {
+        let message = format!(
+            "`userspace` {} is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
+            p.display()
+        );
+        diags.push(src.diag(w.userspace_span.clone().unwrap_or(0..0), message));
+        w.userspace = None;
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -171,7 +193,8 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
             (value, Some(span))
         }
         Some(At { value, span }) => (value, Some(span)),
-        None => (hostname(), None),
+        // The hostname, filled in by `on_this_machine`: this phase reads only the text.
+        None => (String::new(), None),
     };
     let inventory = path(&top, "inventory", "nodes.toml");
     let runtime_dir = path(&top, "runtime_dir", "/run/encryptd");
@@ -222,6 +245,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
     t.finish();
 
     let t = sub("wireguard");
+    let userspace = t.string("userspace").filter(|v| !v.value.is_empty());
     let wireguard = Wireguard {
         interface: match t.string("interface") {
             Some(At { value, span }) if !is_interface_name(&value) => {
@@ -238,24 +262,8 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
             .string("preshared_key")
             .filter(|v| !v.value.is_empty())
             .map(|v| resolve(base, &v.value)),
-        userspace: t
-            .string("userspace")
-            .filter(|v| !v.value.is_empty())
-            .and_then(|At { value, span }| {
-                let p = resolve(base, &value);
-                if p.is_file() {
-                    Some(p)
-                } else {
-                    t.error(
-                        span,
-                        format!(
-                            "`userspace` {} is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
-                            p.display()
-                        ),
-                    );
-                    None
-                }
-            }),
+        userspace: userspace.as_ref().map(|v| resolve(base, &v.value)),
+        userspace_span: userspace.map(|v| v.span),
     };
     t.finish();
 
@@ -343,7 +351,9 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
 /// the file, without the cross-file checks of `config::load`.
 pub fn parse_str(path: &Path, text: &str) -> Result<Settings, Vec<super::Diagnostic>> {
     let diags = Diags::default();
-    let s = read(&Source::new(path, text), &diags);
+    let src = Source::new(path, text);
+    let mut s = read(&src, &diags);
+    on_this_machine(&mut s, &src, &diags);
     if diags.is_empty() {
         Ok(s)
     } else {

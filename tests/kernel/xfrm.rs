@@ -5,10 +5,10 @@
 use std::net::{IpAddr, UdpSocket};
 use std::time::Duration;
 
-use encryptd::kernel::xfrm::{
-    Action, Algorithm, Direction, DumpedPolicy, DumpedState, Key, Mode, PRIORITY_BLOCK,
-    PRIORITY_EXEMPT, PRIORITY_TUNNEL, REQID_MIN, Selector, Template, Xfrm, XfrmError, XfrmPolicy,
-    XfrmState,
+use encryptd::kernel::xfrm::{Xfrm, XfrmError};
+use encryptd::objects::xfrm::{
+    Action, Algorithm, Direction, DumpedPolicy, DumpedState, EncapMode, Key, PRIORITY_BLOCK,
+    PRIORITY_EXEMPT, PRIORITY_TUNNEL, REQID_MIN, Selector, Template, XfrmPolicy, XfrmState,
 };
 use zeroize::Zeroizing;
 
@@ -79,7 +79,7 @@ fn tunnel_policies(me: IpAddr, peer: IpAddr, out_reqid: u32, in_reqid: u32) -> V
                 src: me,
                 dst: peer,
                 reqid: out_reqid,
-                mode: Mode::Tunnel,
+                mode: EncapMode::Tunnel,
             }),
         },
         XfrmPolicy {
@@ -91,7 +91,7 @@ fn tunnel_policies(me: IpAddr, peer: IpAddr, out_reqid: u32, in_reqid: u32) -> V
                 src: peer,
                 dst: me,
                 reqid: in_reqid,
-                mode: Mode::Tunnel,
+                mode: EncapMode::Tunnel,
             }),
         },
     ]
@@ -572,7 +572,7 @@ fn batch_and_named_errors() -> Result<(), String> {
                 src: s.src,
                 dst: s.dst,
                 reqid: s.reqid,
-                mode: Mode::Tunnel,
+                mode: EncapMode::Tunnel,
             }),
         })
         .collect();

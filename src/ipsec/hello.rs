@@ -10,7 +10,7 @@ use std::fmt;
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::keys::BootId;
+use crate::ipsec::derive::BootId;
 
 const MAGIC: &[u8; 4] = b"ENCD";
 const VERSION: u8 = 1;
@@ -82,7 +82,7 @@ pub struct Hello {
 
 /// Why a datagram was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Drop {
+pub enum DropReason {
     Oversized,
     Truncated,
     NotAHello,
@@ -91,14 +91,14 @@ pub enum Drop {
     BadMac,
 }
 
-impl fmt::Display for Drop {
+impl fmt::Display for DropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Drop::Oversized => "oversized",
-            Drop::Truncated => "truncated",
-            Drop::NotAHello => "not a hello",
-            Drop::Malformed => "malformed",
-            Drop::BadMac => "bad MAC",
+            DropReason::Oversized => "oversized",
+            DropReason::Truncated => "truncated",
+            DropReason::NotAHello => "not a hello",
+            DropReason::Malformed => "malformed",
+            DropReason::BadMac => "bad MAC",
         })
     }
 }
@@ -154,28 +154,31 @@ impl Hello {
     }
 }
 
-/// A cursor that reports running past the end as `Drop::Truncated`.
+/// A cursor that reports running past the end as `DropReason::Truncated`.
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Drop> {
-        let s = self.b.get(self.at..self.at + n).ok_or(Drop::Truncated)?;
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DropReason> {
+        let s = self
+            .b
+            .get(self.at..self.at + n)
+            .ok_or(DropReason::Truncated)?;
         self.at += n;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, Drop> {
+    fn u8(&mut self) -> Result<u8, DropReason> {
         Ok(self.take(1)?[0])
     }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], Drop> {
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], DropReason> {
         Ok(self.take(N)?.try_into().expect("take returns N bytes"))
     }
-    fn name(&mut self) -> Result<String, Drop> {
+    fn name(&mut self) -> Result<String, DropReason> {
         let n = self.u8()? as usize;
         let s = self.take(n)?;
-        String::from_utf8(s.to_vec()).map_err(|_| Drop::Malformed)
+        String::from_utf8(s.to_vec()).map_err(|_| DropReason::Malformed)
     }
 }
 
@@ -187,15 +190,15 @@ pub struct Unverified {
     bytes: Vec<u8>,
 }
 
-pub fn parse(bytes: &[u8]) -> Result<Unverified, Drop> {
+pub fn parse(bytes: &[u8]) -> Result<Unverified, DropReason> {
     if bytes.len() > MAX_LEN {
-        return Err(Drop::Oversized);
+        return Err(DropReason::Oversized);
     }
     let mut r = Reader { b: bytes, at: 0 };
-    if r.take(4).map_err(|_| Drop::NotAHello)? != MAGIC
-        || r.u8().map_err(|_| Drop::NotAHello)? != VERSION
+    if r.take(4).map_err(|_| DropReason::NotAHello)? != MAGIC
+        || r.u8().map_err(|_| DropReason::NotAHello)? != VERSION
     {
-        return Err(Drop::NotAHello);
+        return Err(DropReason::NotAHello);
     }
     let _flags = r.u8()?;
     let sender = r.name()?;
@@ -210,7 +213,7 @@ pub fn parse(bytes: &[u8]) -> Result<Unverified, Drop> {
         if (1..=15).contains(&b) {
             Ok(b)
         } else {
-            Err(Drop::Malformed)
+            Err(DropReason::Malformed)
         }
     };
     let mut offers = Vec::new();
@@ -220,10 +223,10 @@ pub fn parse(bytes: &[u8]) -> Result<Unverified, Drop> {
         let bound = match r.u8()? {
             0 => false,
             1 => true,
-            _ => return Err(Drop::Malformed),
+            _ => return Err(DropReason::Malformed),
         };
         offers.push(Offer {
-            family: Family::from_wire(f).ok_or(Drop::Malformed)?,
+            family: Family::from_wire(f).ok_or(DropReason::Malformed)?,
             key_id: key_id(k)?,
             spi,
             bound,
@@ -234,7 +237,7 @@ pub fn parse(bytes: &[u8]) -> Result<Unverified, Drop> {
         let [f, k] = r.arr()?;
         let spi = u32::from_be_bytes(r.arr()?);
         outbound.push(Outbound {
-            family: Family::from_wire(f).ok_or(Drop::Malformed)?,
+            family: Family::from_wire(f).ok_or(DropReason::Malformed)?,
             key_id: key_id(k)?,
             spi,
         });
@@ -242,7 +245,7 @@ pub fn parse(bytes: &[u8]) -> Result<Unverified, Drop> {
     let body_len = r.at;
     let n = r.u8()? as usize;
     if n == 0 || n > MAX_MACS {
-        return Err(Drop::Malformed);
+        return Err(DropReason::Malformed);
     }
     let mut macs = Vec::new();
     for _ in 0..n {
@@ -250,7 +253,7 @@ pub fn parse(bytes: &[u8]) -> Result<Unverified, Drop> {
         macs.push((id, r.arr()?));
     }
     if r.at != bytes.len() {
-        return Err(Drop::Malformed);
+        return Err(DropReason::Malformed);
     }
     Ok(Unverified {
         hello: Hello {
@@ -278,7 +281,7 @@ impl Unverified {
     }
 
     /// Accept if the MAC under any `(key_id, hello key)` verifies (constant-time compare).
-    pub fn verify(self, keys: &[(u8, &[u8])]) -> Result<Hello, Drop> {
+    pub fn verify(self, keys: &[(u8, &[u8])]) -> Result<Hello, DropReason> {
         let body = &self.bytes[..self.body_len];
         for (id, m) in &self.macs {
             if let Some((_, key)) = keys.iter().find(|(k, _)| k == id) {
@@ -290,7 +293,7 @@ impl Unverified {
                 }
             }
         }
-        Err(Drop::BadMac)
+        Err(DropReason::BadMac)
     }
 }
 
@@ -347,11 +350,11 @@ mod tests {
         let bytes = sample().encode(&[(1, K1)]);
         assert_eq!(
             parse(&bytes).unwrap().verify(&[(1, K2)]).unwrap_err(),
-            Drop::BadMac
+            DropReason::BadMac
         );
         assert_eq!(
             parse(&bytes).unwrap().verify(&[(2, K1)]).unwrap_err(),
-            Drop::BadMac
+            DropReason::BadMac
         );
         // Flip one bit anywhere in the body: the MAC no longer verifies (or parsing fails).
         for i in 6..bytes.len() - 33 {
@@ -360,7 +363,7 @@ mod tests {
             if let Ok(u) = parse(&b) {
                 assert_eq!(
                     u.verify(&[(1, K1)]).unwrap_err(),
-                    Drop::BadMac,
+                    DropReason::BadMac,
                     "bit flip at {i}"
                 );
             }
@@ -373,14 +376,17 @@ mod tests {
         for n in 6..bytes.len() {
             assert!(parse(&bytes[..n]).is_err(), "prefix of {n} bytes parsed");
         }
-        assert_eq!(parse(&vec![0u8; MAX_LEN + 1]).err(), Some(Drop::Oversized));
-        assert_eq!(parse(b"GET / HTTP/1.0").err(), Some(Drop::NotAHello));
-        assert_eq!(parse(b"").err(), Some(Drop::NotAHello));
+        assert_eq!(
+            parse(&vec![0u8; MAX_LEN + 1]).err(),
+            Some(DropReason::Oversized)
+        );
+        assert_eq!(parse(b"GET / HTTP/1.0").err(), Some(DropReason::NotAHello));
+        assert_eq!(parse(b"").err(), Some(DropReason::NotAHello));
         let mut extra = bytes.clone();
         extra.push(0);
-        assert_eq!(parse(&extra).err(), Some(Drop::Malformed));
+        assert_eq!(parse(&extra).err(), Some(DropReason::Malformed));
         let mut no_mac = sample().encode(&[]);
-        assert_eq!(parse(&no_mac).err(), Some(Drop::Malformed));
+        assert_eq!(parse(&no_mac).err(), Some(DropReason::Malformed));
         no_mac.truncate(no_mac.len() - 1);
         assert!(parse(&no_mac).is_err());
     }

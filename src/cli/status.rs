@@ -74,10 +74,10 @@ pub fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Write the snapshot for `encryptd status` (see [`crate::files`]).
+/// Write the snapshot for `encryptd status` (see [`crate::daemon::files`]).
 pub fn write(dir: &Path, s: &Snapshot) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
-    crate::files::replace(&dir.join(SNAPSHOT), &json, false)
+    crate::daemon::files::replace(&dir.join(SNAPSHOT), &json, false)
 }
 
 /// The snapshot and the kernel's XFRM counters in the node_exporter textfile format.
@@ -362,7 +362,7 @@ struct SaFindings {
 
 fn ipsec_per_peer(
     cfg: &config::Config,
-    ours: &[crate::kernel::xfrm::DumpedState],
+    ours: &[crate::objects::xfrm::DumpedState],
     peers: &mut [PeerStatus],
 ) -> SaFindings {
     let mut found = SaFindings::default();
@@ -371,7 +371,7 @@ fn ipsec_per_peer(
         p.tx_bytes = 0;
     }
     for s in ours {
-        let Some((name, _, outbound)) = crate::plan::slot_of(cfg, &s.id()) else {
+        let Some((name, _, outbound)) = crate::ipsec::plan::slot_of(cfg, &s.id()) else {
             continue;
         };
         let c = &s.counters;

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use crate::kernel::xfrm::{DumpedPolicy, DumpedState, PolicyId, StateId, XfrmPolicy, XfrmState};
-use crate::plan::DesiredStates;
+use crate::ipsec::plan::DesiredStates;
+use crate::objects::xfrm::{DumpedPolicy, DumpedState, PolicyId, StateId, XfrmPolicy, XfrmState};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Ops {
@@ -101,8 +101,8 @@ pub fn diff(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::xfrm::{Algorithm, StateCounters};
-    use crate::plan::REQID;
+    use crate::ipsec::plan::REQID;
+    use crate::objects::xfrm::{Algorithm, StateCounters};
     use zeroize::Zeroizing;
 
     fn st(spi: u32, key: u8) -> XfrmState {

@@ -1,6 +1,6 @@
 //! Strict mode: the `inet encryptd` nftables table that drops, instead of sending or
 //! accepting in plaintext, traffic to or from a protected range that is not encrypted.
-//! Rendered here as nft text (pure); `kernel::nft` applies it in one transaction.
+//! Rendered here as nft text (pure); [`super::Strict`] applies it in one transaction.
 //!
 //! IPsec mode: egress `rt ipsec missing` (no XFRM bundle on the route), ingress
 //! `meta ipsec missing` (not decrypted). WireGuard mode: egress leaving by any interface
@@ -11,31 +11,10 @@
 //! exceptions (e.g. tcp/22).
 
 use std::fmt::Write;
-use std::io;
-use std::path::Path;
 
 use crate::config::settings::Mode;
 use crate::config::{Config, Node};
 use crate::net::Cidr;
-
-/// The file, in `state_dir`, holding the rules in force as an nft script, which
-/// `encryptd-strict.service` installs at boot before the network comes up: without it
-/// a node would send plaintext between the network coming up and the daemon starting.
-pub const BOOT_RULES: &str = "strict.nft";
-
-/// Keep `script` (the `nft -f` script that installs the table) for the next boot, or
-/// remove the file (`None`: strict mode off, torn down, or not kept on stop). Written
-/// durably (see [`crate::files`]).
-pub fn keep_for_boot(state_dir: &Path, script: Option<&str>) -> io::Result<()> {
-    let path = state_dir.join(BOOT_RULES);
-    match script {
-        Some(script) => crate::files::replace(&path, script.as_bytes(), true),
-        None => match std::fs::remove_file(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            r => r,
-        },
-    }
-}
 
 /// Rule comments; `encryptd status` maps counters back by them.
 pub const EGRESS: &str = "egress";
@@ -223,9 +202,9 @@ mod tests {
     use crate::config::settings::{Exception, Proto};
 
     fn cfg(mode: Mode) -> Config {
-        let mut c = crate::plan::tests::config(vec![
-            crate::plan::tests::node("a", &["10.0.0.1", "fd00::1"], &["10.1.0.0/24"]),
-            crate::plan::tests::node("b", &["10.0.0.2"], &[]),
+        let mut c = crate::ipsec::plan::tests::config(vec![
+            crate::ipsec::plan::tests::node("a", &["10.0.0.1", "fd00::1"], &["10.1.0.0/24"]),
+            crate::ipsec::plan::tests::node("b", &["10.0.0.2"], &[]),
         ]);
         c.settings.mode = mode;
         c.settings.strict.enabled = true;

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::hello::{Family, Hello, Offer, Outbound};
-use crate::keys::BootId;
+use crate::ipsec::derive::BootId;
+use crate::ipsec::hello::{Family, Hello, Offer, Outbound};
 
 /// (family, key-id): one SA slot per direction of a pair.
 pub type Slot = (Family, u8);
@@ -374,7 +374,7 @@ mod tests {
             let c = &mut self.counter;
             let mut spi = |k: u8| {
                 *c += 1;
-                crate::plan::make_spi(*c, k)
+                crate::ipsec::plan::make_spi(*c, k)
             };
             let n = &mut self.nonces;
             let mut nonce2 = || {

@@ -23,7 +23,7 @@
 //! Only the difference is sent: a restart or a reload keeps the device, its key and
 //! every peer that did not change (their sessions stay). A peer's allowed IPs are
 //! added (never replaced); IPs it must lose are moved to a throw-away peer that is then
-//! removed, so its other IPs never leave it (see [`crate::kernel::wireguard`]). The
+//! removed, so its other IPs never leave it (see [`crate::kernel::wireguard`], which does the moving). The
 //! endpoint is the peer's first address in a family this node has; an endpoint the
 //! kernel learned by roaming to another of the peer's own addresses is left alone.
 
@@ -33,9 +33,9 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::wgkey::PresharedKey;
 use crate::config::{Config, Node};
-use crate::kernel::link::{Route, RouteKind, Rule};
-use crate::kernel::wireguard::{Device, PeerUpdate};
 use crate::net::Cidr;
+use crate::objects::route::{Route, RouteKind, Rule};
+use crate::objects::wireguard::{Device, PeerUpdate};
 
 /// Routing table of the routes into the tunnel.
 pub const TABLE: u32 = 51871;
@@ -219,7 +219,7 @@ pub fn plan(cfg: &Config, public_key: [u8; 32], local: &Local) -> Desired {
                     .collect(),
                 allowed_ips: ips,
                 psk: cfg.psk.as_ref().map_or_else(PresharedKey::none, |c| {
-                    crate::keys::wireguard_psk(c, &public_key, &key)
+                    crate::ipsec::derive::wireguard_psk(c, &public_key, &key)
                 }),
             },
         );
@@ -352,7 +352,7 @@ pub fn diff(want: &Desired, have: &Observed) -> Ops {
         ..Ops::default()
     };
 
-    let kernel: BTreeMap<[u8; 32], &crate::kernel::wireguard::Peer> = have
+    let kernel: BTreeMap<[u8; 32], &crate::objects::wireguard::Peer> = have
         .device
         .peers
         .iter()
@@ -460,7 +460,7 @@ pub fn is_up(last_handshake: Option<SystemTime>, now: SystemTime) -> bool {
 mod tests {
     use super::*;
     use crate::config::Inventory;
-    use crate::kernel::wireguard::Peer;
+    use crate::objects::wireguard::Peer;
 
     fn key(i: u8) -> [u8; 32] {
         [i; 32]

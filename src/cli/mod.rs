@@ -2,6 +2,9 @@
 //! Exit codes are part of the interface: 0 success, 1 failure (invalid input, daemon
 //! error), 2 usage.
 
+pub mod status;
+pub mod teardown;
+
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -144,7 +147,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Ok(Command::Pubkey(config)) => pubkey(&config),
         Ok(Command::Run(paths)) => crate::daemon::run(paths),
         Ok(Command::Teardown(paths)) => teardown(&paths),
-        Ok(Command::Status(paths, json)) => crate::status::main(&paths, json),
+        Ok(Command::Status(paths, json)) => crate::cli::status::main(&paths, json),
     }
 }
 
@@ -157,30 +160,24 @@ fn teardown(paths: &Paths) -> i32 {
     let (ifname, state_dir) = config::load(paths)
         .map(|c| (c.settings.wireguard.interface, c.settings.state_dir))
         .unwrap_or_else(|_| ("encryptd0".into(), PathBuf::from("/var/lib/encryptd")));
-    match crate::teardown::wireguard(&ifname) {
-        Ok((link, rules)) => {
-            if link {
-                println!("removed the WireGuard interface {ifname}");
-            }
-            if rules > 0 {
-                println!(
-                    "removed {rules} policy rule(s) and route(s) of tables {} and {}",
-                    crate::wgplan::TABLE,
-                    crate::wgplan::BLACKHOLE_TABLE
-                );
-            }
-        }
-        Err(e) => {
-            eprintln!("encryptd teardown: links and rules: {e}");
-            failed = true;
-        }
+    let wg = crate::cli::teardown::wireguard(&ifname);
+    let (link, rules) = wg.removed;
+    if link {
+        println!("removed the WireGuard interface {ifname}");
     }
-    match crate::teardown::ipsec() {
-        Ok((s, p)) => println!("removed {p} XFRM policies and {s} XFRM states"),
-        Err(e) => {
-            eprintln!("encryptd teardown: XFRM: {e}");
-            failed = true;
-        }
+    if rules > 0 {
+        println!(
+            "removed {rules} policy rule(s) and route(s) of tables {} and {}",
+            crate::wireguard::plan::TABLE,
+            crate::wireguard::plan::BLACKHOLE_TABLE
+        );
+    }
+    let xfrm = crate::cli::teardown::ipsec();
+    let (s, p) = xfrm.removed;
+    println!("removed {p} XFRM policies and {s} XFRM states");
+    for e in wg.errors.iter().chain(&xfrm.errors) {
+        eprintln!("encryptd teardown: {e}");
+        failed = true;
     }
     // The boot copy first: a teardown that fails half-way must not leave rules that
     // come back at the next boot.
@@ -210,7 +207,7 @@ fn check(paths: &Paths) -> i32 {
                 .and_then(|k| k.current())
                 .map(|k| format!(", key {}", k.id))
                 .unwrap_or_default();
-            if let Some(table) = crate::strict::ruleset(&c) {
+            if let Some(table) = crate::strict::plan::ruleset(&c) {
                 // nft -c needs CAP_NET_ADMIN: as another user the ruleset is only rendered.
                 // SAFETY: geteuid has no preconditions.
                 if unsafe { libc::geteuid() } == 0 {
@@ -278,7 +275,9 @@ fn pubkey(config: &Path) -> i32 {
         }
     };
     let diags = Diags::default();
-    let settings = settings::read(&Source::new(config, &text), &diags);
+    let src = Source::new(config, &text);
+    let mut settings = settings::read(&src, &diags);
+    settings::on_this_machine(&mut settings, &src, &diags);
     if !diags.is_empty() {
         let diags = diags.into_sorted();
         for d in &diags {

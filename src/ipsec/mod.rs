@@ -3,6 +3,12 @@
 //! at `next_deadline`; every change ends in `apply`, which diffs the plan against the
 //! kernel and sends only the difference.
 
+pub mod derive;
+pub mod hello;
+pub mod peer;
+pub mod plan;
+pub mod reconcile;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -11,13 +17,12 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
+use self::derive::BootId;
+use self::hello::{DropReason, Family};
+use self::peer::{Local, Peer, Slot};
 use crate::config::Config;
-use crate::hello::{self, Drop, Family};
-use crate::kernel::xfrm::{StateId, Xfrm, XfrmError};
-use crate::keys::{self, BootId};
-use crate::peer::{Local, Peer, Slot};
-use crate::plan;
-use crate::reconcile;
+use crate::kernel::xfrm::{Xfrm, XfrmError};
+use crate::objects::xfrm::StateId;
 
 /// Hello interval while a peer is not up, and once it is.
 const HELLO_FAST: Duration = Duration::from_secs(1);
@@ -104,7 +109,7 @@ fn read_boot(cfg: &Config) -> Result<BootId, Error> {
         reason,
     };
     let s = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    keys::parse_boot_id(&s).ok_or_else(|| err("not a UUID".into()))
+    derive::parse_boot_id(&s).ok_or_else(|| err("not a UUID".into()))
 }
 
 /// The hello sockets, one per family (a socket policy is per family): their datagrams,
@@ -234,7 +239,7 @@ impl Engine {
             if outbound {
                 p.outbound.insert(
                     slot,
-                    crate::peer::OutSa {
+                    crate::ipsec::peer::OutSa {
                         spi: d.state.spi,
                         peer_boot: [0; 16],
                     },
@@ -242,7 +247,7 @@ impl Engine {
             } else {
                 p.inbound.insert(
                     slot,
-                    crate::peer::InSa {
+                    crate::ipsec::peer::InSa {
                         spi: d.state.spi,
                         bound: [0; 16],
                         peer_boot: [0; 16],
@@ -374,7 +379,7 @@ impl Engine {
         cfg.keys
             .iter()
             .flat_map(|k| k.entries.iter())
-            .map(|e| (e.id, keys::hello_key(e, sender, receiver)))
+            .map(|e| (e.id, derive::hello_key(e, sender, receiver)))
             .collect()
     }
 
@@ -477,11 +482,11 @@ impl Engine {
             Ok(u) => u,
             Err(d) => {
                 self.stats.drop(match d {
-                    Drop::Oversized => "oversized",
-                    Drop::Truncated => "truncated",
-                    Drop::NotAHello => "not_a_hello",
-                    Drop::Malformed => "malformed",
-                    Drop::BadMac => "bad_mac",
+                    DropReason::Oversized => "oversized",
+                    DropReason::Truncated => "truncated",
+                    DropReason::NotAHello => "not_a_hello",
+                    DropReason::Malformed => "malformed",
+                    DropReason::BadMac => "bad_mac",
                 });
                 return false;
             }
@@ -655,7 +660,7 @@ impl Engine {
     }
 
     /// Per-peer state for `encryptd status`.
-    pub fn peer_statuses(&self, cfg: &Config, now: Instant) -> Vec<crate::status::PeerStatus> {
+    pub fn peer_statuses(&self, cfg: &Config, now: Instant) -> Vec<crate::cli::status::PeerStatus> {
         self.peers
             .iter()
             .map(|(name, p)| {
@@ -673,7 +678,7 @@ impl Engine {
                 let mut key_ids: Vec<u8> = p.outbound.keys().map(|(_, k)| *k).collect();
                 key_ids.sort_unstable();
                 key_ids.dedup();
-                crate::status::PeerStatus {
+                crate::cli::status::PeerStatus {
                     name: name.clone(),
                     state: state.into(),
                     key_ids,

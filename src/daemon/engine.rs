@@ -67,7 +67,7 @@ impl Engine {
     }
 
     /// Per-peer state for `encryptd status` (WireGuard: last handshake for last hello).
-    pub fn peer_statuses(&self, cfg: &Config, now: Instant) -> Vec<crate::status::PeerStatus> {
+    pub fn peer_statuses(&self, cfg: &Config, now: Instant) -> Vec<crate::cli::status::PeerStatus> {
         match self {
             Engine::Ipsec(e) => e.peer_statuses(cfg, now),
             Engine::Wireguard(e) => e.peer_statuses(cfg),

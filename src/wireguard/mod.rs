@@ -1,13 +1,15 @@
 //! WireGuard mode: one interface, one peer per inventoried node, routes into it by
-//! policy routing (see [`crate::wgplan`] for the plan and the diff). The daemon's poll
+//! policy routing (see [`crate::wireguard::plan`] for the plan and the diff). The daemon's poll
 //! loop calls `tick` at `next_deadline`; every change ends in `apply`, which reads the
 //! kernel, diffs it against the plan and sends only the difference.
 //!
 //! A peer is *up* while its last handshake is younger than 3 minutes
-//! ([`wgplan::UP_WINDOW`]); every peer gets a persistent keepalive, so a pair that can
+//! ([`plan::UP_WINDOW`]); every peer gets a persistent keepalive, so a pair that can
 //! talk handshakes at once and every 2 minutes after, and a peer that cannot is
 //! reported down within 3 minutes. The daemon leaves everything in place when it stops:
 //! a restart adopts the device and its peers, and their sessions go on.
+
+pub mod plan;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,12 +18,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
 
+use self::plan::Observed;
 use crate::config::Config;
 use crate::config::diag::Diagnostic;
 use crate::config::wgkey::{self, PrivateKey};
-use crate::kernel::link::{Link, LinkError, Rtnl};
-use crate::kernel::wireguard::{Device, Wg, WgError, uapi_socket};
-use crate::wgplan::{self, Observed};
+use crate::kernel::link::{LinkError, Rtnl};
+use crate::kernel::wireguard::{Wg, WgError, uapi_socket};
+use crate::objects::route::Link;
+use crate::objects::wireguard::Device;
 
 /// How often the kernel is re-read (handshakes, drift) while every peer is up, and
 /// while one is not.
@@ -200,7 +204,7 @@ impl Engine {
 
     /// The local facts the plan needs: the addresses on this host, and the MTU of the
     /// link that holds this node's first address.
-    fn local(&mut self, cfg: &Config, ifindex: u32) -> Result<wgplan::Local, Error> {
+    fn local(&mut self, cfg: &Config, ifindex: u32) -> Result<plan::Local, Error> {
         let me = cfg.me();
         let addrs = self.rtnl.addresses()?;
         let links = self.rtnl.links()?;
@@ -220,7 +224,7 @@ impl Engine {
                 DEFAULT_UNDERLAY_MTU
             }
         };
-        Ok(wgplan::Local {
+        Ok(plan::Local {
             ifindex,
             underlay_mtu,
             addresses: addrs.iter().map(|a| a.addr).collect(),
@@ -246,8 +250,8 @@ impl Engine {
             up: link.up,
             device,
             routes: {
-                let mut r = self.rtnl.routes(wgplan::TABLE)?;
-                r.extend(self.rtnl.routes(wgplan::BLACKHOLE_TABLE)?);
+                let mut r = self.rtnl.routes(plan::TABLE)?;
+                r.extend(self.rtnl.routes(plan::BLACKHOLE_TABLE)?);
                 r
             },
             rules: self.rtnl.rules()?,
@@ -261,8 +265,8 @@ impl Engine {
         let underlay = local.underlay_mtu;
         let have = self.observe(&link)?;
         self.note_status(cfg, &have.device);
-        let want = wgplan::plan(cfg, self.key.public(), &local);
-        let ops = wgplan::diff(&want, &have);
+        let want = plan::plan(cfg, self.key.public(), &local);
+        let ops = plan::diff(&want, &have);
         let old_names = std::mem::replace(
             &mut self.names,
             want.peers
@@ -335,7 +339,7 @@ impl Engine {
         if let Some(m) = ops.mtu {
             info!(
                 "{ifname}: MTU {m} (underlay {underlay} - {})",
-                wgplan::OVERHEAD
+                plan::OVERHEAD
             );
         }
         Ok(ops.count())
@@ -367,7 +371,7 @@ impl Engine {
             if up && !was {
                 info!(peer = n.name.as_str(); "peer {} up", n.name);
             } else if !up && was {
-                warn!(peer = n.name.as_str(); "peer {} down: no handshake for {} s", n.name, wgplan::UP_WINDOW.as_secs());
+                warn!(peer = n.name.as_str(); "peer {} down: no handshake for {} s", n.name, plan::UP_WINDOW.as_secs());
             }
             seen.push(n.name.clone());
         }
@@ -376,7 +380,7 @@ impl Engine {
 
     fn peer_up(&self, key: Option<&[u8; 32]>, now: SystemTime) -> bool {
         key.and_then(|k| self.status.get(k))
-            .is_some_and(|s| wgplan::is_up(s.last_handshake, now))
+            .is_some_and(|s| plan::is_up(s.last_handshake, now))
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -437,7 +441,7 @@ impl Engine {
     }
 
     /// Per-peer state for `encryptd status`: up = a recent handshake.
-    pub fn peer_statuses(&self, cfg: &Config) -> Vec<crate::status::PeerStatus> {
+    pub fn peer_statuses(&self, cfg: &Config) -> Vec<crate::cli::status::PeerStatus> {
         let now = SystemTime::now();
         cfg.inventory
             .peers(&cfg.settings.node)
@@ -446,7 +450,7 @@ impl Engine {
                     .wireguard_public_key
                     .as_ref()
                     .and_then(|k| self.status.get(k));
-                crate::status::PeerStatus {
+                crate::cli::status::PeerStatus {
                     name: n.name.clone(),
                     state: if self.peer_up(n.wireguard_public_key.as_ref(), now) {
                         "up".into()
@@ -506,7 +510,7 @@ fn start_userspace(program: &Path, ifname: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn describe(u: &crate::kernel::wireguard::PeerUpdate) -> String {
+fn describe(u: &crate::objects::wireguard::PeerUpdate) -> String {
     let mut parts = Vec::new();
     if let Some(e) = u.endpoint {
         parts.push(format!("endpoint {e}"));

@@ -10,14 +10,14 @@ use std::net::IpAddr;
 
 use crate::config::settings::Proto;
 use crate::config::{Config, Node};
-use crate::hello::Family;
-use crate::kernel::xfrm::{
-    Action, Algorithm, Direction, Mode, PRIORITY_BLOCK, PRIORITY_EXEMPT, PRIORITY_REPLY,
+use crate::ipsec::derive::{BootId, SaContext, SaKey, sa_key};
+use crate::ipsec::hello::Family;
+use crate::ipsec::peer::{Peer, Slot};
+use crate::net::Cidr;
+use crate::objects::xfrm::{
+    Action, Algorithm, Direction, EncapMode, PRIORITY_BLOCK, PRIORITY_EXEMPT, PRIORITY_REPLY,
     PRIORITY_TUNNEL, REQID_MIN, Selector, StateId, Template, XfrmPolicy, XfrmState,
 };
-use crate::keys::{BootId, SaContext, SaKey, sa_key};
-use crate::net::Cidr;
-use crate::peer::{Peer, Slot};
 
 /// The reqid of every encryptd SA and template. States are told apart by their addresses
 /// and SPI, so one reqid is enough; it marks them as encryptd's.
@@ -155,7 +155,7 @@ pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
                     src,
                     dst,
                     reqid: REQID,
-                    mode: Mode::Tunnel,
+                    mode: EncapMode::Tunnel,
                 })
             };
             for l in prefixes(me, f) {
@@ -305,7 +305,7 @@ pub(crate) mod tests {
     use crate::config::inventory::Inventory;
     use crate::config::keys::{Algorithm as KAlg, KeyEntry, KeyRing};
     use crate::config::settings::parse_str;
-    use crate::peer::{InSa, OutSa};
+    use crate::ipsec::peer::{InSa, OutSa};
     use zeroize::Zeroizing;
 
     pub fn node(name: &str, addrs: &[&str], subnets: &[&str]) -> Node {
@@ -380,7 +380,7 @@ pub(crate) mod tests {
             && p.selector.dst.addr().to_string() == "10.1.0.0"));
         assert!(
             p.iter()
-                .all(|p| crate::kernel::xfrm::is_our_priority(p.priority))
+                .all(|p| crate::objects::xfrm::is_our_priority(p.priority))
         );
     }
 

@@ -2,6 +2,10 @@
 //! timers are the poll timeout. A configuration is swapped in only when it is valid as a
 //! whole; otherwise the last good one stays in force and STATUS= says so.
 
+pub mod engine;
+pub mod files;
+pub mod watch;
+
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -14,9 +18,9 @@ use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use self::engine::Engine;
+use self::watch::Watcher;
 use crate::config::{self, Config, Diagnostic, Mode, Paths};
-use crate::engine::{self, Engine};
-use crate::watch::Watcher;
 use crate::{ipsec, wireguard};
 
 const INOTIFY: Token = Token(0);
@@ -132,19 +136,11 @@ struct Daemon {
     /// Interval and next deadline of WATCHDOG=1 pings.
     watchdog: Option<(Duration, Instant)>,
     engine: Option<Engine>,
-    /// The strict-mode table last applied (`None`: strict mode off).
-    strict: Option<String>,
+    strict: crate::strict::Strict,
     /// nftables' notifications, to notice another program removing the table.
     nft_monitor: Option<crate::kernel::nft::Monitor>,
     /// When to check the strict table in the kernel next.
     strict_check_at: Option<Instant>,
-    /// How often the table was found missing or changed and put back.
-    strict_reinstalls: u64,
-    /// The last check found the table in the kernel as applied (or put it back).
-    strict_verified: bool,
-    /// The kernel's own listing of the table, [`crate::kernel::nft::canonical`], taken
-    /// right after installing it: what every later check compares against.
-    strict_listing: Option<String>,
     /// The STATUS= line last sent, so that a change (a peer up or down) is sent once.
     last_status: String,
     /// Next periodic rewrite of the status snapshot.
@@ -164,12 +160,9 @@ impl Daemon {
             reload_at: None,
             watchdog,
             engine: None,
-            strict: None,
+            strict: Default::default(),
             nft_monitor: None,
             strict_check_at: None,
-            strict_reinstalls: 0,
-            strict_verified: false,
-            strict_listing: None,
             last_status: String::new(),
             snapshot_at: Instant::now(),
             ready_by: Some(Instant::now() + READY_WAIT),
@@ -195,9 +188,10 @@ impl Daemon {
         match self.config.settings.mode {
             Mode::Ipsec => {
                 let ifname = &self.config.settings.wireguard.interface;
-                match crate::teardown::wireguard(ifname) {
-                    Ok((false, 0)) => {}
-                    Ok((link, rules)) => warn!(
+                let r = crate::cli::teardown::wireguard(ifname);
+                match r.removed {
+                    (false, 0) => {}
+                    (link, rules) => warn!(
                         "mode ipsec: removed what mode wireguard left: {}{rules} policy rule(s)",
                         if link {
                             format!("interface {ifname}, ")
@@ -205,16 +199,23 @@ impl Daemon {
                             String::new()
                         }
                     ),
-                    Err(e) => error!("mode ipsec: removing mode wireguard's objects: {e}"),
+                }
+                for e in r.errors {
+                    error!("mode ipsec: removing mode wireguard's objects: {e}");
                 }
             }
-            Mode::Wireguard => match crate::teardown::ipsec() {
-                Ok((0, 0)) => {}
-                Ok((states, policies)) => warn!(
-                    "mode wireguard: removed what mode ipsec left: {policies} XFRM policies, {states} XFRM states"
-                ),
-                Err(e) => error!("mode wireguard: removing mode ipsec's objects: {e}"),
-            },
+            Mode::Wireguard => {
+                let r = crate::cli::teardown::ipsec();
+                match r.removed {
+                    (0, 0) => {}
+                    (states, policies) => warn!(
+                        "mode wireguard: removed what mode ipsec left: {policies} XFRM policies, {states} XFRM states"
+                    ),
+                }
+                for e in r.errors {
+                    error!("mode wireguard: removing mode ipsec's objects: {e}");
+                }
+            }
         }
     }
 
@@ -276,7 +277,10 @@ impl Daemon {
         }
         // Strict rules go in before any tunnel: nothing may leave in plaintext while the
         // tunnels are being built. If they cannot be installed, the daemon does not start.
-        self.apply_strict(&crate::strict::ruleset(&self.config))?;
+        self.strict.apply(
+            &crate::strict::plan::ruleset(&self.config),
+            &self.config.settings.state_dir,
+        )?;
         self.remove_other_mode();
         match self.config.settings.mode {
             Mode::Ipsec => {
@@ -361,7 +365,7 @@ impl Daemon {
                     }
                     NFTABLES => {
                         let n = self.nft_monitor.as_mut().map_or(0, |m| m.drain());
-                        if n > 0 && self.strict.is_some() && self.strict_check_at.is_none() {
+                        if n > 0 && self.strict.is_on() && self.strict_check_at.is_none() {
                             self.strict_check_at = Some(Instant::now() + STRICT_CHECK_DELAY);
                         }
                     }
@@ -391,11 +395,15 @@ impl Daemon {
             }
             if self.strict_check_at.is_some_and(|t| t <= now) {
                 self.strict_check_at = None;
-                self.verify_strict();
+                if self.strict.verify() {
+                    // `encryptd status` and the metrics say so now, not at the next
+                    // periodic write
+                    self.snapshot_at = Instant::now();
+                }
             }
             if self.snapshot_at <= now {
                 // the backstop, should a notification have been missed
-                self.verify_strict();
+                self.strict.verify();
                 self.write_snapshot(now);
                 self.snapshot_at = now + SNAPSHOT_EVERY;
             }
@@ -416,16 +424,16 @@ impl Daemon {
     fn write_snapshot(&self, now: Instant) {
         let c = &self.config;
         let hello = self.engine.as_ref().and_then(|e| e.hello_stats());
-        let snap = crate::status::Snapshot {
+        let snap = crate::cli::status::Snapshot {
             mode: c.settings.mode.as_str().into(),
             node: c.settings.node.clone(),
             pid: std::process::id(),
-            written: crate::status::now_secs(),
+            written: crate::cli::status::now_secs(),
             status_line: self.status_line(),
             current_key_id: c.keys.as_ref().and_then(|k| k.current()).map(|k| k.id),
-            strict: self.strict.is_some(),
-            strict_reinstalls: self.strict_reinstalls,
-            strict_in_kernel: self.strict_verified,
+            strict: self.strict.is_on(),
+            strict_reinstalls: self.strict.reinstalls(),
+            strict_in_kernel: self.strict.verified(),
             config_refused: self.refused.clone(),
             peers: self
                 .engine
@@ -439,123 +447,24 @@ impl Daemon {
                 .map(|h| h.dropped.iter().map(|(k, v)| (k.to_string(), *v)).collect())
                 .unwrap_or_default(),
         };
-        if let Err(e) = crate::status::write(&c.settings.runtime_dir, &snap) {
+        if let Err(e) = crate::cli::status::write(&c.settings.runtime_dir, &snap) {
             warn!("writing {}: {e}", c.settings.runtime_dir.display());
         }
         if let Some(path) = &c.settings.metrics_path {
-            let text = crate::status::metrics(&snap, &crate::status::xfrm_errors());
-            if let Err(e) = crate::status::write_metrics(path, &text) {
+            let text = crate::cli::status::metrics(&snap, &crate::cli::status::xfrm_errors());
+            if let Err(e) = crate::cli::status::write_metrics(path, &text) {
                 warn!("writing metrics to {}: {e}", path.display());
             }
         }
     }
 
-    /// Install (or replace, or remove) the strict-mode table; unchanged text is not re-sent.
-    fn apply_strict(&mut self, table: &Option<String>) -> Result<(), Error> {
-        if *table == self.strict && table.is_some() {
-            return Ok(());
-        }
-        let nft = crate::kernel::nft::Nft::default();
-        match table {
-            Some(t) => {
-                nft.apply(t)?;
-                self.strict_verified = true;
-                self.strict_listing = listed(&nft);
-                info!("strict mode: rules installed (table inet encryptd)");
-            }
-            // Strict mode off: a table left from when it was on goes.
-            None => {
-                self.strict_verified = false;
-                self.strict_listing = None;
-                match nft.delete() {
-                    Ok(()) if self.strict.is_some() => info!("strict mode off: rules removed"),
-                    Ok(()) => {}
-                    Err(e) => {
-                        warn!("strict mode is off, but the old table could not be removed: {e}")
-                    }
-                }
-            }
-        }
-        self.strict = table.clone();
-        self.keep_for_boot(
-            table
-                .as_deref()
-                .map(crate::kernel::nft::replace_script)
-                .as_deref(),
-        );
-        Ok(())
-    }
-
-    /// Check that the table applied last is in the kernel as applied; put it back if
-    /// another program removed or changed it (`nft flush ruleset`, which is what
-    /// `systemctl restart nftables` does, a firewall manager's reload).
-    fn verify_strict(&mut self) {
-        let Some(want) = self.strict.clone() else {
-            return;
-        };
-        let nft = crate::kernel::nft::Nft::default();
-        let what = match nft.list() {
-            Ok(None) => "was removed from the kernel",
-            Ok(Some(listing))
-                if !match &self.strict_listing {
-                    Some(canon) => crate::kernel::nft::canonical(&listing) == *canon,
-                    None => crate::kernel::nft::holds(&listing, &want),
-                } =>
-            {
-                "was changed by another program (a rule, a chain or a set's elements)"
-            }
-            Ok(Some(_)) => {
-                self.strict_verified = true;
-                return;
-            }
-            Err(e) => {
-                warn!("strict mode: cannot check table inet encryptd: {e}");
-                self.strict_verified = false;
-                return;
-            }
-        };
-        self.strict_reinstalls += 1;
-        // `encryptd status` and the metrics say so now, not at the next periodic write
-        self.snapshot_at = Instant::now();
-        let r = nft.apply(&want);
-        self.strict_verified = r.is_ok();
-        self.strict_listing = r.is_ok().then(|| listed(&nft)).flatten();
-        match r {
-            Ok(()) => warn!(
-                "strict mode: table inet encryptd {what} (a ruleset flush or firewall reload?); reinstalled ({} time(s) since start)",
-                self.strict_reinstalls
-            ),
-            Err(e) => {
-                error!("strict mode: table inet encryptd {what}, and reinstalling it failed: {e}")
-            }
-        }
-    }
-
-    fn keep_for_boot(&self, script: Option<&str>) {
-        let dir = &self.config.settings.state_dir;
-        if let Err(e) = crate::strict::keep_for_boot(dir, script) {
-            warn!(
-                "strict mode: cannot keep the rules for the next boot in {}: {e}; until this works, the network comes up without them at boot",
-                dir.join(crate::strict::BOOT_RULES).display()
-            );
-        }
-    }
-
     fn on_stop(&mut self) {
-        if self.strict.is_some() && !self.config.settings.strict.keep_on_stop {
-            match crate::kernel::nft::Nft::default().delete() {
-                Ok(()) => info!("strict mode: rules removed (keep_on_stop = false)"),
-                Err(e) => error!("strict mode: removing the rules: {e}"),
-            }
-            if self.config.settings.mode == Mode::Wireguard
-                && let Err(e) = crate::teardown::wireguard_strict()
-            {
-                error!("strict mode: removing the blackhole routes: {e}");
-            }
-            self.keep_for_boot(None);
-        } else if self.strict.is_some() {
-            info!("strict mode: rules stay in place while the daemon is stopped");
-        }
+        let s = &self.config.settings;
+        self.strict.on_stop(
+            s.strict.keep_on_stop,
+            s.mode == Mode::Wireguard,
+            &s.state_dir,
+        );
     }
 
     /// READY=1 once every peer is up, or after READY_WAIT for those that are not.
@@ -596,8 +505,8 @@ impl Daemon {
         });
         // The new strict table must install before the new configuration counts as applied.
         let loaded = loaded.and_then(|new| {
-            let table = crate::strict::ruleset(&new);
-            match self.apply_strict(&table) {
+            let table = crate::strict::plan::ruleset(&new);
+            match self.strict.apply(&table, &self.config.settings.state_dir) {
                 Ok(()) => Ok(new),
                 Err(e) => Err(vec![config::diag::file_diag(
                     &self.paths.config,
@@ -699,18 +608,6 @@ fn describe_change(old: &Config, new: &Config) -> String {
             parts.join("; ")
         }
     )
-}
-
-/// The table as the kernel lists it now, canonical; `None` if it cannot be listed (the
-/// next check then falls back to the coarse comparison with the applied text).
-fn listed(nft: &crate::kernel::nft::Nft) -> Option<String> {
-    match nft.list() {
-        Ok(l) => l.map(|l| crate::kernel::nft::canonical(&l)),
-        Err(e) => {
-            warn!("strict mode: cannot list table inet encryptd after installing it: {e}");
-            None
-        }
-    }
 }
 
 #[cfg(test)]
