@@ -527,7 +527,14 @@ impl Engine {
         // by the kernel (EEXIST on add), which the next hello round repairs.
         let mut spi = |k: u8| plan::make_spi(u32::from_ne_bytes(random_bytes()), k);
         let mut nonce = random_bytes::<16>;
-        let outcome = p.on_hello(&h, &local, Instant::now(), &mut spi, &mut nonce);
+        let outcome = p.on_hello(
+            &h,
+            plan::family(&from),
+            &local,
+            Instant::now(),
+            &mut spi,
+            &mut nonce,
+        );
         if outcome.duplicate {
             self.stats.duplicates += 1;
             return false;

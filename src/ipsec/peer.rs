@@ -39,10 +39,13 @@ pub struct OutSa {
 pub struct Outcome {
     /// The hello was authentic but not fresh: answer it, change nothing.
     pub stale: bool,
-    /// A replay or reordering under the same nonce: ignored.
+    /// A hello under the same nonce that this family already delivered, or an older
+    /// one: a replay (or a reordering within one family). Ignored.
     pub replayed: bool,
-    /// The hello just accepted, once more: every hello goes out over each family the
-    /// pair shares, so its second copy lands here. Ignored, and not a replay.
+    /// A hello already accepted over the other family: every hello goes out over each
+    /// family the pair shares, so its second copy lands here, sometimes after a newer
+    /// hello (two sent in quick succession, one family's path slower). Ignored, and not
+    /// a replay.
     pub duplicate: bool,
     /// First boot ID heard, or a changed one (`Some(old)`).
     pub boot_changed: Option<Option<BootId>>,
@@ -78,6 +81,9 @@ pub struct Peer {
     pub seq_out: u64,
     /// Highest sequence number accepted under the peer's nonce.
     pub seq_in: Option<([u8; 16], u64)>,
+    /// Highest sequence number under that nonce that each family (v4, v6) delivered:
+    /// tells a late copy over the other family from a replay.
+    pub seq_by_family: [u64; 2],
     /// The peer's earlier nonces that we accepted hellos under, since our own nonce last
     /// changed: earlier instances of its daemon. Their hellos echo our current nonce, so
     /// without this list a replay of one would pass as fresh (and could hand us an offer
@@ -99,6 +105,13 @@ pub struct Local<'a> {
     pub families: &'a [Family],
 }
 
+fn family_index(f: Family) -> usize {
+    match f {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
 impl Peer {
     pub fn new(name: &str, nonce: [u8; 16]) -> Peer {
         Peer {
@@ -109,6 +122,7 @@ impl Peer {
             heard_nonce: [0; 16],
             seq_out: 0,
             seq_in: None,
+            seq_by_family: [0; 2],
             retired: Vec::new(),
             inbound: BTreeMap::new(),
             outbound: BTreeMap::new(),
@@ -122,6 +136,7 @@ impl Peer {
     pub fn on_hello(
         &mut self,
         h: &Hello,
+        family: Family,
         local: &Local,
         now: Instant,
         spi: &mut dyn FnMut(u8) -> u32,
@@ -142,7 +157,11 @@ impl Peer {
             && n == h.nonce
             && h.seq <= s
         {
-            if h.seq == s {
+            let seen = &mut self.seq_by_family[family_index(family)];
+            if h.seq > *seen {
+                // Accepted before over the other family (nothing above `s` was sent
+                // under this nonce), new on this one.
+                *seen = h.seq;
                 out.duplicate = true;
             } else {
                 out.replayed = true;
@@ -162,7 +181,11 @@ impl Peer {
                 return out;
             }
         }
+        if self.seq_in.is_none_or(|(n, _)| n != h.nonce) {
+            self.seq_by_family = [0; 2];
+        }
         self.seq_in = Some((h.nonce, h.seq));
+        self.seq_by_family[family_index(family)] = h.seq;
         self.last_fresh = Some(now);
         out.peer_keys_changed = self.peer_key_ids != h.key_ids;
         self.peer_key_ids = h.key_ids;
@@ -365,6 +388,9 @@ mod tests {
             self.peer.hello(self.name, &local, bits)
         }
         fn recv(&mut self, h: &Hello) -> Outcome {
+            self.recv_over(h, Family::V4)
+        }
+        fn recv_over(&mut self, h: &Hello, family: Family) -> Outcome {
             let keys = self.keys.clone();
             let local = Local {
                 boot: &self.boot,
@@ -382,7 +408,7 @@ mod tests {
                 [*n; 16]
             };
             self.peer
-                .on_hello(h, &local, Instant::now(), &mut spi, &mut nonce2)
+                .on_hello(h, family, &local, Instant::now(), &mut spi, &mut nonce2)
         }
     }
 
@@ -393,6 +419,22 @@ mod tests {
             let h = b.send();
             a.recv(&h);
         }
+    }
+
+    /// What a hello that changes nothing must leave as it was (the per-family counters
+    /// may move).
+    fn settled(p: &Peer) -> String {
+        format!(
+            "{:?}",
+            (
+                &p.boot,
+                &p.nonce,
+                &p.seq_in,
+                &p.retired,
+                &p.inbound,
+                &p.outbound
+            )
+        )
     }
 
     fn pair() -> (Node, Node) {
@@ -456,13 +498,39 @@ mod tests {
         exchange(&mut a, &mut b, 3);
         let older = b.send();
         let h = b.send();
-        let first = a.recv(&h);
+        let first = a.recv_over(&h, Family::V4);
         assert!(!first.duplicate && !first.replayed && !first.stale);
-        let snapshot = format!("{:?}", a.peer);
-        let again = a.recv(&h);
+        let snapshot = settled(&a.peer);
+        let again = a.recv_over(&h, Family::V6);
         assert!(again.duplicate && !again.replayed, "{again:?}");
-        assert_eq!(snapshot, format!("{:?}", a.peer));
-        let o = a.recv(&older);
+        assert_eq!(snapshot, settled(&a.peer));
+        // The same hello once more over a family that delivered it is a replay, and so
+        // is an older one the other family delivered.
+        let o = a.recv_over(&h, Family::V6);
+        assert!(o.replayed && !o.duplicate, "{o:?}");
+        let o = a.recv_over(&older, Family::V4);
+        assert!(o.replayed && !o.duplicate, "{o:?}");
+    }
+
+    #[test]
+    fn a_late_copy_over_the_other_family_is_a_duplicate_even_after_a_newer_hello() {
+        // Seen in the kernel VM: two hellos sent back to back over both families, the v6
+        // copy of the first arriving after the v4 copy of the second. It was counted as
+        // a replay; it is the expected second copy.
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let first = b.send();
+        let second = b.send();
+        assert!(!a.recv_over(&first, Family::V4).replayed);
+        assert!(!a.recv_over(&second, Family::V4).replayed);
+        let snapshot = settled(&a.peer);
+        let late = a.recv_over(&first, Family::V6);
+        assert!(late.duplicate && !late.replayed, "{late:?}");
+        let late = a.recv_over(&second, Family::V6);
+        assert!(late.duplicate && !late.replayed, "{late:?}");
+        assert_eq!(snapshot, settled(&a.peer));
+        // Once v6 delivered the second, the first over v6 again is a replay.
+        let o = a.recv_over(&first, Family::V6);
         assert!(o.replayed && !o.duplicate, "{o:?}");
     }
 
