@@ -452,41 +452,24 @@ impl Drop for Netns {
     }
 }
 
-fn changes(ops: &Ops) -> usize {
-    ops.add_policies.len()
-        + ops.update_policies.len()
-        + ops.delete_policies.len()
-        + ops.add_states.len()
-        + ops.delete_states.len()
-}
-
-/// What `Engine::apply` sends, in its order.
+/// The engine's executor, with the progress lines a long run wants.
 fn apply(x: &mut Xfrm, ops: &Ops) -> Result<(Duration, Duration), String> {
-    let e = |e: encryptd::kernel::xfrm::XfrmError| e.to_string();
-    let t = Instant::now();
-    x.add_policies(&ops.add_policies).map_err(e)?;
-    x.update_policies(&ops.update_policies).map_err(e)?;
-    let pol = t.elapsed();
+    let t = encryptd::ipsec::apply::apply(x, ops).map_err(|e| e.to_string())?;
     if !ops.add_policies.is_empty() {
         eprintln!(
             "    +{} policies in {:.1} s",
             ops.add_policies.len(),
-            pol.as_secs_f64()
+            t.policies.as_secs_f64()
         );
     }
-    let t = Instant::now();
-    x.add_states(&ops.add_states).map_err(e)?;
-    x.delete_states(&ops.delete_states).map_err(e)?;
-    let st = t.elapsed();
     if !ops.add_states.is_empty() {
         eprintln!(
             "    +{} states in {:.1} s",
             ops.add_states.len(),
-            st.as_secs_f64()
+            t.states.as_secs_f64()
         );
     }
-    x.delete_policies(&ops.delete_policies).map_err(e)?;
-    Ok((pol, st))
+    Ok((t.policies, t.states))
 }
 
 fn child(n: usize) -> Result<(), String> {
@@ -604,7 +587,7 @@ fn child(n: usize) -> Result<(), String> {
                 states.len()
             ));
         }
-        put("noop_changes", changes(&ops).to_string());
+        put("noop_changes", ops.changes().to_string());
         put(
             "noop_messages",
             (s2.messages_sent - s1.messages_sent).to_string(),

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod files;
 pub mod ipsec;
 pub mod kernel;
 pub mod logging;

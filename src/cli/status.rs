@@ -77,7 +77,7 @@ pub fn now_secs() -> u64 {
 /// Write the snapshot for `encryptd status` (see [`crate::daemon::files`]).
 pub fn write(dir: &Path, s: &Snapshot) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
-    crate::daemon::files::replace(&dir.join(SNAPSHOT), &json, false)
+    crate::files::replace(&dir.join(SNAPSHOT), &json, false)
 }
 
 /// The snapshot and the kernel's XFRM counters in the node_exporter textfile format.
@@ -366,9 +366,9 @@ fn ipsec_per_peer(
     peers: &mut [PeerStatus],
 ) -> SaFindings {
     let mut found = SaFindings::default();
+    let traffic = crate::ipsec::plan::traffic(cfg, ours);
     for p in peers.iter_mut() {
-        p.rx_bytes = 0;
-        p.tx_bytes = 0;
+        (p.rx_bytes, p.tx_bytes) = traffic.get(&p.name).copied().unwrap_or_default();
     }
     for s in ours {
         let Some((name, _, outbound)) = crate::ipsec::plan::slot_of(cfg, &s.id()) else {
@@ -379,14 +379,7 @@ fn ipsec_per_peer(
             found.integrity.insert(name.clone());
         }
         if !outbound && c.replay_drops + c.replay_window_drops > 0 {
-            found.replay.insert(name.clone());
-        }
-        if let Some(p) = peers.iter_mut().find(|p| p.name == name) {
-            if outbound {
-                p.tx_bytes += c.bytes;
-            } else {
-                p.rx_bytes += c.bytes;
-            }
+            found.replay.insert(name);
         }
     }
     found
@@ -406,13 +399,15 @@ fn concerned_peers(counter: &str, found: &SaFindings, not_up: &[String]) -> Vec<
 
 /// WireGuard: bytes, handshake and endpoint per peer, read from the device now.
 fn wireguard_traffic(cfg: &config::Config, peers: &mut [PeerStatus]) -> Result<(), String> {
-    use crate::kernel::wireguard::{Wg, uapi_socket};
+    use crate::kernel::wireguard::{Wg, userspace_backend};
     let ifname = &cfg.settings.wireguard.interface;
-    let mut wg = if uapi_socket(ifname).exists() {
-        Wg::userspace(ifname)
-    } else {
-        Wg::connect().map_err(|e| e.to_string())?
-    };
+    let link = crate::kernel::link::Rtnl::open()
+        .and_then(|mut r| r.link(ifname))
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no interface {ifname}"))?;
+    let userspace = userspace_backend(ifname, link.kind.as_deref())
+        .ok_or_else(|| format!("interface {ifname} is not a WireGuard device"))?;
+    let mut wg = Wg::open(ifname, userspace).map_err(|e| e.to_string())?;
     let dev = wg.device(ifname).map_err(|e| e.to_string())?;
     let now = SystemTime::now();
     for kp in &dev.peers {

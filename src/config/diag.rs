@@ -67,6 +67,38 @@ impl<'a> Source<'a> {
 }
 
 /// A problem about a whole file (unreadable, wrong mode): reported at 1:1.
+/// Refuse a secret's file (`what`: "keys", "private key", "preshared key") that anyone
+/// but its owner can read, or that another user owns (they could replace the key): it
+/// must be 0600 and belong to the user encryptd runs as, root in production.
+pub fn check_secret_file(path: &Path, what: &str) -> Result<(), Diagnostic> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(path)
+        .map_err(|e| file_diag(path, format!("cannot read the {what} file: {e}")))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(file_diag(
+            path,
+            format!(
+                "{what} file is accessible by group or others (mode {mode:04o}); it must be 0600: chmod 0600 {}",
+                path.display()
+            ),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(file_diag(
+            path,
+            format!(
+                "{what} file belongs to uid {}, not to uid {me} that encryptd runs as: chown {me} {}",
+                meta.uid(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub fn file_diag(path: &Path, message: impl Into<String>) -> Diagnostic {
     Diagnostic {
         file: path.to_path_buf(),
@@ -124,6 +156,28 @@ fn distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_file_of_another_user_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = std::env::temp_dir().join(format!("encryptd-secret-{}", std::process::id()));
+        std::fs::write(&p, "k").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(check_secret_file(&p, "keys").is_ok());
+        // Giving the file away needs root; CI runs the suite as root.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+            let e = check_secret_file(&p, "keys").unwrap_err().to_string();
+            assert!(
+                e.contains("keys file belongs to uid 65534, not to uid 0"),
+                "{e}"
+            );
+        } else {
+            eprintln!("not root: the ownership half of this test needs root");
+        }
+        std::fs::remove_file(&p).unwrap();
+    }
 
     #[test]
     fn line_and_column() {

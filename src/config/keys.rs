@@ -10,8 +10,6 @@
 //! name the line, the column and the field, not its content.
 
 use std::fmt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
 use zeroize::Zeroizing;
 
@@ -122,23 +120,6 @@ const XFRM_ALGORITHMS: &[&str] = &[
 ];
 
 const SUPPORTED: &str = "use rfc4106(gcm(aes)), or hmac(sha256) with cbc(aes)";
-
-/// Refuse a keys file that anyone but its owner can read.
-pub fn check_mode(path: &Path) -> Result<(), Diagnostic> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| file_diag(path, format!("cannot read the keys file: {e}")))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(file_diag(
-            path,
-            format!(
-                "keys file is accessible by group or others (mode {mode:04o}); it must be 0600: chmod 0600 {}",
-                path.display()
-            ),
-        ));
-    }
-    Ok(())
-}
 
 /// A whitespace-separated field of a line and where it starts in the file.
 struct Field<'a> {
@@ -304,7 +285,7 @@ fn parse_line(
     }
 }
 
-/// Parse the keys file's text (its mode is checked by the caller with `check_mode`).
+/// Parse the keys file's text (its mode is checked by the caller with `diag::check_secret_file`).
 pub fn read(src: &Source, diags: &Diags) -> KeyRing {
     let mut ring = KeyRing::default();
     let mut offset = 0;

@@ -86,7 +86,7 @@ pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
 
     let keys = (settings.mode == Mode::Ipsec).then(|| {
         let path = &settings.ipsec.keys;
-        if let Err(d) = keys::check_mode(path) {
+        if let Err(d) = diag::check_secret_file(path, "keys") {
             diags.push(d);
             return KeyRing::default();
         }

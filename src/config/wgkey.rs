@@ -8,15 +8,14 @@
 //! prints the public key, never the private one, and no message contains key material.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
 use std::path::Path;
 
 use base64::Engine as _;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
-use super::diag::{Diagnostic, file_diag};
+use super::diag::{Diagnostic, check_secret_file, file_diag};
 
 /// A Curve25519 key in base64: 44 characters.
 const B64_LEN: usize = 44;
@@ -159,30 +158,12 @@ pub fn read_psk(path: &Path) -> Result<PresharedKey, Diagnostic> {
 /// A file holding one key in base64 (`what`: "private key", "preshared key"), its
 /// mode checked first; the errors never quote the content.
 fn read_key_file(path: &Path, what: &str) -> Result<Zeroizing<[u8; 32]>, Diagnostic> {
-    check_mode(path, what)?;
+    check_secret_file(path, what)?;
     let bytes =
         Zeroizing::new(fs::read(path).map_err(|e| file_diag(path, format!("cannot read: {e}")))?);
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| file_diag(path, format!("the {what} file is not text (base64)")))?;
     decode(text).map_err(|m| file_diag(path, format!("the {what} file {m}")))
-}
-
-/// Refuse a key file (`what`: "private key", "preshared key") that anyone but its
-/// owner can read.
-pub fn check_mode(path: &Path, what: &str) -> Result<(), Diagnostic> {
-    let meta = fs::metadata(path)
-        .map_err(|e| file_diag(path, format!("cannot read the {what} file: {e}")))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(file_diag(
-            path,
-            format!(
-                "{what} file is accessible by group or others (mode {mode:04o}); it must be 0600: chmod 0600 {}",
-                path.display()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Read the private key file (its mode checked first).
@@ -203,47 +184,17 @@ pub fn load_or_create(path: &Path) -> Result<(PrivateKey, bool), Diagnostic> {
     Ok((key, true))
 }
 
-/// Write `key` to a new file at `path`, 0600, durably: a temporary file in the same
-/// directory, synced, then linked into place (never replacing a key that appeared
-/// meanwhile), and the directory synced.
+/// Write `key` to a new file at `path`, 0600, durably, never replacing a key that
+/// appeared meanwhile.
 fn create(path: &Path, key: &PrivateKey) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::other("no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = fs::remove_file(&tmp);
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        let mut text = key.to_base64();
-        let r = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
-        text.zeroize();
-        r?;
-        fs::hard_link(&tmp, path)
-    })();
-    let _ = fs::remove_file(&tmp);
-    written?;
-    fs::File::open(dir)?.sync_all()
+    let text = key.to_base64();
+    crate::files::create_new(path, text.as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn dir(tag: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("encryptd-wgkey-{tag}-{}", std::process::id()));

@@ -3,7 +3,6 @@
 //! whole; otherwise the last good one stays in force and STATUS= says so.
 
 pub mod engine;
-pub mod files;
 pub mod watch;
 
 use std::io;

@@ -3,6 +3,7 @@
 //! at `next_deadline`; every change ends in `apply`, which diffs the plan against the
 //! kernel and sends only the difference.
 
+pub mod apply;
 pub mod derive;
 pub mod hello;
 pub mod peer;
@@ -292,17 +293,7 @@ impl Engine {
         let ks = self.xfrm.dump_states()?;
         let in_kernel: BTreeSet<StateId> =
             ks.iter().filter(|s| s.is_ours()).map(|s| s.id()).collect();
-        self.traffic.clear();
-        for s in ks.iter().filter(|s| s.is_ours()) {
-            if let Some((peer, _, outbound)) = plan::slot_of(cfg, &s.id()) {
-                let t = self.traffic.entry(peer).or_default();
-                if outbound {
-                    t.1 += s.counters.bytes;
-                } else {
-                    t.0 += s.counters.bytes;
-                }
-            }
-        }
+        self.traffic = plan::traffic(cfg, ks.iter().filter(|s| s.is_ours()));
         self.installed.extend(in_kernel.iter().copied());
         let ops = reconcile::diff(&policies, &states, &kp, &ks, &self.installed);
         self.handle_gaps(cfg, &ops);
@@ -315,19 +306,10 @@ impl Engine {
         if ops.is_empty() {
             return Ok(0);
         }
-        let n = ops.add_policies.len()
-            + ops.update_policies.len()
-            + ops.delete_policies.len()
-            + ops.add_states.len()
-            + ops.delete_states.len();
-        // Policies first, so traffic is dropped rather than leaked while SAs change;
-        // new SAs before old ones go; stale policies last.
-        self.xfrm.add_policies(&ops.add_policies)?;
-        self.xfrm.update_policies(&ops.update_policies)?;
-        self.xfrm.add_states(&ops.add_states)?;
+        // Remembered before they are sent: an SA whose add failed half-way is re-keyed
+        // under a new SPI, never re-sent under this one.
         self.installed.extend(ops.add_states.iter().map(|s| s.id()));
-        self.xfrm.delete_states(&ops.delete_states)?;
-        self.xfrm.delete_policies(&ops.delete_policies)?;
+        apply::apply(&mut self.xfrm, &ops)?;
         debug!(
             "xfrm: +{} ~{} -{} policies, +{} -{} states",
             ops.add_policies.len(),
@@ -336,7 +318,7 @@ impl Engine {
             ops.add_states.len(),
             ops.delete_states.len()
         );
-        Ok(n)
+        Ok(ops.changes())
     }
 
     /// SAs that vanished from the kernel, or whose key is not what the plan derives (an

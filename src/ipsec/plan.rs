@@ -15,8 +15,8 @@ use crate::ipsec::hello::Family;
 use crate::ipsec::peer::{Peer, Slot};
 use crate::net::Cidr;
 use crate::objects::xfrm::{
-    Action, Algorithm, Direction, EncapMode, PRIORITY_BLOCK, PRIORITY_EXEMPT, PRIORITY_REPLY,
-    PRIORITY_TUNNEL, REQID_MIN, Selector, StateId, Template, XfrmPolicy, XfrmState,
+    Action, Algorithm, Direction, DumpedState, EncapMode, PRIORITY_BLOCK, PRIORITY_EXEMPT,
+    PRIORITY_REPLY, PRIORITY_TUNNEL, REQID_MIN, Selector, StateId, Template, XfrmPolicy, XfrmState,
 };
 
 /// The reqid of every encryptd SA and template. States are told apart by their addresses
@@ -281,6 +281,26 @@ pub fn key_id_of_spi(spi: u32) -> u8 {
 pub fn make_spi(random: u32, key_id: u8) -> u32 {
     let spi = (random << 4) | u32::from(key_id & 0xF);
     if spi < 0x100 { spi | 0x1000_0000 } else { spi }
+}
+
+/// Bytes per peer, received and sent, summed over our SAs with it (both families, every
+/// key-id in use).
+pub fn traffic<'a>(
+    cfg: &Config,
+    ours: impl IntoIterator<Item = &'a DumpedState>,
+) -> BTreeMap<String, (u64, u64)> {
+    let mut t: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for s in ours {
+        if let Some((peer, _, outbound)) = slot_of(cfg, &s.id()) {
+            let e = t.entry(peer).or_default();
+            if outbound {
+                e.1 += s.counters.bytes;
+            } else {
+                e.0 += s.counters.bytes;
+            }
+        }
+    }
+    t
 }
 
 /// The peer and slot of one of our states, from its addresses and SPI.

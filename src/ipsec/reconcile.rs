@@ -26,11 +26,16 @@ pub struct Ops {
 
 impl Ops {
     pub fn is_empty(&self) -> bool {
-        self.add_policies.is_empty()
-            && self.update_policies.is_empty()
-            && self.delete_policies.is_empty()
-            && self.add_states.is_empty()
-            && self.delete_states.is_empty()
+        self.changes() == 0
+    }
+
+    /// Kernel objects the ops add, change or delete.
+    pub fn changes(&self) -> usize {
+        self.add_policies.len()
+            + self.update_policies.len()
+            + self.delete_policies.len()
+            + self.add_states.len()
+            + self.delete_states.len()
     }
 }
 

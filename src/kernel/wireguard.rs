@@ -229,7 +229,29 @@ fn uapi_set(path: &Path, c: &Change<'_>) -> Result<(), String> {
     }
 }
 
+/// How an existing interface is driven: `Some(false)` by the kernel's WireGuard (a
+/// `wireguard` link), `Some(true)` by a userspace implementation (a `tun` link with its
+/// UAPI socket), `None` when it is neither (not ours to drive). The engine and `status`
+/// both decide here.
+pub fn userspace_backend(ifname: &str, kind: Option<&str>) -> Option<bool> {
+    match kind {
+        Some("wireguard") => Some(false),
+        Some("tun") if uapi_socket(ifname).exists() => Some(true),
+        _ => None,
+    }
+}
+
 impl Wg {
+    /// The WireGuard behind `ifname`: userspace (see [`userspace_backend`]) or the
+    /// kernel's.
+    pub fn open(ifname: &str, userspace: bool) -> Result<Wg, WgError> {
+        if userspace {
+            Ok(Wg::userspace(ifname))
+        } else {
+            Wg::connect()
+        }
+    }
+
     /// The kernel's WireGuard.
     pub fn connect() -> Result<Wg, WgError> {
         WgSocket::connect()

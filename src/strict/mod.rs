@@ -24,7 +24,7 @@ pub const BOOT_RULES: &str = "strict.nft";
 pub fn keep_for_boot(state_dir: &Path, script: Option<&str>) -> io::Result<()> {
     let path = state_dir.join(BOOT_RULES);
     match script {
-        Some(script) => crate::daemon::files::replace(&path, script.as_bytes(), true),
+        Some(script) => crate::files::replace(&path, script.as_bytes(), true),
         None => match std::fs::remove_file(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,

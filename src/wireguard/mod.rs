@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::config::diag::Diagnostic;
 use crate::config::wgkey::{self, PrivateKey};
 use crate::kernel::link::{LinkError, Rtnl};
-use crate::kernel::wireguard::{Wg, WgError, uapi_socket};
+use crate::kernel::wireguard::{Wg, WgError, uapi_socket, userspace_backend};
 use crate::objects::route::Link;
 use crate::objects::wireguard::Device;
 
@@ -153,18 +153,15 @@ impl Engine {
         let name = self.ifname.clone();
         let userspace = cfg.settings.wireguard.userspace.as_deref();
         if let Some(l) = self.rtnl.link(&name)? {
-            return match l.kind.as_deref() {
-                Some("wireguard") => {
-                    self.use_backend(false);
+            return match userspace_backend(&name, l.kind.as_deref()) {
+                // A userspace device is driven only where one is configured.
+                Some(u) if !u || userspace.is_some() => {
+                    self.use_backend(u);
                     Ok(l)
                 }
-                Some("tun") if userspace.is_some() && uapi_socket(&name).exists() => {
-                    self.use_backend(true);
-                    Ok(l)
-                }
-                k => Err(Error::NotWireguard {
+                _ => Err(Error::NotWireguard {
                     name,
-                    kind: k.unwrap_or("none").into(),
+                    kind: l.kind.as_deref().unwrap_or("none").into(),
                 }),
             };
         }
@@ -233,11 +230,7 @@ impl Engine {
 
     fn wg(&mut self) -> Result<&mut Wg, Error> {
         if self.wg.is_none() {
-            self.wg = Some(if self.userspace {
-                Wg::userspace(&self.ifname)
-            } else {
-                Wg::connect()?
-            });
+            self.wg = Some(Wg::open(&self.ifname, self.userspace)?);
         }
         Ok(self.wg.as_mut().expect("just set"))
     }
