@@ -75,7 +75,7 @@ impl Engine {
     }
 
     /// The hello socket's counters (IPsec mode only).
-    pub fn hello_stats(&self) -> Option<&ipsec::HelloStats> {
+    pub fn hello_stats(&self) -> Option<&ipsec::drops::HelloStats> {
         match self {
             Engine::Ipsec(e) => Some(&e.stats),
             Engine::Wireguard(_) => None,

@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod derive;
+pub mod drops;
 pub mod hello;
 pub mod peer;
 pub mod plan;
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use self::derive::BootId;
-use self::hello::{DropReason, Family};
+use self::drops::HelloStats;
+use self::hello::Family;
 use self::peer::{Local, Peer, Slot};
 use crate::config::Config;
 use crate::kernel::xfrm::{Xfrm, XfrmError};
@@ -60,22 +62,6 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
         }
     }
     b
-}
-
-/// Counters of what the hello socket dropped, by reason.
-#[derive(Debug, Default, Clone)]
-pub struct HelloStats {
-    pub received: u64,
-    pub accepted: u64,
-    /// Second copies of accepted hellos (one per extra family): normal, not drops.
-    pub duplicates: u64,
-    pub dropped: BTreeMap<&'static str, u64>,
-}
-
-impl HelloStats {
-    fn drop(&mut self, why: &'static str) {
-        *self.dropped.entry(why).or_default() += 1;
-    }
 }
 
 pub struct Engine {
@@ -353,18 +339,6 @@ impl Engine {
             .min()
     }
 
-    fn hello_keys(
-        cfg: &Config,
-        sender: &str,
-        receiver: &str,
-    ) -> Vec<(u8, zeroize::Zeroizing<Vec<u8>>)> {
-        cfg.keys
-            .iter()
-            .flat_map(|k| k.entries.iter())
-            .map(|e| (e.id, derive::hello_key(e, sender, receiver)))
-            .collect()
-    }
-
     fn send_hello(&mut self, cfg: &Config, peer: &str) {
         let me = cfg.me();
         let Some(node) = cfg.inventory.node(peer) else {
@@ -390,7 +364,7 @@ impl Engine {
             families: &fams,
         };
         let h = p.hello(&me.name, &local, bits);
-        let keys = Self::hello_keys(cfg, &me.name, peer);
+        let keys = drops::hello_keys(cfg, &me.name, peer);
         let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
         let bytes = h.encode(&refs);
         for f in fams {
@@ -459,42 +433,14 @@ impl Engine {
     }
 
     fn on_datagram(&mut self, cfg: &Config, bytes: &[u8], from: IpAddr) -> bool {
-        let me = cfg.me();
-        let u = match hello::parse(bytes) {
-            Ok(u) => u,
-            Err(d) => {
-                self.stats.drop(match d {
-                    DropReason::Oversized => "oversized",
-                    DropReason::Truncated => "truncated",
-                    DropReason::NotAHello => "not_a_hello",
-                    DropReason::Malformed => "malformed",
-                    DropReason::BadMac => "bad_mac",
-                });
-                return false;
-            }
-        };
-        let sender = u.hello.sender.clone();
-        if u.hello.receiver != me.name {
-            self.stats.drop("wrong_receiver");
-            return false;
-        }
-        let Some(node) = cfg.inventory.peers(&me.name).find(|n| n.name == sender) else {
-            self.stats.drop("unknown_sender");
-            return false;
-        };
-        if !node.addresses.contains(&from) {
-            self.stats.drop("wrong_source");
-            return false;
-        }
-        let keys = Self::hello_keys(cfg, &sender, &me.name);
-        let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
-        let h = match u.verify(&refs) {
+        let h = match drops::admit(cfg, bytes, from) {
             Ok(h) => h,
-            Err(_) => {
-                self.stats.drop("bad_mac");
+            Err(why) => {
+                self.stats.drop(why);
                 return false;
             }
         };
+        let sender = h.sender.clone();
         let fams = Self::families(cfg, &sender);
         let Some(p) = self.peers.get_mut(&sender) else {
             return false;

@@ -1,0 +1,133 @@
+//! What the hello socket lets through, and what it drops and why. Pure: the engine reads
+//! the datagram and counts; [`admit`] decides, from the configuration alone, whether a
+//! datagram is an authentic hello from a peer for this node, before any per-peer state
+//! is touched, so that nothing an outsider sends costs more than a parse and the MACs.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::ipsec::derive;
+use crate::ipsec::hello::{self, DropReason, Hello};
+
+/// Counters of what the hello socket received, accepted and dropped, by reason.
+#[derive(Debug, Default, Clone)]
+pub struct HelloStats {
+    pub received: u64,
+    pub accepted: u64,
+    /// Second copies of accepted hellos (one per extra family): normal, not drops.
+    pub duplicates: u64,
+    pub dropped: BTreeMap<&'static str, u64>,
+}
+
+impl HelloStats {
+    pub fn drop(&mut self, why: &'static str) {
+        *self.dropped.entry(why).or_default() += 1;
+    }
+}
+
+/// The hello keys of a (sender, receiver) pair, one per key-id this node holds.
+pub fn hello_keys(cfg: &Config, sender: &str, receiver: &str) -> Vec<(u8, Zeroizing<Vec<u8>>)> {
+    cfg.keys
+        .iter()
+        .flat_map(|k| k.entries.iter())
+        .map(|e| (e.id, derive::hello_key(e, sender, receiver)))
+        .collect()
+}
+
+/// The hello in `bytes` from `from`, if it is one a peer of this node sent to this node
+/// from one of its own addresses, under a key this node holds. Else the drop reason, as
+/// the metrics and the log name it.
+pub fn admit(cfg: &Config, bytes: &[u8], from: IpAddr) -> Result<Hello, &'static str> {
+    let me = cfg.me();
+    let u = hello::parse(bytes).map_err(|d| match d {
+        DropReason::Oversized => "oversized",
+        DropReason::Truncated => "truncated",
+        DropReason::NotAHello => "not_a_hello",
+        DropReason::Malformed => "malformed",
+        DropReason::BadMac => "bad_mac",
+    })?;
+    if u.hello.receiver != me.name {
+        return Err("wrong_receiver");
+    }
+    let sender = &u.hello.sender;
+    let Some(node) = cfg.inventory.peers(&me.name).find(|n| n.name == *sender) else {
+        return Err("unknown_sender");
+    };
+    if !node.addresses.contains(&from) {
+        return Err("wrong_source");
+    }
+    let keys = hello_keys(cfg, sender, &me.name);
+    let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
+    u.verify(&refs).map_err(|_| "bad_mac")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipsec::plan::tests::{config, node};
+
+    fn hello(sender: &str, receiver: &str) -> Hello {
+        Hello {
+            sender: sender.into(),
+            receiver: receiver.into(),
+            boot: [1; 16],
+            nonce: [2; 16],
+            seq: 1,
+            echo_boot: [0; 16],
+            echo_nonce: [0; 16],
+            key_ids: 1 << 1,
+            offers: Vec::new(),
+            outbound: Vec::new(),
+        }
+    }
+
+    fn sealed(cfg: &Config, h: &Hello) -> Vec<u8> {
+        let keys = hello_keys(cfg, &h.sender, &h.receiver);
+        let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
+        h.encode(&refs)
+    }
+
+    #[test]
+    fn only_a_peers_authentic_hello_from_its_own_address_gets_in() {
+        // The test config's node is "a".
+        let cfg = config(vec![
+            node("a", &["10.0.0.1"], &[]),
+            node("b", &["10.0.0.2"], &[]),
+        ]);
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let good = hello("b", "a");
+        assert_eq!(admit(&cfg, &sealed(&cfg, &good), b), Ok(good.clone()));
+        // Spoofed source: b's hello from an address b does not have.
+        let other: IpAddr = "10.0.0.9".parse().unwrap();
+        assert_eq!(
+            admit(&cfg, &sealed(&cfg, &good), other),
+            Err("wrong_source")
+        );
+        assert_eq!(
+            admit(&cfg, &sealed(&cfg, &hello("b", "c")), b),
+            Err("wrong_receiver")
+        );
+        assert_eq!(
+            admit(&cfg, &sealed(&cfg, &hello("z", "a")), b),
+            Err("unknown_sender")
+        );
+        // A flipped bit in the MAC, or in the sequence number: it no longer verifies.
+        let mut bytes = sealed(&cfg, &good);
+        *bytes.last_mut().unwrap() ^= 1;
+        assert_eq!(admit(&cfg, &bytes, b), Err("bad_mac"));
+        let mut other_seq = good.clone();
+        other_seq.seq = 2;
+        let mut bytes = sealed(&cfg, &good);
+        let body = sealed(&cfg, &other_seq);
+        let at = (0..bytes.len()).find(|&i| bytes[i] != body[i]).unwrap();
+        bytes[at] = body[at];
+        assert_eq!(admit(&cfg, &bytes, b), Err("bad_mac"));
+        assert!(matches!(
+            admit(&cfg, b"hello?", b),
+            Err("truncated" | "not_a_hello")
+        ));
+    }
+}
