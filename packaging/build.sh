@@ -68,7 +68,7 @@ install -m 0755 "$BIN" "$S/encryptd"
 cp systemd/encryptd.service systemd/encryptd-strict.service "$S/"
 cp etc/encryptd.toml etc/nodes.toml etc/ipsec.keys "$S/etc/"
 cp docs/man/encryptd.8 docs/man/encryptd.toml.5 "$S/man/"
-cp README.md "$S/"
+cp README.md LICENSE-MIT LICENSE-APACHE "$S/"
 cp docs/hello.md "$S/docs/"
 # The man pages say which version they document.
 sed -i "s/\"encryptd [0-9][^\"]*\"/\"encryptd $VERSION\"/" "$S"/man/*

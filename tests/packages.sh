@@ -94,6 +94,16 @@ grep -v 'running with root privileges is not recommended' "$WORK/lintian.txt" ||
 say "rpmlint $RPM1"
 rpmlint -c packaging/rpm/rpmlint.toml "$OUT/$RPM1" | tee "$WORK/rpmlint.txt"
 grep -q ' 0 errors, 0 warnings' "$WORK/rpmlint.txt" || die "rpmlint: errors or warnings"
+# The licence, as the packages state it: MIT OR Apache-2.0, with both texts.
+dpkg-deb --fsys-tarfile "$OUT/$DEB1" | tar -xO ./usr/share/doc/encryptd/copyright >"$WORK/copyright"
+grep -qx 'License: MIT or Apache-2.0' "$WORK/copyright" || die "deb copyright: no 'License: MIT or Apache-2.0'"
+grep -q 'Permission is hereby granted' "$WORK/copyright" || die "deb copyright: no MIT text"
+grep -q '/usr/share/common-licenses/Apache-2.0' "$WORK/copyright" || die "deb copyright: no Apache-2.0 reference"
+[ "$(rpm -qp --qf '%{LICENSE}' "$OUT/$RPM1")" = "MIT OR Apache-2.0" ] || die "rpm License: is not MIT OR Apache-2.0"
+for f in LICENSE-MIT LICENSE-APACHE; do
+    rpm -qpL "$OUT/$RPM1" 2>/dev/null | grep -qx "/usr/share/licenses/encryptd/$f" || die "rpm: no %license $f"
+done
+say "licence: MIT OR Apache-2.0 in the .deb's copyright and the .rpm's License: and %license"
 
 # --- 3. a clean Debian 12 root, booted with systemd ----------------------------------------
 INCLUDE=systemd,systemd-sysv,nftables,iproute2,iputils-ping,kmod,procps,rpm
