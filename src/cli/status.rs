@@ -189,11 +189,10 @@ pub fn metrics(s: &Snapshot, xfrm: &[(String, u64)]) -> String {
     m
 }
 
-/// Write the metrics file atomically (node_exporter must never read half a file).
+/// Write the metrics file whole (node_exporter must never read half a file) and
+/// readable by node_exporter's unprivileged user.
 pub fn write_metrics(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("prom.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    crate::files::replace_readable(path, text.as_bytes())
 }
 
 /// The troubleshooting table of the seed documents, for the counters encryptd can cause.
