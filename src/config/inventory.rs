@@ -109,137 +109,13 @@ pub fn read(src: &Source, diags: &Diags, mode: Mode) -> Inventory {
     if tables.is_empty() && diags.is_empty() {
         top.error(0..0, "the inventory lists no `[[node]]`");
     }
-
+    let mut seen = Seen::default();
     let mut nodes = Vec::new();
-    // First place each name, address, subnet and key was seen, for duplicate messages.
-    let mut names: HashMap<String, usize> = HashMap::new();
-    let mut addrs: HashMap<IpAddr, (String, usize)> = HashMap::new();
-    let mut subnets: Vec<(Cidr, String, Range<usize>)> = Vec::new();
-    let mut keys: HashMap<[u8; 32], (String, usize)> = HashMap::new();
-    let line = |span: &Range<usize>| src.line_col(span.start).0;
-
     for t in &tables {
-        let name = t.required_string("name");
-        let name_str = name.as_ref().map(|n| n.value.clone()).unwrap_or_default();
-        if let Some(At { value, span }) = &name {
-            if !valid_name(value) {
-                t.error(
-                    span.clone(),
-                    format!("node name \"{value}\" must be letters, digits, '-', '_' or '.'"),
-                );
-            } else if let Some(first) = names.get(value) {
-                t.error(
-                    span.clone(),
-                    format!("duplicate node name \"{value}\" (first defined on line {first})"),
-                );
-            } else {
-                names.insert(value.clone(), line(span));
-            }
-        }
-
-        let mut node_addrs = Vec::new();
-        match t.strings("addresses") {
-            None if t.has_key("addresses") => {}
-            None => t.missing("addresses"),
-            Some(v) if v.is_empty() => t.error(
-                t.span(),
-                format!("node \"{name_str}\" has an empty `addresses` list"),
-            ),
-            Some(v) => {
-                for a in &v {
-                    let Some(ip) = address(t, a) else { continue };
-                    if let Some((other, l)) = addrs.get(&ip) {
-                        t.error(
-                            a.span.clone(),
-                            format!(
-                                "duplicate address {ip}: node \"{other}\" has it too (line {l})"
-                            ),
-                        );
-                        continue;
-                    }
-                    addrs.insert(ip, (name_str.clone(), line(&a.span)));
-                    node_addrs.push((ip, a.span.clone()));
-                }
-            }
-        }
-
-        let mut node_subnets = Vec::new();
-        for At { value, span } in t.strings("subnets").unwrap_or_default() {
-            let c = match value.parse::<Cidr>() {
-                Ok(c) => c,
-                Err(e @ CidrError::HostBits { .. }) => {
-                    t.error(span, format!("subnet {e}"));
-                    continue;
-                }
-                Err(e) => {
-                    t.error(span, format!("subnet: {e}"));
-                    continue;
-                }
-            };
-            if let Some((o, other, ospan)) = subnets
-                .iter()
-                .find(|(o, other, _)| *other != name_str && o.overlaps(&c))
-            {
-                t.error(
-                    span.clone(),
-                    format!(
-                        "subnet {c} overlaps subnet {o} of node \"{other}\" (line {})",
-                        line(ospan)
-                    ),
-                );
-                continue;
-            }
-            node_subnets.push((c, span));
-        }
-
-        let wireguard_public_key = t.string("wireguard_public_key").and_then(|At { value, span }| {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim());
-            match decoded.ok().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
-                Some(k) => {
-                    if let Some((other, l)) = keys.get(&k) {
-                        t.error(
-                            span,
-                            format!(
-                                "wireguard_public_key is also the key of node \"{other}\" (line {l}); every node needs its own key pair"
-                            ),
-                        );
-                        None
-                    } else {
-                        keys.insert(k, (name_str.clone(), line(&span)));
-                        Some(k)
-                    }
-                }
-                None => {
-                    t.error(
-                        span,
-                        "wireguard_public_key must be 32 bytes in base64 (44 characters, as `wg pubkey` or `encryptd pubkey` prints)",
-                    );
-                    None
-                }
-            }
-        });
-        if mode == Mode::Wireguard && !t.has_key("wireguard_public_key") {
-            t.error(
-                t.span(),
-                format!(
-                    "missing required field `wireguard_public_key` in [[node]] #{} (mode = \"wireguard\"; `encryptd pubkey` on that node prints it)",
-                    nodes.len() + 1
-                ),
-            );
-        }
-        t.finish();
-
-        for (c, span) in &node_subnets {
-            subnets.push((*c, name_str.clone(), span.clone()));
-        }
-        nodes.push(Node {
-            name: name_str,
-            addresses: node_addrs.iter().map(|(a, _)| *a).collect(),
-            subnets: node_subnets.into_iter().map(|(c, _)| c).collect(),
-            wireguard_public_key,
-            span: t.span(),
-        });
+        let node = read_node(src, t, mode, &mut seen, nodes.len() + 1);
+        nodes.push(node);
     }
+    let subnets = seen.subnets;
     top.finish();
 
     // An underlay address inside another node's subnet would be routed into that node's
@@ -261,4 +137,150 @@ pub fn read(src: &Source, diags: &Diags, mode: Mode) -> Inventory {
         }
     }
     Inventory::new(nodes)
+}
+
+/// The first place each name, address, subnet and key was seen, for duplicate messages:
+/// the first node to claim one keeps it.
+#[derive(Default)]
+struct Seen {
+    names: HashMap<String, usize>,
+    addrs: HashMap<IpAddr, (String, usize)>,
+    subnets: Vec<(Cidr, String, Range<usize>)>,
+    keys: HashMap<[u8; 32], (String, usize)>,
+}
+
+/// One `[[node]]` (the `index`-th).
+fn read_node(src: &Source, t: &Table, mode: Mode, seen: &mut Seen, index: usize) -> Node {
+    let line = |span: &Range<usize>| src.line_col(span.start).0;
+    let name = t.required_string("name");
+    let name_str = name.as_ref().map(|n| n.value.clone()).unwrap_or_default();
+    if let Some(At { value, span }) = &name {
+        if !valid_name(value) {
+            t.error(
+                span.clone(),
+                format!("node name \"{value}\" must be letters, digits, '-', '_' or '.'"),
+            );
+        } else if let Some(first) = seen.names.get(value) {
+            t.error(
+                span.clone(),
+                format!("duplicate node name \"{value}\" (first defined on line {first})"),
+            );
+        } else {
+            seen.names.insert(value.clone(), line(span));
+        }
+    }
+    let node_addrs = read_addresses(src, t, &name_str, seen);
+    let node_subnets = read_subnets(src, t, &name_str, seen);
+    let wireguard_public_key = read_public_key(src, t, &name_str, seen);
+    if mode == Mode::Wireguard && !t.has_key("wireguard_public_key") {
+        t.error(
+            t.span(),
+            format!(
+                "missing required field `wireguard_public_key` in [[node]] #{index} (mode = \"wireguard\"; `encryptd pubkey` on that node prints it)"
+            ),
+        );
+    }
+    t.finish();
+    for (c, span) in &node_subnets {
+        seen.subnets.push((*c, name_str.clone(), span.clone()));
+    }
+    Node {
+        name: name_str,
+        addresses: node_addrs,
+        subnets: node_subnets.into_iter().map(|(c, _)| c).collect(),
+        wireguard_public_key,
+        span: t.span(),
+    }
+}
+
+fn read_addresses(src: &Source, t: &Table, name_str: &str, seen: &mut Seen) -> Vec<IpAddr> {
+    let line = |span: &Range<usize>| src.line_col(span.start).0;
+    let mut node_addrs = Vec::new();
+    match t.strings("addresses") {
+        None if t.has_key("addresses") => {}
+        None => t.missing("addresses"),
+        Some(v) if v.is_empty() => t.error(
+            t.span(),
+            format!("node \"{name_str}\" has an empty `addresses` list"),
+        ),
+        Some(v) => {
+            for a in &v {
+                let Some(ip) = address(t, a) else { continue };
+                if let Some((other, l)) = seen.addrs.get(&ip) {
+                    t.error(
+                        a.span.clone(),
+                        format!("duplicate address {ip}: node \"{other}\" has it too (line {l})"),
+                    );
+                    continue;
+                }
+                seen.addrs.insert(ip, (name_str.to_string(), line(&a.span)));
+                node_addrs.push(ip);
+            }
+        }
+    }
+    node_addrs
+}
+
+fn read_subnets(src: &Source, t: &Table, name_str: &str, seen: &Seen) -> Vec<(Cidr, Range<usize>)> {
+    let line = |span: &Range<usize>| src.line_col(span.start).0;
+    let mut node_subnets = Vec::new();
+    for At { value, span } in t.strings("subnets").unwrap_or_default() {
+        let c = match value.parse::<Cidr>() {
+            Ok(c) => c,
+            Err(e @ CidrError::HostBits { .. }) => {
+                t.error(span, format!("subnet {e}"));
+                continue;
+            }
+            Err(e) => {
+                t.error(span, format!("subnet: {e}"));
+                continue;
+            }
+        };
+        if let Some((o, other, ospan)) = seen
+            .subnets
+            .iter()
+            .find(|(o, other, _)| *other != name_str && o.overlaps(&c))
+        {
+            t.error(
+                span.clone(),
+                format!(
+                    "subnet {c} overlaps subnet {o} of node \"{other}\" (line {})",
+                    line(ospan)
+                ),
+            );
+            continue;
+        }
+        node_subnets.push((c, span));
+    }
+    node_subnets
+}
+
+fn read_public_key(src: &Source, t: &Table, name_str: &str, seen: &mut Seen) -> Option<[u8; 32]> {
+    let line = |span: &Range<usize>| src.line_col(span.start).0;
+    t.string("wireguard_public_key").and_then(|At { value, span }| {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim());
+        match decoded.ok().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+            Some(k) => {
+                if let Some((other, l)) = seen.keys.get(&k) {
+                    t.error(
+                        span,
+                        format!(
+                            "wireguard_public_key is also the key of node \"{other}\" (line {l}); every node needs its own key pair"
+                        ),
+                    );
+                    None
+                } else {
+                    seen.keys.insert(k, (name_str.to_string(), line(&span)));
+                    Some(k)
+                }
+            }
+            None => {
+                t.error(
+                    span,
+                    "wireguard_public_key must be 32 bytes in base64 (44 characters, as `wg pubkey` or `encryptd pubkey` prints)",
+                );
+                None
+            }
+        }
+    })
 }

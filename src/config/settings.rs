@@ -158,17 +158,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
     let doc = parse(src, diags);
     let base = src.path.parent().unwrap_or(Path::new("/"));
     let top = Table::new(src, diags, &doc, "the top level");
-    let path = |t: &Table, key: &'static str, default: &str| {
-        let v = t.string(key);
-        match v {
-            Some(At { value, span }) if value.is_empty() => {
-                t.error(span, format!("`{key}` must not be empty"));
-                PathBuf::new()
-            }
-            Some(v) => resolve(base, &v.value),
-            None => resolve(base, default),
-        }
-    };
+    let path = |t: &Table, key: &'static str, default: &str| path(t, base, key, default);
 
     let mode = match top.required_string("mode") {
         Some(At { value, span }) => match value.as_str() {
@@ -207,9 +197,48 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
             .unwrap_or_else(|| Table::new(src, diags, &empty, format!("[{key}]")))
     };
 
-    let t = sub("ipsec");
+    let ipsec = read_ipsec(&sub("ipsec"), base);
+    let wireguard = read_wireguard(&sub("wireguard"), base);
+    let (strict, strict_cidr_spans) = read_strict(&sub("strict"));
+    let t = sub("metrics");
+    let metrics_path = t
+        .string("path")
+        .filter(|v| !v.value.is_empty())
+        .map(|v| resolve(base, &v.value));
+    t.finish();
+    top.finish();
+
+    Settings {
+        mode,
+        node,
+        node_span,
+        inventory,
+        runtime_dir,
+        state_dir,
+        boot_id_path,
+        ipsec,
+        wireguard,
+        strict,
+        metrics_path,
+        strict_cidr_spans,
+    }
+}
+
+/// A path setting, relative to the file's directory; `default` when absent.
+fn path(t: &Table, base: &Path, key: &'static str, default: &str) -> PathBuf {
+    match t.string(key) {
+        Some(At { value, span }) if value.is_empty() => {
+            t.error(span, format!("`{key}` must not be empty"));
+            PathBuf::new()
+        }
+        Some(v) => resolve(base, &v.value),
+        None => resolve(base, default),
+    }
+}
+
+fn read_ipsec(t: &Table, base: &Path) -> Ipsec {
     let ipsec = Ipsec {
-        keys: path(&t, "keys", "ipsec.keys"),
+        keys: path(t, base, "keys", "ipsec.keys"),
         key_rotation_duration: match t.string("key_rotation_duration") {
             None => Duration::from_secs(300),
             Some(At { value, span }) => parse_duration(&value).unwrap_or_else(|| {
@@ -226,7 +255,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         replay_window: t
             .integer("replay_window", 1..4097)
             .map_or(4096, |n| n.value as u32),
-        hello_port: port(&t, "hello_port", 4510),
+        hello_port: port(t, "hello_port", 4510),
     };
     // It once claimed to name "the link whose traffic is encrypted", which nothing read:
     // XFRM encrypts by policy whatever link a packet takes, and decrypts on whichever link
@@ -243,8 +272,10 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         );
     }
     t.finish();
+    ipsec
+}
 
-    let t = sub("wireguard");
+fn read_wireguard(t: &Table, base: &Path) -> Wireguard {
     let userspace = t.string("userspace").filter(|v| !v.value.is_empty());
     let wireguard = Wireguard {
         interface: match t.string("interface") {
@@ -255,8 +286,8 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
             Some(v) => v.value,
             None => "encryptd0".into(),
         },
-        listen_port: port(&t, "listen_port", 51871),
-        private_key: path(&t, "private_key", "/var/lib/encryptd/wireguard.key"),
+        listen_port: port(t, "listen_port", 51871),
+        private_key: path(t, base, "private_key", "/var/lib/encryptd/wireguard.key"),
         // Absent or empty: no preshared keys (an empty string lets a template switch it off).
         preshared_key: t
             .string("preshared_key")
@@ -266,8 +297,11 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         userspace_span: userspace.map(|v| v.span),
     };
     t.finish();
+    wireguard
+}
 
-    let t = sub("strict");
+/// `[strict]`, and where each protected range was written (for `cross_check`).
+fn read_strict(t: &Table) -> (Strict, Vec<std::ops::Range<usize>>) {
     let mut cidrs = Vec::new();
     let mut strict_cidr_spans = Vec::new();
     for At { value, span } in t.strings("cidrs").unwrap_or_default() {
@@ -322,29 +356,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         );
     }
     t.finish();
-
-    let t = sub("metrics");
-    let metrics_path = t
-        .string("path")
-        .filter(|v| !v.value.is_empty())
-        .map(|v| resolve(base, &v.value));
-    t.finish();
-    top.finish();
-
-    Settings {
-        mode,
-        node,
-        node_span,
-        inventory,
-        runtime_dir,
-        state_dir,
-        boot_id_path,
-        ipsec,
-        wireguard,
-        strict,
-        metrics_path,
-        strict_cidr_spans,
-    }
+    (strict, strict_cidr_spans)
 }
 
 /// Settings from TOML text alone (tests, benchmarks): the same defaults and checks as
