@@ -27,6 +27,13 @@ const SIGNALS: Token = Token(1);
 const HELLO: Token = Token(2);
 const NFTABLES: Token = Token(3);
 
+/// Whether the loop goes on after an event.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stop,
+}
+
 /// After an nftables notification, check the strict table this much later: one check
 /// for a burst of changes (a ruleset reload is many), well within a second.
 const STRICT_CHECK_DELAY: Duration = Duration::from_millis(20);
@@ -256,6 +263,32 @@ impl Daemon {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(io_err("register signals"))?;
+        self.start(&poll)?;
+        let mut events = Events::with_capacity(16);
+        loop {
+            let timeout = self
+                .next_deadline()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Io {
+                    what: "poll",
+                    source: e,
+                });
+            }
+            for ev in events.iter() {
+                if self.on_event(ev.token(), &mut signals)? == Flow::Stop {
+                    return Ok(());
+                }
+            }
+            self.on_timers(Instant::now())?;
+        }
+    }
+
+    /// Register what the loop waits for; put the strict rules in, then start the engine.
+    fn start(&mut self, poll: &Poll) -> Result<(), Error> {
         let ifd = self.watcher.as_raw_fd();
         poll.registry()
             .register(&mut SourceFd(&ifd), INOTIFY, Interest::READABLE)
@@ -317,106 +350,104 @@ impl Daemon {
                 .join(", "),
             self.config.inventory.nodes.len() - 1
         );
-        let mut events = Events::with_capacity(16);
-        loop {
-            let now = Instant::now();
-            let next = [
-                self.reload_at,
-                self.watchdog.map(|w| w.1),
-                self.ready_by,
-                self.strict_check_at,
-                Some(self.snapshot_at),
-                self.engine.as_ref().and_then(Engine::next_deadline),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            let timeout = next.map(|t| t.saturating_duration_since(now));
-            if let Err(e) = poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::Io {
-                    what: "poll",
-                    source: e,
-                });
-            }
-            for ev in events.iter() {
-                match ev.token() {
-                    INOTIFY => {
-                        let changed = self.watcher.changed().map_err(io_err("inotify read"))?;
-                        if !changed.is_empty() {
-                            self.reload_at = Some(Instant::now() + DEBOUNCE);
-                        }
-                    }
-                    SIGNALS => {
-                        for sig in signals.pending() {
-                            match sig {
-                                SIGHUP => self.reload("SIGHUP"),
-                                _ => {
-                                    info!("stopping on signal {sig}");
-                                    notify(&[NotifyState::Stopping]);
-                                    self.on_stop();
-                                    return Ok(());
-                                }
-                            }
-                        }
-                    }
-                    NFTABLES => {
-                        let n = self.nft_monitor.as_mut().map_or(0, |m| m.drain());
-                        if n > 0 && self.strict.is_on() && self.strict_check_at.is_none() {
-                            self.strict_check_at = Some(Instant::now() + STRICT_CHECK_DELAY);
-                        }
-                    }
-                    HELLO => {
-                        if let Some(e) = &mut self.engine
-                            && e.on_readable(&self.config)
-                            && let Err(err) = e.apply(&self.config)
-                        {
-                            error!("reconcile: {err}");
-                        }
-                    }
-                    _ => {}
+        Ok(())
+    }
+
+    /// The soonest timer: a debounced reload, the watchdog, the wait for READY, a strict
+    /// check, the snapshot, the engine's own.
+    fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.reload_at,
+            self.watchdog.map(|w| w.1),
+            self.ready_by,
+            self.strict_check_at,
+            Some(self.snapshot_at),
+            self.engine.as_ref().and_then(Engine::next_deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn on_event(&mut self, token: Token, signals: &mut Signals) -> Result<Flow, Error> {
+        match token {
+            INOTIFY => {
+                let changed = self.watcher.changed().map_err(io_err("inotify read"))?;
+                if !changed.is_empty() {
+                    self.reload_at = Some(Instant::now() + DEBOUNCE);
                 }
             }
-            let now = Instant::now();
-            if let Some(e) = &mut self.engine {
-                e.tick(&self.config, now)?;
-            }
-            self.maybe_ready(now);
-            if self.ready_by.is_none() {
-                let status = self.status_line();
-                if status != self.last_status {
-                    notify(&[NotifyState::Status(&status)]);
-                    self.last_status = status;
-                    self.snapshot_at = now;
+            SIGNALS => {
+                for sig in signals.pending() {
+                    match sig {
+                        SIGHUP => self.reload("SIGHUP"),
+                        _ => {
+                            info!("stopping on signal {sig}");
+                            notify(&[NotifyState::Stopping]);
+                            self.on_stop();
+                            return Ok(Flow::Stop);
+                        }
+                    }
                 }
             }
-            if self.strict_check_at.is_some_and(|t| t <= now) {
-                self.strict_check_at = None;
-                if self.strict.verify() {
-                    // `encryptd status` and the metrics say so now, not at the next
-                    // periodic write
-                    self.snapshot_at = Instant::now();
+            NFTABLES => {
+                let n = self.nft_monitor.as_mut().map_or(0, |m| m.drain());
+                if n > 0 && self.strict.is_on() && self.strict_check_at.is_none() {
+                    self.strict_check_at = Some(Instant::now() + STRICT_CHECK_DELAY);
                 }
             }
-            if self.snapshot_at <= now {
-                // the backstop, should a notification have been missed
-                self.strict.verify();
-                self.write_snapshot(now);
-                self.snapshot_at = now + SNAPSHOT_EVERY;
+            HELLO => {
+                if let Some(e) = &mut self.engine
+                    && e.on_readable(&self.config)
+                    && let Err(err) = e.apply(&self.config)
+                {
+                    error!("reconcile: {err}");
+                }
             }
-            if self.reload_at.is_some_and(|t| t <= now) {
-                self.reload_at = None;
-                self.reload("a file change");
-            }
-            if let Some((every, due)) = &mut self.watchdog
-                && *due <= now
-            {
-                notify(&[NotifyState::Watchdog]);
-                *due = now + *every;
+            _ => {}
+        }
+        Ok(Flow::Go)
+    }
+
+    /// Whatever is due at `now`, after the events of one wake-up.
+    fn on_timers(&mut self, now: Instant) -> Result<(), Error> {
+        if let Some(e) = &mut self.engine {
+            e.tick(&self.config, now)?;
+        }
+        self.maybe_ready(now);
+        if self.ready_by.is_none() {
+            let status = self.status_line();
+            if status != self.last_status {
+                notify(&[NotifyState::Status(&status)]);
+                self.last_status = status;
+                self.snapshot_at = now;
             }
         }
+        if self.strict_check_at.is_some_and(|t| t <= now) {
+            self.strict_check_at = None;
+            if self.strict.verify() {
+                // `encryptd status` and the metrics say so now, not at the next
+                // periodic write
+                self.snapshot_at = Instant::now();
+            }
+        }
+        if self.snapshot_at <= now {
+            // the backstop, should a notification have been missed
+            self.strict.verify();
+            self.write_snapshot(now);
+            self.snapshot_at = now + SNAPSHOT_EVERY;
+        }
+        if self.reload_at.is_some_and(|t| t <= now) {
+            self.reload_at = None;
+            self.reload("a file change");
+        }
+        if let Some((every, due)) = &mut self.watchdog
+            && *due <= now
+        {
+            notify(&[NotifyState::Watchdog]);
+            *due = now + *every;
+        }
+        Ok(())
     }
 
     /// The state `encryptd status` shows, in the runtime directory.
