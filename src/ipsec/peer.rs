@@ -142,16 +142,53 @@ impl Peer {
         spi: &mut dyn FnMut(u8) -> u32,
         nonce: &mut dyn FnMut() -> [u8; 16],
     ) -> Outcome {
+        if let Some(not_fresh) = self.check_fresh(h, family, local, now, nonce) {
+            return not_fresh;
+        }
+        let mut out = Outcome {
+            peer_keys_changed: self.peer_key_ids != h.key_ids,
+            ..Outcome::default()
+        };
+        self.peer_key_ids = h.key_ids;
+        if self.boot != Some(h.boot) {
+            out.boot_changed = Some(self.boot);
+            if self.boot.is_some() {
+                out.sas_changed = self.rebooted(h.boot, nonce());
+                return out;
+            }
+            self.first_word(h.boot);
+        }
+        out.offer_withdrawn = self.outbound.keys().any(|&(f, k)| {
+            local.families.contains(&f)
+                && local.key_ids.contains(&k)
+                && !h.offers.iter().any(|o| (o.family, o.key_id) == (f, k))
+        });
+        out.sas_changed |= self.offer_inbound(h, local, spi);
+        out.sas_changed |= self.take_offers(h, local);
+        out
+    }
+
+    /// `None` when `h` is fresh (recorded as the newest heard); else what it was: a
+    /// replay, a duplicate over the other family, or stale (it does not echo our
+    /// current nonce and boot).
+    fn check_fresh(
+        &mut self,
+        h: &Hello,
+        family: Family,
+        local: &Local,
+        now: Instant,
+        nonce: &mut dyn FnMut() -> [u8; 16],
+    ) -> Option<Outcome> {
         let mut out = Outcome::default();
         if self.retired.contains(&h.nonce) {
             out.replayed = true;
-            return out;
+            return Some(out);
         }
         self.heard_boot = h.boot;
         self.heard_nonce = h.nonce;
         if h.echo_nonce != self.nonce || h.echo_boot != *local.boot {
             out.stale = true;
-            return out;
+            return Some(out);
         }
         if let Some((n, s)) = self.seq_in
             && n == h.nonce
@@ -166,7 +203,7 @@ impl Peer {
             } else {
                 out.replayed = true;
             }
-            return out;
+            return Some(out);
         }
         if let Some((n, _)) = self.seq_in
             && n != h.nonce
@@ -178,7 +215,7 @@ impl Peer {
                 // it is stale from now on, this one included.
                 self.new_nonce(nonce());
                 out.stale = true;
-                return out;
+                return Some(out);
             }
         }
         if self.seq_in.is_none_or(|(n, _)| n != h.nonce) {
@@ -187,55 +224,53 @@ impl Peer {
         self.seq_in = Some((h.nonce, h.seq));
         self.seq_by_family[family_index(family)] = h.seq;
         self.last_fresh = Some(now);
-        out.peer_keys_changed = self.peer_key_ids != h.key_ids;
-        self.peer_key_ids = h.key_ids;
+        None
+    }
 
-        if self.boot != Some(h.boot) {
-            out.boot_changed = Some(self.boot);
-            if self.boot.is_some() {
-                // A reboot: every SA of the pair is keyed to the old epoch. Drop them all
-                // and start over under a new nonce, so that nothing said before the reboot
-                // (or replayed from then) counts.
-                out.sas_changed |= !self.inbound.is_empty() || !self.outbound.is_empty();
-                self.inbound.clear();
-                self.outbound.clear();
-                self.new_nonce(nonce());
-                self.boot = Some(h.boot);
-                return out;
-            }
-            // First word from the peer since this daemon started: SAs adopted from the
-            // kernel get this epoch. If they belong to an older one, their keys will not
-            // match the derived ones and the caller re-keys them.
-            for sa in self
-                .inbound
-                .values_mut()
-                .filter(|sa| sa.peer_boot == [0; 16])
-            {
-                sa.peer_boot = h.boot;
-            }
-            for sa in self
-                .outbound
-                .values_mut()
-                .filter(|sa| sa.peer_boot == [0; 16])
-            {
-                sa.peer_boot = h.boot;
-            }
-            self.boot = Some(h.boot);
+    /// The peer rebooted: every SA of the pair is keyed to the old epoch. Drop them all
+    /// and start over under a new nonce, so that nothing said before the reboot (or
+    /// replayed from then) counts. `true` if there were SAs to drop.
+    fn rebooted(&mut self, boot: BootId, nonce: [u8; 16]) -> bool {
+        let had = !self.inbound.is_empty() || !self.outbound.is_empty();
+        self.inbound.clear();
+        self.outbound.clear();
+        self.new_nonce(nonce);
+        self.boot = Some(boot);
+        had
+    }
+
+    /// First word from the peer since this daemon started: SAs adopted from the kernel
+    /// get this epoch. If they belong to an older one, their keys will not match the
+    /// derived ones and the caller re-keys them.
+    fn first_word(&mut self, boot: BootId) {
+        for sa in self
+            .inbound
+            .values_mut()
+            .filter(|sa| sa.peer_boot == [0; 16])
+        {
+            sa.peer_boot = boot;
         }
+        for sa in self
+            .outbound
+            .values_mut()
+            .filter(|sa| sa.peer_boot == [0; 16])
+        {
+            sa.peer_boot = boot;
+        }
+        self.boot = Some(boot);
+    }
 
-        out.offer_withdrawn = self.outbound.keys().any(|&(f, k)| {
-            local.families.contains(&f)
-                && local.key_ids.contains(&k)
-                && !h.offers.iter().any(|o| (o.family, o.key_id) == (f, k))
-        });
-
-        // Offers: one inbound SA per family and key-id we hold.
+    /// Our offers: one inbound SA per family and key-id we hold, new where there is none,
+    /// where it belongs to the peer's earlier epoch, or where it was offered to an earlier
+    /// instance of the peer that never took it. `true` if any changed.
+    fn offer_inbound(&mut self, h: &Hello, local: &Local, spi: &mut dyn FnMut(u8) -> u32) -> bool {
         let reported = |slot: Slot| {
             h.outbound
                 .iter()
                 .find(|o| (o.family, o.key_id) == slot)
                 .map(|o| o.spi)
         };
+        let mut changed = false;
         for &f in local.families {
             for &k in local.key_ids {
                 let slot = (f, k);
@@ -260,12 +295,17 @@ impl Peer {
                             confirmed: false,
                         },
                     );
-                    out.sas_changed = true;
+                    changed = true;
                 }
             }
         }
+        changed
+    }
 
-        // Take the peer's offers made for our current nonce, for keys we hold.
+    /// Take the peer's offers made for our current nonce, for keys we hold. `true` if
+    /// any outbound SA changed.
+    fn take_offers(&mut self, h: &Hello, local: &Local) -> bool {
+        let mut changed = false;
         for o in h.offers.iter().filter(|o| o.bound) {
             let slot = (o.family, o.key_id);
             if !local.families.contains(&o.family) || !local.key_ids.contains(&o.key_id) {
@@ -277,10 +317,10 @@ impl Peer {
             };
             if self.outbound.get(&slot) != Some(&want) {
                 self.outbound.insert(slot, want);
-                out.sas_changed = true;
+                changed = true;
             }
         }
-        out
+        changed
     }
 
     /// One of our outbound SAs to this peer vanished from the kernel (flushed from under
