@@ -13,7 +13,7 @@
 use std::fmt::Write;
 
 use crate::config::settings::Mode;
-use crate::config::{Config, Node};
+use crate::config::{Config, Node, Settings};
 use crate::net::Cidr;
 
 /// Rule comments; `encryptd status` maps counters back by them.
@@ -74,83 +74,17 @@ pub fn ruleset(cfg: &Config) -> Option<String> {
     set(&mut t, "subnets4", "ipv4_addr", &cidrs(&me.subnets, true));
     set(&mut t, "subnets6", "ipv6_addr", &cidrs(&me.subnets, false));
 
-    let both = |rule: &str| {
-        format!(
-            "        {}\n        {}\n",
-            rule.replace("IP ", "ip ")
-                .replace("@X", "@nodes4")
-                .replace("@S", "@subnets4"),
-            rule.replace("IP ", "ip6 ")
-                .replace("@X", "@nodes6")
-                .replace("@S", "@subnets6")
-        )
-    };
     let nd = "        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept\n";
-    // A management exception is a door to this node's own service: in, to that port
-    // (input only: what reaches `input` is addressed to this node); out, only the
-    // replies of those connections. Never in `forward`, never a source port alone.
-    let (mut doors_in, mut doors_out) = (String::new(), String::new());
-    for e in &s.strict.exceptions {
-        let (p, port) = (e.proto.as_str(), e.port);
-        let _ = writeln!(doors_in, "        {p} dport {port} accept");
-        let _ = writeln!(
-            doors_out,
-            "        {p} sport {port} ct direction reply accept"
-        );
-    }
-    // The daemons' own plaintext only between node addresses: ESP and the hellos, or
-    // the tunnel's UDP. (In IPsec mode the hello socket bypasses XFRM by itself; other
-    // programs' datagrams to that port are encrypted, so this lets no plaintext out.)
-    let (tunnel_out, tunnel_in, plain_out, plain_in, plain_fwd) = match s.mode {
-        Mode::Ipsec => {
-            let hello = s.ipsec.hello_port;
-            (
-                "rt ipsec missing".to_string(),
-                "meta ipsec missing".to_string(),
-                both("IP daddr @X meta l4proto esp accept")
-                    + &both(&format!(
-                        "IP daddr @X udp sport {hello} udp dport {hello} accept"
-                    )),
-                both("IP saddr @X meta l4proto esp accept")
-                    + &both(&format!(
-                        "IP saddr @X udp sport {hello} udp dport {hello} accept"
-                    )),
-                // A node that routes between two others passes their ESP and hellos.
-                both("IP saddr @X IP daddr @X meta l4proto esp accept")
-                    + &both(&format!(
-                        "IP saddr @X IP daddr @X udp sport {hello} udp dport {hello} accept"
-                    )),
-            )
-        }
-        Mode::Wireguard => {
-            let p = s.wireguard.listen_port;
-            (
-                format!("oifname != \"{}\"", s.wireguard.interface),
-                format!("iifname != \"{}\"", s.wireguard.interface),
-                both(&format!("IP daddr @X udp sport {p} accept")),
-                both(&format!("IP saddr @X udp dport {p} accept")),
-                both(&format!("IP saddr @X IP daddr @X udp dport {p} accept"))
-                    + &both(&format!("IP saddr @X IP daddr @X udp sport {p} accept")),
-            )
-        }
-    };
-    // Hosts behind this node. Their packets count only when they arrive on the interface
-    // their subnet is routed through (`fib saddr . iif`: a reverse-path check), so a
-    // packet from the wire that claims such a source is not one of them.
-    let from_subnet = "IP saddr @S fib saddr . iif oif exists";
-    let (to_subnet_in, from_subnet_out) = match s.mode {
-        Mode::Ipsec => (
-            both("IP daddr @S meta ipsec exists accept"),
-            both(&format!("{from_subnet} rt ipsec exists accept")),
-        ),
-        Mode::Wireguard => {
-            let i = &s.wireguard.interface;
-            (
-                both(&format!("iifname \"{i}\" IP daddr @S accept")),
-                both(&format!("{from_subnet} oifname \"{i}\" accept")),
-            )
-        }
-    };
+    let (doors_in, doors_out) = doors(s);
+    let Plain {
+        tunnel_out,
+        tunnel_in,
+        plain_out,
+        plain_in,
+        plain_fwd,
+    } = own_plaintext(s);
+    let from_subnet = FROM_SUBNET;
+    let (to_subnet_in, from_subnet_out) = subnets(s);
     let remote = |dir: &str| {
         if s.strict.allow_remote_node_identities {
             both(&format!("IP {dir} @X accept"))
@@ -194,6 +128,116 @@ pub fn ruleset(cfg: &Config) -> Option<String> {
     );
     t.push_str("}\n");
     Some(t)
+}
+
+/// One rule for each family: `IP` becomes `ip`/`ip6`, `@X` the node set, `@S` the
+/// subnet set of that family.
+fn both(rule: &str) -> String {
+    format!(
+        "        {}\n        {}\n",
+        rule.replace("IP ", "ip ")
+            .replace("@X", "@nodes4")
+            .replace("@S", "@subnets4"),
+        rule.replace("IP ", "ip6 ")
+            .replace("@X", "@nodes6")
+            .replace("@S", "@subnets6")
+    )
+}
+
+/// A management exception is a door to this node's own service: in, to that port
+/// (input only: what reaches `input` is addressed to this node); out, only the replies
+/// of those connections. Never in `forward`, never a source port alone. (in, out)
+fn doors(s: &Settings) -> (String, String) {
+    let (mut doors_in, mut doors_out) = (String::new(), String::new());
+    for e in &s.strict.exceptions {
+        let (p, port) = (e.proto.as_str(), e.port);
+        let _ = writeln!(doors_in, "        {p} dport {port} accept");
+        let _ = writeln!(
+            doors_out,
+            "        {p} sport {port} ct direction reply accept"
+        );
+    }
+    (doors_in, doors_out)
+}
+
+/// What counts as encrypted (the drop rules' condition, out and in), and the daemons'
+/// own plaintext, out, in and forwarded.
+struct Plain {
+    tunnel_out: String,
+    tunnel_in: String,
+    plain_out: String,
+    plain_in: String,
+    plain_fwd: String,
+}
+
+/// The daemons' own plaintext only between node addresses: ESP and the hellos, or the
+/// tunnel's UDP. (In IPsec mode the hello socket bypasses XFRM by itself; other
+/// programs' datagrams to that port are encrypted, so this lets no plaintext out.)
+fn own_plaintext(s: &Settings) -> Plain {
+    let (tunnel_out, tunnel_in, plain_out, plain_in, plain_fwd) = match s.mode {
+        Mode::Ipsec => {
+            let hello = s.ipsec.hello_port;
+            (
+                "rt ipsec missing".to_string(),
+                "meta ipsec missing".to_string(),
+                both("IP daddr @X meta l4proto esp accept")
+                    + &both(&format!(
+                        "IP daddr @X udp sport {hello} udp dport {hello} accept"
+                    )),
+                both("IP saddr @X meta l4proto esp accept")
+                    + &both(&format!(
+                        "IP saddr @X udp sport {hello} udp dport {hello} accept"
+                    )),
+                // A node that routes between two others passes their ESP and hellos.
+                both("IP saddr @X IP daddr @X meta l4proto esp accept")
+                    + &both(&format!(
+                        "IP saddr @X IP daddr @X udp sport {hello} udp dport {hello} accept"
+                    )),
+            )
+        }
+        Mode::Wireguard => {
+            let p = s.wireguard.listen_port;
+            (
+                format!("oifname != \"{}\"", s.wireguard.interface),
+                format!("iifname != \"{}\"", s.wireguard.interface),
+                both(&format!("IP daddr @X udp sport {p} accept")),
+                both(&format!("IP saddr @X udp dport {p} accept")),
+                both(&format!("IP saddr @X IP daddr @X udp dport {p} accept"))
+                    + &both(&format!("IP saddr @X IP daddr @X udp sport {p} accept")),
+            )
+        }
+    };
+    Plain {
+        tunnel_out,
+        tunnel_in,
+        plain_out,
+        plain_in,
+        plain_fwd,
+    }
+}
+
+/// Hosts behind this node. Their packets count only when they arrive on the interface
+/// their subnet is routed through (`fib saddr . iif`: a reverse-path check), so a packet
+/// from the wire that claims such a source is not one of them.
+const FROM_SUBNET: &str = "IP saddr @S fib saddr . iif oif exists";
+
+/// Traffic to this node's subnets that came through a tunnel, and theirs that leaves
+/// through one: (forwarded in, forwarded out).
+fn subnets(s: &Settings) -> (String, String) {
+    let from_subnet = FROM_SUBNET;
+    match s.mode {
+        Mode::Ipsec => (
+            both("IP daddr @S meta ipsec exists accept"),
+            both(&format!("{from_subnet} rt ipsec exists accept")),
+        ),
+        Mode::Wireguard => {
+            let i = &s.wireguard.interface;
+            (
+                both(&format!("iifname \"{i}\" IP daddr @S accept")),
+                both(&format!("{from_subnet} oifname \"{i}\" accept")),
+            )
+        }
+    }
 }
 
 #[cfg(test)]
