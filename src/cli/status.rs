@@ -432,28 +432,70 @@ fn wireguard_traffic(cfg: &config::Config, peers: &mut [PeerStatus]) -> Result<(
 }
 
 pub fn main(paths: &Paths, json: bool) -> i32 {
+    let r = report(paths);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        print_text(&r);
+    }
+    i32::from(!r.problems.is_empty())
+}
+
+/// What status shows: the daemon's snapshot, brought up to date with what the kernel
+/// says now (SAs, the WireGuard device, xfrm_stat, the strict table), and the problems.
+fn report(paths: &Paths) -> Report {
     // The snapshot is found even when the files are broken (that is when status matters).
     let cfg = config::load(paths).ok();
     let dir = cfg.as_ref().map_or_else(
         || PathBuf::from("/run/encryptd"),
         |c| c.settings.runtime_dir.clone(),
     );
-    let daemon: Option<Snapshot> = std::fs::read(dir.join(SNAPSHOT))
+    let mut daemon: Option<Snapshot> = std::fs::read(dir.join(SNAPSHOT))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let running = daemon
         .as_ref()
         .is_some_and(|d| now_secs().saturating_sub(d.written) < FRESH_SECS);
+    let mut problems = snapshot_problems(daemon.as_ref(), running, &dir);
+    let (keys_in_use, max_seq, findings) = kernel_sas(cfg.as_ref(), daemon.as_mut(), &mut problems);
+    if let (Some(d), Some(c)) = (daemon.as_mut(), cfg.as_ref())
+        && c.settings.mode == config::Mode::Wireguard
+        && let Err(e) = wireguard_traffic(c, &mut d.peers)
+    {
+        problems.push(format!("cannot read the WireGuard device: {e}"));
+    }
+    let xfrm_errors = xfrm_counters(daemon.as_ref(), &findings, &mut problems);
+    let (strict_table_in_kernel, strict_drops) = strict_in_kernel(daemon.as_ref(), &mut problems);
+    Report {
+        daemon,
+        daemon_running: running,
+        decryption_interfaces: cfg.as_ref().map(decryption_interfaces).unwrap_or_default(),
+        keys_in_use,
+        max_seq,
+        // ESN: 64-bit sequence numbers.
+        max_seq_limit: u64::MAX,
+        xfrm_errors,
+        strict_drops,
+        strict_table_in_kernel,
+        problems,
+    }
+}
+
+/// The daemon not running (no snapshot, or a stale one), peers not up, a refused
+/// configuration.
+fn snapshot_problems(daemon: Option<&Snapshot>, running: bool, dir: &Path) -> Vec<String> {
     let mut problems = Vec::new();
-    if daemon.is_none() {
-        problems.push(format!(
+    match daemon {
+        None => problems.push(format!(
             "no status from the daemon in {}: is it running?",
             dir.display()
-        ));
-    } else if !running {
-        problems.push("the daemon's status is older than 60 s: it is not running".into());
+        )),
+        Some(_) if !running => {
+            problems.push("the daemon's status is older than 60 s: it is not running".into())
+        }
+        Some(_) => {}
     }
-    if let Some(d) = &daemon {
+    if let Some(d) = daemon {
         for p in d.peers.iter().filter(|p| p.state != "up") {
             problems.push(format!("peer {} is {}", p.name, p.state));
         }
@@ -461,33 +503,42 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
             problems.push(format!("newest configuration refused: {r}"));
         }
     }
-    let mut daemon = daemon;
-    let mut findings = SaFindings::default();
-    let (keys_in_use, max_seq) =
-        match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| x.dump_states()) {
-            Ok(states) => {
-                let ours: Vec<_> = states.into_iter().filter(|s| s.is_ours()).collect();
-                if let (Some(d), Some(c)) = (daemon.as_mut(), cfg.as_ref())
-                    && c.settings.mode == config::Mode::Ipsec
-                {
-                    findings = ipsec_per_peer(c, &ours, &mut d.peers);
-                }
-                (
-                    ours.len(),
-                    ours.iter().map(|s| s.counters.oseq).max().unwrap_or(0),
-                )
+    problems
+}
+
+/// encryptd's SAs in the kernel now: how many, the highest sequence number sent, and
+/// (IPsec mode) each peer's bytes and counter findings into the snapshot's peers.
+fn kernel_sas(
+    cfg: Option<&config::Config>,
+    daemon: Option<&mut Snapshot>,
+    problems: &mut Vec<String>,
+) -> (usize, u64, SaFindings) {
+    match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| x.dump_states()) {
+        Ok(states) => {
+            let ours: Vec<_> = states.into_iter().filter(|s| s.is_ours()).collect();
+            let mut findings = SaFindings::default();
+            if let (Some(d), Some(c)) = (daemon, cfg)
+                && c.settings.mode == config::Mode::Ipsec
+            {
+                findings = ipsec_per_peer(c, &ours, &mut d.peers);
             }
-            Err(e) => {
-                problems.push(format!("cannot read XFRM states: {e}"));
-                (0, 0)
-            }
-        };
-    if let (Some(d), Some(c)) = (daemon.as_mut(), cfg.as_ref())
-        && c.settings.mode == config::Mode::Wireguard
-        && let Err(e) = wireguard_traffic(c, &mut d.peers)
-    {
-        problems.push(format!("cannot read the WireGuard device: {e}"));
+            let max_seq = ours.iter().map(|s| s.counters.oseq).max().unwrap_or(0);
+            (ours.len(), max_seq, findings)
+        }
+        Err(e) => {
+            problems.push(format!("cannot read XFRM states: {e}"));
+            (0, 0, SaFindings::default())
+        }
     }
+}
+
+/// The non-zero xfrm_stat counters, each with its meaning and the peers it most likely
+/// concerns; the two that mean broken keys are problems.
+fn xfrm_counters(
+    daemon: Option<&Snapshot>,
+    findings: &SaFindings,
+    problems: &mut Vec<String>,
+) -> Vec<XfrmCounter> {
     let not_up: Vec<String> = daemon
         .iter()
         .flat_map(|d| {
@@ -497,16 +548,16 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
                 .map(|p| p.name.clone())
         })
         .collect();
-    let xfrm_errors: Vec<XfrmCounter> = xfrm_errors()
+    let counters: Vec<XfrmCounter> = xfrm_errors()
         .into_iter()
         .map(|(name, value)| XfrmCounter {
             meaning: explain(&name),
-            peers: concerned_peers(&name, &findings, &not_up),
+            peers: concerned_peers(&name, findings, &not_up),
             name,
             value,
         })
         .collect();
-    for c in &xfrm_errors {
+    for c in &counters {
         if matches!(
             c.name.as_str(),
             "XfrmInStateProtoError" | "XfrmOutStateSeqError"
@@ -514,14 +565,23 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
             problems.push(format!("{} = {}: {}", c.name, c.value, c.meaning));
         }
     }
+    counters
+}
+
+/// Whether table inet encryptd is in the kernel (a problem when the daemon has strict
+/// mode on and it is not), and its drop counters.
+fn strict_in_kernel(
+    daemon: Option<&Snapshot>,
+    problems: &mut Vec<String>,
+) -> (bool, Vec<StrictDrop>) {
     let nft = crate::kernel::nft::Nft::default();
-    let strict_table_in_kernel = matches!(nft.list(), Ok(Some(_)));
-    if daemon.as_ref().is_some_and(|d| d.strict) && !strict_table_in_kernel {
+    let in_kernel = matches!(nft.list(), Ok(Some(_)));
+    if daemon.is_some_and(|d| d.strict) && !in_kernel {
         problems.push(
             "strict mode is on, but table inet encryptd is not in the kernel: nothing stops plaintext to the protected ranges (the daemon puts it back within a second when it runs)".into(),
         );
     }
-    let strict_drops = nft
+    let drops = nft
         .counters()
         .map(|cs| {
             cs.into_iter()
@@ -534,25 +594,7 @@ pub fn main(paths: &Paths, json: bool) -> i32 {
                 .collect()
         })
         .unwrap_or_default();
-    let r = Report {
-        daemon,
-        daemon_running: running,
-        decryption_interfaces: cfg.as_ref().map(decryption_interfaces).unwrap_or_default(),
-        keys_in_use,
-        max_seq,
-        // ESN: 64-bit sequence numbers.
-        max_seq_limit: u64::MAX,
-        xfrm_errors,
-        strict_drops,
-        strict_table_in_kernel,
-        problems,
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-    } else {
-        print_text(&r);
-    }
-    i32::from(!r.problems.is_empty())
+    (in_kernel, drops)
 }
 
 /// Bytes for people: 1023 B, 1.5 KiB, 12.0 MiB.
