@@ -87,35 +87,7 @@ pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
         })
         .collect();
     for &f in &used {
-        // Strict mode's management exceptions (e.g. SSH) are a door to this node's own
-        // service, so that a broken tunnel or a protected range cannot lock the
-        // operators out. Inbound needs no policy (a management host is no peer: no IN
-        // policy covers it; a peer's connections come through its tunnel). Outbound,
-        // the replies, from this node's own addresses and that port, ranked below the
-        // tunnels (a peer gets them encrypted) and above the `block` (a management
-        // host inside a protected range gets them at all). XFRM cannot tell a reply
-        // from a new connection out of that port; nft's `ct direction reply` does.
-        if cfg.settings.strict.enabled {
-            for e in &cfg.settings.strict.exceptions {
-                let proto = Some(match e.proto {
-                    Proto::Tcp => libc::IPPROTO_TCP as u8,
-                    Proto::Udp => libc::IPPROTO_UDP as u8,
-                });
-                for own in me.addresses.iter().filter(|a| family(a) == f) {
-                    out.push(XfrmPolicy {
-                        selector: Selector {
-                            proto,
-                            sport: Some(e.port),
-                            ..Selector::new(Cidr::host(*own), any(f))
-                        },
-                        dir: Direction::Out,
-                        priority: PRIORITY_REPLY,
-                        action: Action::Allow,
-                        template: None,
-                    });
-                }
-            }
-        }
+        door_replies(cfg, f, &mut out);
         if f == Family::V6 {
             for t in ND_TYPES {
                 let nd = Selector::new(any(f), any(f)).icmp_type(t);
@@ -124,69 +96,115 @@ pub fn policies(cfg: &Config) -> Vec<XfrmPolicy> {
             }
         }
     }
-    // Strict mode's defence in depth: a low-priority `block` for the protected ranges, so
-    // that a gap between tunnel policies (a replacement, a node not yet inventoried) drops
-    // (XfrmOutPolBlock) instead of leaking. This node's own prefixes stay reachable.
-    if cfg.settings.strict.enabled {
-        let cidrs = &cfg.settings.strict.cidrs;
-        for f in [Family::V4, Family::V6] {
-            for own in prefixes(me, f) {
-                if cidrs.iter().any(|c| c.overlaps(&own)) {
-                    out.push(exempt(Selector::new(any(f), own), Direction::Out));
-                }
-            }
-        }
-        for c in cidrs {
-            let f = family(&c.addr());
+    strict_block(cfg, &mut out);
+    for peer in cfg.inventory.peers(&me.name) {
+        tunnels(me, peer, &mut out);
+    }
+    out
+}
+
+/// Strict mode's management exceptions (e.g. SSH) are a door to this node's own
+/// service, so that a broken tunnel or a protected range cannot lock the operators out.
+/// Inbound needs no policy (a management host is no peer: no IN policy covers it; a
+/// peer's connections come through its tunnel). Outbound, the replies, from this node's
+/// own addresses and that port, ranked below the tunnels (a peer gets them encrypted)
+/// and above the `block` (a management host inside a protected range gets them at
+/// all). XFRM cannot tell a reply from a new connection out of that port; nft's
+/// `ct direction reply` does.
+fn door_replies(cfg: &Config, f: Family, out: &mut Vec<XfrmPolicy>) {
+    if !cfg.settings.strict.enabled {
+        return;
+    }
+    let me = cfg.me();
+    for e in &cfg.settings.strict.exceptions {
+        let proto = Some(match e.proto {
+            Proto::Tcp => libc::IPPROTO_TCP as u8,
+            Proto::Udp => libc::IPPROTO_UDP as u8,
+        });
+        for own in me.addresses.iter().filter(|a| family(a) == f) {
             out.push(XfrmPolicy {
-                selector: Selector::new(any(f), *c),
+                selector: Selector {
+                    proto,
+                    sport: Some(e.port),
+                    ..Selector::new(Cidr::host(*own), any(f))
+                },
                 dir: Direction::Out,
-                priority: PRIORITY_BLOCK,
-                action: Action::Block,
+                priority: PRIORITY_REPLY,
+                action: Action::Allow,
                 template: None,
             });
         }
     }
-    for peer in cfg.inventory.peers(&me.name) {
-        for f in families(me, peer) {
-            let (mine, theirs) = (endpoint(me, f).unwrap(), endpoint(peer, f).unwrap());
-            let tunnel = |src, dst| {
-                Some(Template {
-                    src,
-                    dst,
-                    reqid: REQID,
-                    mode: EncapMode::Tunnel,
-                })
-            };
-            for l in prefixes(me, f) {
-                for p in prefixes(peer, f) {
-                    let pol = |selector, dir, template| XfrmPolicy {
-                        selector,
-                        dir,
-                        priority: PRIORITY_TUNNEL,
-                        action: Action::Allow,
-                        template,
-                    };
-                    out.push(pol(
-                        Selector::new(l, p),
-                        Direction::Out,
-                        tunnel(mine, theirs),
-                    ));
-                    out.push(pol(
-                        Selector::new(p, l),
-                        Direction::In,
-                        tunnel(theirs, mine),
-                    ));
-                    out.push(pol(
-                        Selector::new(p, l),
-                        Direction::Fwd,
-                        tunnel(theirs, mine),
-                    ));
-                }
+}
+
+/// Strict mode's defence in depth: a low-priority `block` for the protected ranges, so
+/// that a gap between tunnel policies (a replacement, a node not yet inventoried) drops
+/// (XfrmOutPolBlock) instead of leaking. This node's own prefixes stay reachable.
+fn strict_block(cfg: &Config, out: &mut Vec<XfrmPolicy>) {
+    if !cfg.settings.strict.enabled {
+        return;
+    }
+    let me = cfg.me();
+    let cidrs = &cfg.settings.strict.cidrs;
+    for f in [Family::V4, Family::V6] {
+        for own in prefixes(me, f) {
+            if cidrs.iter().any(|c| c.overlaps(&own)) {
+                out.push(exempt(Selector::new(any(f), own), Direction::Out));
             }
         }
     }
-    out
+    for c in cidrs {
+        let f = family(&c.addr());
+        out.push(XfrmPolicy {
+            selector: Selector::new(any(f), *c),
+            dir: Direction::Out,
+            priority: PRIORITY_BLOCK,
+            action: Action::Block,
+            template: None,
+        });
+    }
+}
+
+/// The tunnel policies of one pair: for every prefix pair of each shared family, out,
+/// in and fwd.
+fn tunnels(me: &Node, peer: &Node, out: &mut Vec<XfrmPolicy>) {
+    for f in families(me, peer) {
+        let (mine, theirs) = (endpoint(me, f).unwrap(), endpoint(peer, f).unwrap());
+        let tunnel = |src, dst| {
+            Some(Template {
+                src,
+                dst,
+                reqid: REQID,
+                mode: EncapMode::Tunnel,
+            })
+        };
+        for l in prefixes(me, f) {
+            for p in prefixes(peer, f) {
+                let pol = |selector, dir, template| XfrmPolicy {
+                    selector,
+                    dir,
+                    priority: PRIORITY_TUNNEL,
+                    action: Action::Allow,
+                    template,
+                };
+                out.push(pol(
+                    Selector::new(l, p),
+                    Direction::Out,
+                    tunnel(mine, theirs),
+                ));
+                out.push(pol(
+                    Selector::new(p, l),
+                    Direction::In,
+                    tunnel(theirs, mine),
+                ));
+                out.push(pol(
+                    Selector::new(p, l),
+                    Direction::Fwd,
+                    tunnel(theirs, mine),
+                ));
+            }
+        }
+    }
 }
 
 fn algorithm(k: SaKey) -> Algorithm {
