@@ -10,6 +10,7 @@
 //! a restart adopts the device and its peers, and their sessions go on.
 
 pub mod plan;
+pub mod reconcile;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
 
-use self::plan::Observed;
+use self::reconcile::Observed;
 use crate::config::Config;
 use crate::config::diag::Diagnostic;
 use crate::config::wgkey::{self, PrivateKey};
@@ -259,7 +260,7 @@ impl Engine {
         let have = self.observe(&link)?;
         self.note_status(cfg, &have.device);
         let want = plan::plan(cfg, self.key.public(), &local);
-        let ops = plan::diff(&want, &have);
+        let ops = reconcile::diff(&want, &have);
         let old_names = std::mem::replace(
             &mut self.names,
             want.peers
