@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
 
-use self::reconcile::Observed;
+use self::reconcile::{Observed, Ops};
 use crate::config::Config;
 use crate::config::diag::Diagnostic;
 use crate::config::wgkey::{self, PrivateKey};
@@ -271,12 +271,14 @@ impl Engine {
         if ops.is_empty() {
             return Ok(0);
         }
+        self.execute(&ops, link.index)?;
+        self.log_changes(&ops, &want, &have, &old_names, underlay);
+        Ok(ops.count())
+    }
+
+    /// Send `ops`, in the one order that loses nothing.
+    fn execute(&mut self, ops: &Ops, ifindex: u32) -> Result<(), Error> {
         let ifname = self.ifname.clone();
-        let names = |k: &[u8; 32]| -> String {
-            want.peers
-                .get(k)
-                .map_or_else(|| wgkey::to_base64(k), |p| p.name.clone())
-        };
         // The socket's fwmark before the rules that depend on it; the link up before
         // peers (their first keepalive starts the handshake); peers before the routes
         // into them; stale routes and rules last.
@@ -291,7 +293,7 @@ impl Engine {
         }
         if ops.mtu.is_some() || ops.up {
             self.rtnl
-                .set_link(link.index, ops.mtu, ops.up.then_some(true))?;
+                .set_link(ifindex, ops.mtu, ops.up.then_some(true))?;
         }
         let wg = self.wg.as_mut().expect("observed");
         wg.set_peers(&ifname, &ops.set_peers)?;
@@ -301,6 +303,24 @@ impl Engine {
         self.rtnl.add_rules(&ops.add_rules)?;
         self.rtnl.delete_routes(&ops.delete_routes)?;
         self.rtnl.delete_rules(&ops.delete_rules)?;
+        Ok(())
+    }
+
+    /// One line per peer added, changed or removed, and for detached IPs and the MTU.
+    fn log_changes(
+        &self,
+        ops: &Ops,
+        want: &plan::Desired,
+        have: &Observed,
+        old_names: &BTreeMap<[u8; 32], String>,
+        underlay: u32,
+    ) {
+        let ifname = &self.ifname;
+        let names = |k: &[u8; 32]| -> String {
+            want.peers
+                .get(k)
+                .map_or_else(|| wgkey::to_base64(k), |p| p.name.clone())
+        };
         for u in &ops.set_peers {
             let name = names(&u.public_key);
             if have
@@ -336,7 +356,6 @@ impl Engine {
                 plan::OVERHEAD
             );
         }
-        Ok(ops.count())
     }
 
     /// Remember what the kernel says about each peer; log peers coming up or going down.
