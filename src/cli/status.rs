@@ -81,6 +81,8 @@ pub fn write(dir: &Path, s: &Snapshot) -> std::io::Result<()> {
 }
 
 /// The snapshot and the kernel's XFRM counters in the node_exporter textfile format.
+/// Long on purpose: one metric family after another, in the file's order, each with
+/// its HELP and TYPE next to the values (docs/metrics.md follows the same order).
 pub fn metrics(s: &Snapshot, xfrm: &[(String, u64)]) -> String {
     let mut m = String::new();
     let mut metric = |name: &str, help: &str, ty: &str, samples: &[(String, u64)]| {
@@ -613,6 +615,8 @@ fn human(b: u64) -> String {
     }
 }
 
+/// The report for people. Long on purpose: the sections in the order they are shown,
+/// one after another, so that the code reads as the output does.
 fn print_text(r: &Report) {
     match &r.daemon {
         Some(d) => {

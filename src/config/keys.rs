@@ -181,6 +181,9 @@ fn hex_key(
     Ok(buf)
 }
 
+/// One line of the keys file. Long on purpose: the fields left to right, each checked
+/// where its column is known, so that every message names the exact spot (and never
+/// the key bytes).
 fn parse_line(
     fs: &[Field],
     src: &Source,

@@ -190,6 +190,9 @@ pub struct Unverified {
     bytes: Vec<u8>,
 }
 
+/// The wire format, field after field in the order of docs/hello.md's table, each
+/// bounded before it is read. Long on purpose: an attacker's bytes go through this;
+/// one straight reading is the easiest to check against the table.
 pub fn parse(bytes: &[u8]) -> Result<Unverified, DropReason> {
     if bytes.len() > MAX_LEN {
         return Err(DropReason::Oversized);

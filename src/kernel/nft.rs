@@ -489,7 +489,8 @@ fn tokens(s: &str) -> Vec<Token> {
 
 /// The counters in the output of `nft list table inet encryptd` (also with `-a`): every
 /// rule with `counter packets N bytes M`, with its chain and comment. Sets, maps and other
-/// blocks are skipped, also when they span several lines.
+/// blocks are skipped, also when they span several lines. Long on purpose: one
+/// line-by-line state machine (which block, which chain) reads best in one piece.
 pub fn parse_counters(listing: &str) -> Result<Vec<RuleCounter>, ParseError> {
     let mut out = Vec::new();
     let mut depth = 0usize;

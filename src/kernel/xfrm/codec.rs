@@ -123,6 +123,9 @@ pub(super) fn key_bits(op: Op, s: &XfrmState, key: &[u8]) -> Result<u32, XfrmErr
     u32::try_from(key.len() * 8).map_err(|_| refuse(op, s, "key too long"))
 }
 
+/// An SA as the kernel's add/update message. Long on purpose: the attributes in the
+/// kernel's order, each refused here (before anything is sent) when it cannot be
+/// encoded.
 pub(super) fn state_message(op: Op, s: &XfrmState) -> Result<nx::state::ModifyMessage, XfrmError> {
     check_state_owner(op, s)?;
     if s.src.is_ipv4() != s.dst.is_ipv4() {
@@ -296,6 +299,11 @@ pub(super) fn key_of(key: &mut Vec<u8>, bits: u32) -> Key {
     k
 }
 
+/// A dumped SA back into the object model, extras (what encryptd does not model)
+/// listed so that a foreign shape is a conflict, not a match. Long on purpose: one pass
+/// over the attributes, one arm per attribute, with the key bytes wiped as they are
+/// taken; split up, the half-built state and the scrubbed copy would travel between
+/// functions.
 pub(super) fn parse_state(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Result<DumpedState, XfrmError> {
     // Work on a copy whose keys we wipe as we take them.
     let mut nlas = Scrubbed(vec![XfrmMessage::AddSa(nx::state::ModifyMessage {
