@@ -18,7 +18,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage, address::AddressAttribute};
 
-use super::netlink::{Failure, NETLINK_ROUTE, NetlinkError, NetlinkSocket, NetlinkStats};
+use super::netlink::{Failure, NetlinkError, NetlinkSocket, NetlinkStats, Rtnetlink};
 use crate::net::Cidr;
 use crate::objects::route::{Address, Link, Route, RouteKind, Rule};
 
@@ -56,12 +56,12 @@ fn list(f: &[(String, super::netlink::KernelError)]) -> String {
 /// A `NETLINK_ROUTE` socket in the caller's network namespace.
 #[derive(Debug)]
 pub struct Rtnl {
-    sock: NetlinkSocket,
+    sock: NetlinkSocket<Rtnetlink>,
 }
 
 impl Rtnl {
     pub fn open() -> Result<Rtnl, LinkError> {
-        let sock = NetlinkSocket::open(NETLINK_ROUTE).map_err(|source| LinkError::Netlink {
+        let sock = NetlinkSocket::open().map_err(|source| LinkError::Netlink {
             what: "rtnetlink".into(),
             source,
         })?;

@@ -29,6 +29,45 @@ use zeroize::Zeroize;
 
 pub use netlink_sys::protocols::{NETLINK_ROUTE, NETLINK_XFRM};
 
+/// A netlink protocol and the one message type its sockets carry, so that an XFRM
+/// message cannot be sent to an rtnetlink socket: the compiler refuses it.
+///
+/// ```no_run
+/// use encryptd::kernel::netlink::{NetlinkSocket, XfrmNetlink};
+/// use netlink_packet_xfrm::{XfrmMessage, state::GetDumpMessage};
+/// let mut xfrm = NetlinkSocket::<XfrmNetlink>::open().unwrap();
+/// xfrm.dump("states", &XfrmMessage::GetDumpSa(GetDumpMessage::default())).unwrap();
+/// ```
+///
+/// The same request to an rtnetlink socket does not compile:
+///
+/// ```compile_fail,E0308
+/// use encryptd::kernel::netlink::{NetlinkSocket, Rtnetlink};
+/// use netlink_packet_xfrm::{XfrmMessage, state::GetDumpMessage};
+/// let mut route = NetlinkSocket::<Rtnetlink>::open().unwrap();
+/// route.dump("states", &XfrmMessage::GetDumpSa(GetDumpMessage::default())).unwrap();
+/// ```
+pub trait Protocol {
+    const NUMBER: isize;
+    type Message: NetlinkSerializable + NetlinkDeserializable<Error: fmt::Display>;
+}
+
+/// `NETLINK_XFRM`: kernel IPsec.
+pub struct XfrmNetlink;
+
+impl Protocol for XfrmNetlink {
+    const NUMBER: isize = NETLINK_XFRM;
+    type Message = netlink_packet_xfrm::XfrmMessage;
+}
+
+/// `NETLINK_ROUTE`: links, addresses, routes, rules.
+pub struct Rtnetlink;
+
+impl Protocol for Rtnetlink {
+    const NUMBER: isize = NETLINK_ROUTE;
+    type Message = netlink_packet_route::RouteNetlinkMessage;
+}
+
 /// Upper bound of the bytes one `sendmsg` carries (the kernel refuses more than the
 /// socket's send buffer; the socket asks for twice this much).
 pub const MAX_BATCH_BYTES: usize = 64 * 1024;
@@ -122,16 +161,17 @@ pub struct NetlinkStats {
 
 /// A connected netlink socket for one protocol, in the network namespace of the thread
 /// that opened it.
-pub struct NetlinkSocket {
+pub struct NetlinkSocket<P: Protocol> {
     sock: Socket,
     protocol: isize,
     seq: u32,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
     stats: NetlinkStats,
+    _protocol: std::marker::PhantomData<P>,
 }
 
-impl fmt::Debug for NetlinkSocket {
+impl<P: Protocol> fmt::Debug for NetlinkSocket<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NetlinkSocket")
             .field("fd", &self.sock.as_raw_fd())
@@ -142,7 +182,7 @@ impl fmt::Debug for NetlinkSocket {
     }
 }
 
-impl AsRawFd for NetlinkSocket {
+impl<P: Protocol> AsRawFd for NetlinkSocket<P> {
     fn as_raw_fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
@@ -156,10 +196,10 @@ struct RawMsg<'a> {
     bytes: &'a [u8],
 }
 
-impl NetlinkSocket {
-    /// Open, bind (kernel-assigned port) and connect a socket for `protocol`
-    /// (e.g. [`NETLINK_XFRM`]).
-    pub fn open(protocol: isize) -> Result<NetlinkSocket, NetlinkError> {
+impl<P: Protocol> NetlinkSocket<P> {
+    /// Open, bind (kernel-assigned port) and connect a socket for `P`.
+    pub fn open() -> Result<NetlinkSocket<P>, NetlinkError> {
+        let protocol = P::NUMBER;
         let err = |source| NetlinkError::Open { protocol, source };
         let mut sock = Socket::new(protocol).map_err(err)?;
         sock.bind_auto().map_err(err)?;
@@ -196,6 +236,7 @@ impl NetlinkSocket {
             send_buf: Vec::with_capacity(MAX_BATCH_BYTES),
             recv_buf: vec![0; RECV_BUF_LEN],
             stats: NetlinkStats::default(),
+            _protocol: std::marker::PhantomData,
         })
     }
 
@@ -221,10 +262,10 @@ impl NetlinkSocket {
     /// `Ok` holds the requests the kernel rejected, in order (empty: all applied); the
     /// others were applied. `Err` means the socket failed and the outcome of the current
     /// chunk is unknown (earlier chunks were applied or reported as usual).
-    pub fn execute<M: NetlinkSerializable>(
+    pub fn execute(
         &mut self,
         what: &str,
-        requests: &[M],
+        requests: &[P::Message],
         flags: u16,
     ) -> Result<Vec<Failure>, NetlinkError> {
         let mut failures = Vec::new();
@@ -298,11 +339,11 @@ impl NetlinkSocket {
 
     /// Send one dump request (`NLM_F_REQUEST | NLM_F_DUMP`) and collect every reply until
     /// `NLMSG_DONE`. A dump the kernel marks as interrupted (`NLM_F_DUMP_INTR`) is retried.
-    pub fn dump<M>(&mut self, what: &str, request: &M) -> Result<Vec<M>, NetlinkError>
-    where
-        M: NetlinkSerializable + NetlinkDeserializable,
-        M::Error: fmt::Display,
-    {
+    pub fn dump(
+        &mut self,
+        what: &str,
+        request: &P::Message,
+    ) -> Result<Vec<P::Message>, NetlinkError> {
         for _ in 0..DUMP_ATTEMPTS {
             if let Some(v) = self.dump_once(what, request)? {
                 return Ok(v);
@@ -314,11 +355,11 @@ impl NetlinkSocket {
         })
     }
 
-    fn dump_once<M>(&mut self, what: &str, request: &M) -> Result<Option<Vec<M>>, NetlinkError>
-    where
-        M: NetlinkSerializable + NetlinkDeserializable,
-        M::Error: fmt::Display,
-    {
+    fn dump_once(
+        &mut self,
+        what: &str,
+        request: &P::Message,
+    ) -> Result<Option<Vec<P::Message>>, NetlinkError> {
         self.send_buf.clear();
         let seq = self.next_seq();
         push_message(&mut self.send_buf, request, NLM_F_REQUEST | NLM_F_DUMP, seq);
@@ -369,12 +410,13 @@ impl NetlinkSocket {
                         what: String::new(),
                     }),
                     _ => {
-                        let msg = NetlinkMessage::<M>::deserialize(m.bytes).map_err(|e| {
-                            NetlinkError::Decode {
-                                what: String::new(),
-                                reason: format!("message type {}: {e}", m.ty),
-                            }
-                        })?;
+                        let msg =
+                            NetlinkMessage::<P::Message>::deserialize(m.bytes).map_err(|e| {
+                                NetlinkError::Decode {
+                                    what: String::new(),
+                                    reason: format!("message type {}: {e}", m.ty),
+                                }
+                            })?;
                         if let NetlinkPayload::InnerMessage(inner) = msg.payload {
                             out.push(inner);
                         }

@@ -22,7 +22,7 @@ use netlink_packet_xfrm::{
 use zeroize::Zeroize;
 
 use super::netlink::{
-    Failure, KernelError, NETLINK_XFRM, NetlinkError, NetlinkSocket, NetlinkStats,
+    Failure, KernelError, NetlinkError, NetlinkSocket, NetlinkStats, XfrmNetlink,
 };
 use crate::objects::xfrm::*;
 
@@ -189,12 +189,12 @@ fn scrub(nlas: &mut [XfrmAttrs]) {
 /// opened it.
 #[derive(Debug)]
 pub struct Xfrm {
-    sock: NetlinkSocket,
+    sock: NetlinkSocket<XfrmNetlink>,
 }
 
 impl Xfrm {
     pub fn open() -> Result<Xfrm, XfrmError> {
-        let sock = NetlinkSocket::open(NETLINK_XFRM).map_err(|source| XfrmError::Netlink {
+        let sock = NetlinkSocket::open().map_err(|source| XfrmError::Netlink {
             op: Op::Open,
             source,
         })?;
