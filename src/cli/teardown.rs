@@ -11,7 +11,7 @@
 use std::fmt::Display;
 
 use crate::kernel::link::Rtnl;
-use crate::kernel::wireguard::uapi_socket;
+use crate::kernel::wireguard::userspace_backend;
 use crate::kernel::xfrm::Xfrm;
 use crate::wireguard::plan;
 
@@ -28,6 +28,28 @@ impl<T: Default> Report<T> {
     fn step<V, E: Display>(&mut self, what: &str, r: Result<V, E>) -> Option<V> {
         r.map_err(|e| self.errors.push(format!("{what}: {e}"))).ok()
     }
+
+    /// Of what was read (`dumped`), delete the objects `ours` keeps with `delete`. The
+    /// number deleted; 0 when reading or deleting failed (recorded, naming `what`).
+    fn remove<D, O, E: Display, F: Display>(
+        &mut self,
+        what: &str,
+        dumped: Result<Vec<D>, E>,
+        ours: impl FnMut(D) -> Option<O>,
+        delete: impl FnOnce(&[O]) -> Result<(), F>,
+    ) -> usize {
+        let Some(dumped) = self.step(&format!("reading {what}"), dumped) else {
+            return 0;
+        };
+        let ours: Vec<O> = dumped.into_iter().filter_map(ours).collect();
+        match delete(&ours) {
+            Ok(()) => ours.len(),
+            Err(e) => {
+                self.errors.push(format!("deleting {what}: {e}"));
+                0
+            }
+        }
+    }
 }
 
 /// Remove WireGuard mode's interface `ifname` (the kernel's, or a userspace
@@ -39,11 +61,9 @@ pub fn wireguard(ifname: &str) -> Report<(bool, usize)> {
         return out;
     };
     let link = out.step(&format!("reading link {ifname}"), r.link(ifname));
-    let link = link.flatten().filter(|l| match l.kind.as_deref() {
-        Some("wireguard") => true,
-        Some("tun") => uapi_socket(ifname).exists(),
-        _ => false,
-    });
+    let link = link
+        .flatten()
+        .filter(|l| userspace_backend(ifname, l.kind.as_deref()).is_some());
     if let Some(l) = &link
         && out
             .step(&format!("deleting link {ifname}"), r.delete_link(l.index))
@@ -51,27 +71,20 @@ pub fn wireguard(ifname: &str) -> Report<(bool, usize)> {
     {
         out.removed.0 = true;
     }
-    if let Some(rules) = out.step("reading policy rules", r.rules()) {
-        let rules: Vec<_> = rules.into_iter().filter(plan::is_our_rule).collect();
-        if out
-            .step("deleting policy rules", r.delete_rules(&rules))
-            .is_some()
-        {
-            out.removed.1 += rules.len();
-        }
-    }
+    out.removed.1 += out.remove(
+        "policy rules",
+        r.rules(),
+        |x| plan::is_our_rule(&x).then_some(x),
+        |rules| r.delete_rules(rules),
+    );
     // strict mode's blackhole and throw routes outlive the interface
     for table in [plan::TABLE, plan::BLACKHOLE_TABLE] {
-        if let Some(routes) = out.step(&format!("reading routes of table {table}"), r.routes(table))
-            && out
-                .step(
-                    &format!("deleting routes of table {table}"),
-                    r.delete_routes(&routes),
-                )
-                .is_some()
-        {
-            out.removed.1 += routes.len();
-        }
+        out.removed.1 += out.remove(
+            &format!("routes of table {table}"),
+            r.routes(table),
+            Some,
+            |routes| r.delete_routes(routes),
+        );
     }
     out
 }
@@ -83,31 +96,22 @@ pub fn wireguard_strict() -> Report<usize> {
     let Some(mut r) = out.step("rtnetlink", Rtnl::open()) else {
         return out;
     };
-    if let Some(rules) = out.step("reading policy rules", r.rules()) {
-        let rules: Vec<_> = rules
-            .into_iter()
-            .filter(|x| {
-                plan::is_our_rule(x) && (x.sport.is_some() || x.table == plan::BLACKHOLE_TABLE)
-            })
-            .collect();
-        if out
-            .step("deleting policy rules", r.delete_rules(&rules))
-            .is_some()
-        {
-            out.removed += rules.len();
-        }
-    }
+    out.removed += out.remove(
+        "policy rules",
+        r.rules(),
+        |x| {
+            (plan::is_our_rule(&x) && (x.sport.is_some() || x.table == plan::BLACKHOLE_TABLE))
+                .then_some(x)
+        },
+        |rules| r.delete_rules(rules),
+    );
     let table = plan::BLACKHOLE_TABLE;
-    if let Some(routes) = out.step(&format!("reading routes of table {table}"), r.routes(table))
-        && out
-            .step(
-                &format!("deleting routes of table {table}"),
-                r.delete_routes(&routes),
-            )
-            .is_some()
-    {
-        out.removed += routes.len();
-    }
+    out.removed += out.remove(
+        &format!("routes of table {table}"),
+        r.routes(table),
+        Some,
+        |routes| r.delete_routes(routes),
+    );
     out
 }
 
@@ -117,32 +121,18 @@ pub fn ipsec() -> Report<(usize, usize)> {
     let Some(mut x) = out.step("XFRM", Xfrm::open()) else {
         return out;
     };
-    if let Some(policies) = out.step("reading XFRM policies", x.dump_policies()) {
-        let policies: Vec<_> = policies
-            .into_iter()
-            .filter(|d| d.is_ours())
-            .map(|d| d.policy)
-            .collect();
-        if out
-            .step("deleting XFRM policies", x.delete_policies(&policies))
-            .is_some()
-        {
-            out.removed.1 = policies.len();
-        }
-    }
-    if let Some(states) = out.step("reading XFRM states", x.dump_states()) {
-        let states: Vec<_> = states
-            .into_iter()
-            .filter(|d| d.is_ours())
-            .map(|d| d.state)
-            .collect();
-        if out
-            .step("deleting XFRM states", x.delete_states(&states))
-            .is_some()
-        {
-            out.removed.0 = states.len();
-        }
-    }
+    out.removed.1 = out.remove(
+        "XFRM policies",
+        x.dump_policies(),
+        |d| d.is_ours().then_some(d.policy),
+        |p| x.delete_policies(p),
+    );
+    out.removed.0 = out.remove(
+        "XFRM states",
+        x.dump_states(),
+        |d| d.is_ours().then_some(d.state),
+        |st| x.delete_states(st),
+    );
     out
 }
 
@@ -168,5 +158,36 @@ mod tests {
         assert_eq!(ran, ["first", "second", "third"]);
         assert_eq!(out.removed, 5);
         assert_eq!(out.errors, ["second: EPERM"]);
+    }
+
+    /// Only our objects are deleted and counted; a failed read or delete is named.
+    #[test]
+    fn remove_deletes_ours_and_names_what_failed() {
+        let mut out: Report<usize> = Report::default();
+        let mut deleted = Vec::new();
+        out.removed += out.remove(
+            "things",
+            Ok::<_, String>(vec![1, 2, 3, 4]),
+            |n| (n % 2 == 0).then_some(n),
+            |ours| {
+                deleted.extend_from_slice(ours);
+                Ok::<(), String>(())
+            },
+        );
+        assert_eq!((out.removed, deleted), (2, vec![2, 4]));
+        out.removed += out.remove(
+            "rules",
+            Err::<Vec<u8>, _>("EPERM".to_string()),
+            Some,
+            |_| -> Result<(), String> { panic!("nothing read, nothing to delete") },
+        );
+        out.removed += out.remove("routes", Ok::<_, String>(vec![7]), Some, |_| {
+            Err::<(), _>("EBUSY".to_string())
+        });
+        assert_eq!(out.removed, 2);
+        assert_eq!(
+            out.errors,
+            ["reading rules: EPERM", "deleting routes: EBUSY"]
+        );
     }
 }
