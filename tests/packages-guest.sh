@@ -218,7 +218,7 @@ after_reboot() {   # the second boot: the strict table came before the network a
     rm -rf /etc/systemd/system/encryptd.service.d && systemctl daemon-reload
 }
 
-removed() {   # $1 = output of the purge/erase, $2 = what may stay in /etc/encryptd
+removed() {   # $1 = output of the purge/erase, $2 = what may stay in /etc/encryptd, $3 = what stays in /var/lib/encryptd (empty: the directory goes)
     check "stopped" eq "$(systemctl is-active encryptd)" inactive
     check "unit gone" eq "$(systemctl show -p LoadState --value encryptd)" not-found
     check "encryptd-strict.service unit gone" eq "$(systemctl show -p LoadState --value encryptd-strict)" not-found
@@ -226,7 +226,12 @@ removed() {   # $1 = output of the purge/erase, $2 = what may stay in /etc/encry
         eval '! test -L /etc/systemd/system/sysinit.target.wants/encryptd-strict.service'
     check "/var/lib/encryptd/strict.nft gone" test ! -e /var/lib/encryptd/strict.nft
     check "/usr/bin/encryptd gone" test ! -e /usr/bin/encryptd
-    check "/var/lib/encryptd gone" test ! -e /var/lib/encryptd
+    if [ -z "${3:-}" ]; then
+        check "/var/lib/encryptd gone" test ! -e /var/lib/encryptd
+    else
+        check "/var/lib/encryptd kept, 0700 root" eq "$(stat -c '%a %U' /var/lib/encryptd 2>&1)" "700 root"
+        check "left in /var/lib/encryptd: $3" eq "$(ls -A /var/lib/encryptd 2>&1 | tr '\n' ' ')" "$3"
+    fi
     check "left in /etc/encryptd: $2" eq "$(ls -A /etc/encryptd 2>&1 | tr '\n' ' ')" "$2"
     if grep -q 'unknown command "teardown"' <<<"$1"; then
         echo "  NOTE encryptd teardown was called but this binary does not have it yet: the kernel"
@@ -319,11 +324,16 @@ section ".rpm: encryptd-strict.service"
 strict_at_boot
 
 section ".rpm: rpm -e"
+# The node's WireGuard identity must survive an erase (rpm has no purge): a key made
+# the way the daemon makes it, and its public half before and after.
+(umask 077 && encryptd keygen >/var/lib/encryptd/wireguard.key)
+idkey=$(sha256sum /var/lib/encryptd/wireguard.key)
 out=$(rpm -e --nodeps encryptd 2>&1); rc=$?
 echo "$out" | sed 's/^/       | /'
 check "rpm -e" test $rc = 0
 # rpm keeps the operator's edited config files as .rpmsave on erase (it has no purge).
-removed "$out" "encryptd.toml.rpmsave ipsec.keys nodes.toml.rpmsave "
+removed "$out" "encryptd.toml.rpmsave ipsec.keys nodes.toml.rpmsave " "wireguard.key "
+check "erase kept the WireGuard private key unchanged" eq "$(sha256sum /var/lib/encryptd/wireguard.key 2>&1)" "$idkey"
 stop_peer
 
 section "the daemon's journal during the test"
