@@ -201,6 +201,9 @@ chmod +x "$I/init"
 TIMEOUT=${PKGTEST_TIMEOUT:-600}
 boot() {   # $1: the boot's number. Returns when qemu has exited.
     say "boot $1 of the clean root under qemu (Debian kernel $KV, systemd); the guest's output follows"
+    # Made before qemu starts: `tail -f` below gives up at once on a file not there yet,
+    # and the guest's output (every check's line) would be lost from the log.
+    : >"$WORK/guest-$1.out"
     timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
         -machine "q35,accel=${VM_ACCEL:-tcg}" -cpu max -smp "${VM_SMP:-2}" -m "${VM_MEM:-1024}" \
         -nodefaults -no-user-config -nographic -no-reboot -monitor none \
