@@ -4,7 +4,8 @@
 #
 #   1. `cargo build --release --locked` (skipped when ENCRYPTD_BIN names a built binary);
 #   2. lays out one staging tree: the binary, systemd/encryptd.service and
-#      systemd/encryptd-strict.service, etc/, docs/man/, README.md, docs/hello.md;
+#      systemd/encryptd-strict.service, etc/ (the examples), packaging/etc/ (what goes
+#      to /etc/encryptd), docs/man/, README.md, docs/*.md for operators;
 #   3. .deb: packaging/debian/ as its debian/, `dpkg-buildpackage -b` (debhelper);
 #      .rpm: a tarball of the tree and packaging/rpm/encryptd.spec, `rpmbuild -bb`
 #      (Debian's `rpm` package).
@@ -63,13 +64,14 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/encryptd-pkg.XXXXXX")
 if [ -n "${PKG_KEEP:-}" ]; then log "work dir kept: $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
 S=$WORK/encryptd-$VERSION
-mkdir -p "$S/etc" "$S/man" "$S/docs"
+mkdir -p "$S/etc" "$S/default" "$S/man" "$S/docs"
 install -m 0755 "$BIN" "$S/encryptd"
 cp systemd/encryptd.service systemd/encryptd-strict.service "$S/"
 cp etc/encryptd.toml etc/nodes.toml etc/ipsec.keys "$S/etc/"
+cp packaging/etc/encryptd.toml "$S/default/"
 cp docs/man/encryptd.8 docs/man/encryptd.toml.5 "$S/man/"
 cp README.md LICENSE-MIT LICENSE-APACHE "$S/"
-cp docs/hello.md "$S/docs/"
+cp docs/hello.md docs/metrics.md docs/status.md docs/strict.md docs/wireguard.md "$S/docs/"
 # The man pages say which version they document.
 sed -i "s/\"encryptd [0-9][^\"]*\"/\"encryptd $VERSION\"/" "$S"/man/*
 

@@ -6,6 +6,10 @@
 //! vocabulary of `objects`; `kernel` holds the codecs and executors, touched only by the
 //! engine shells (`ipsec`, `wireguard`, `strict`), `daemon` (the one poll loop) and `cli`.
 
+/// This build's version, and the commit it was built from (build.rs).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("ENCRYPTD_COMMIT");
+
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -568,3 +568,46 @@ fn protected_ranges_covering_one_family_only_are_a_warning() {
         .check(&[]);
     assert_eq!((code, err.as_str()), (0, ""));
 }
+
+/// The package's /etc/encryptd/encryptd.toml on a node nobody has configured: the
+/// daemon and `check` say in one line what to write, and the unit's condition
+/// (`check --configured`) keeps it from failing at every boot until then.
+#[test]
+fn an_unconfigured_node_is_told_what_to_write() {
+    let f = Fixture::new();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/etc/encryptd.toml");
+    std::fs::copy(shipped, f.dir.join("encryptd.toml")).unwrap();
+    for gone in ["nodes.toml", "ipsec.keys"] {
+        std::fs::remove_file(f.dir.join(gone)).unwrap();
+    }
+    let want = "nodes.toml:1:1: this node is not configured yet: write the inventory here \
+                (every node of the fleet) and the IPsec keys in ipsec.keys; examples in \
+                /usr/share/doc/encryptd/examples, see encryptd.toml(5)";
+    let (code, _, err) = f.check(&[]);
+    assert_eq!((code, err.lines().next()), (1, Some(want)), "{err}");
+    assert_eq!(err.lines().count(), 2, "one problem and the count:\n{err}");
+    let (code, _, err) = f.check(&["--configured"]);
+    assert_eq!((code, err.trim_end()), (1, want));
+    // The daemon refuses to start with the same line (before it touches the kernel).
+    let out = common::output(
+        Command::new(env!("CARGO_BIN_EXE_encryptd"))
+            .args(["run", "--config"])
+            .arg(f.dir.join("encryptd.toml")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).replace(&format!("{}/", f.dir.display()), "");
+    assert!(
+        out.status.code() == Some(1) && err.contains(want),
+        "run: {:?}\n{err}",
+        out.status
+    );
+    // With an inventory the node counts as configured: what is still wrong (no key
+    // file here) is for the start to report, loudly.
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/nodes.toml"),
+        f.dir.join("nodes.toml"),
+    )
+    .unwrap();
+    assert_eq!(f.check(&["--configured"]).0, 0);
+    let (code, _, err) = f.check(&[]);
+    assert!(code == 1 && err.contains("ipsec.keys"), "{err}");
+}

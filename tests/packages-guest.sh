@@ -84,7 +84,11 @@ node = "pkgtest"
 enabled = true
 cidrs = ["10.99.0.0/16"]
 exceptions = [{ proto = "tcp", port = 22 }]
+[metrics]
+path = "/var/lib/prometheus/node-exporter/encryptd.prom"
 EOF
+    # As Debian's prometheus-node-exporter makes it: root 0755.
+    install -d -m 0755 /var/lib/prometheus/node-exporter
     cat >/etc/encryptd/nodes.toml <<'EOF'
 [[node]]
 name = "pkgtest"
@@ -110,10 +114,31 @@ after_install() {   # $1 = the unit's directory for this format
     check "no /etc/encryptd/ipsec.keys installed" test ! -e /etc/encryptd/ipsec.keys
     check "ipsec.keys only as an example" test -s /usr/share/doc/encryptd/examples/ipsec.keys
     check "/etc/encryptd/encryptd.toml installed" test -s /etc/encryptd/encryptd.toml
-    check "/etc/encryptd/nodes.toml installed" test -s /etc/encryptd/nodes.toml
+    check "no /etc/encryptd/nodes.toml installed" test ! -e /etc/encryptd/nodes.toml
+    check "the annotated examples in /usr/share/doc/encryptd/examples" \
+        test -s /usr/share/doc/encryptd/examples/encryptd.toml -a -s /usr/share/doc/encryptd/examples/nodes.toml
+    check "docs/metrics.md and docs/status.md shipped" \
+        sh -c 'ls /usr/share/doc/encryptd/ | grep -q "^metrics.md" && ls /usr/share/doc/encryptd/ | grep -q "^status.md"'
+    unconfigured
     check "/var/lib/encryptd is 0700 root" eq "$(stat -c '%a %U' /var/lib/encryptd)" "700 root"
     check "man page encryptd(8)" test -s /usr/share/man/man8/encryptd.8.gz
     check "man page encryptd.toml(5)" test -s /usr/share/man/man5/encryptd.toml.5.gz
+}
+
+unconfigured() {   # installed, nobody configured it: told what to write, nothing failed
+    local want="/etc/encryptd/nodes.toml:1:1: this node is not configured yet"
+    check "encryptd check: not configured, one line" eq "$(encryptd check 2>&1 | sed -n 1p | cut -c1-${#want}) $(encryptd check >/dev/null 2>&1; echo $?)" "$want 1"
+    # What a boot does: the same start job, skipped by ExecCondition=. (Result= is no
+    # help: it keeps the last run's across a skip.)
+    local since; since=$(date +%s); sleep 1
+    systemctl start encryptd
+    check "start on an unconfigured node: inactive, not failed" eq "$(systemctl show -p ActiveState --value encryptd)" inactive
+    check "nothing failed (systemctl --failed)" eq "$(systemctl list-units --failed --plain --no-legend | grep -c encryptd)" 0
+    check "systemd says: skipped by its condition" sh -c \
+        "journalctl --since @$since --no-pager | grep -q 'encryptd.service.*being skipped'"
+    check "the journal says what to write" sh -c \
+        "journalctl --since @$since -u encryptd --no-pager | grep -q 'not configured yet: write the inventory'"
+    check "nothing in the kernel" eq "$(ip xfrm policy | grep -c '^src') $(nft list table inet encryptd >/dev/null 2>&1; echo $?)" "0 1"
 }
 
 start_and_status() {
@@ -128,6 +153,14 @@ start_and_status() {
     check "SAs to the peer installed" test "$(ip xfrm state | grep -c '^src')" -gt 0
     check "ping through the tunnel" ping -q -c 2 -W 5 -I 10.99.1.1 10.99.2.1
     check "strict table installed" sh -c 'nft list table inet encryptd >/dev/null'
+    # The metrics, out of the box: written through the unit's sandbox, readable by
+    # node_exporter's unprivileged user.
+    local prom=/var/lib/prometheus/node-exporter/encryptd.prom
+    check "metrics file written by the unit, 0644 root" eq "$(stat -c '%a %U' $prom 2>&1)" "644 root"
+    check "metrics readable by an unprivileged user" sh -c \
+        "setpriv --reuid=65534 --regid=65534 --clear-groups cat $prom | grep -qx 'encryptd_peers_up 1'"
+    check "encryptd status: exit 0, ENCRYPTD OK" eq "$(encryptd status | sed -n 1p) $(encryptd status >/dev/null; echo $?)" \
+        "ENCRYPTD OK - 1 of 1 peers up 0"
 }
 
 ping_start() { ping -n -i 0.05 -W 1 -I 10.99.1.1 10.99.2.1 >/run/ping.out 2>&1 & echo $! >/run/ping.pid; sleep 1; }
@@ -251,7 +284,7 @@ dpkg -i /ctl/encryptd_${VERSION}_amd64.deb </dev/null 2>&1 | sed 's/^/       | /
 check "dpkg -i" test "${PIPESTATUS[0]}" = 0
 after_install /lib/systemd/system
 check "conffiles" eq "$(dpkg-query -W -f='${Conffiles}' encryptd | awk 'NF{print $1}' | tr '\n' ' ')" \
-    "/etc/encryptd/encryptd.toml /etc/encryptd/nodes.toml "
+    "/etc/encryptd/encryptd.toml "
 
 section ".deb: configure and start"
 start_and_status
@@ -297,7 +330,8 @@ out=$(dpkg --purge encryptd </dev/null 2>&1); rc=$?
 echo "$out" | sed 's/^/       | /'
 check "dpkg --purge" test $rc = 0
 check "no package left" eval '! dpkg-query -W encryptd >/dev/null 2>&1'
-removed "$out" "ipsec.keys "
+# The operator's files stay: the key and the inventory (no longer a conffile).
+removed "$out" "ipsec.keys nodes.toml "
 stop_peer
 
 # The .rpm on the same Debian guest: its scriptlets under real systemd. --nodeps: rpm's
@@ -332,7 +366,8 @@ out=$(rpm -e --nodeps encryptd 2>&1); rc=$?
 echo "$out" | sed 's/^/       | /'
 check "rpm -e" test $rc = 0
 # rpm keeps the operator's edited config files as .rpmsave on erase (it has no purge).
-removed "$out" "encryptd.toml.rpmsave ipsec.keys nodes.toml.rpmsave " "wireguard.key "
+# nodes.toml, %ghost (the operator's, never the package's), stays as it is.
+removed "$out" "encryptd.toml.rpmsave ipsec.keys nodes.toml " "wireguard.key "
 check "erase kept the WireGuard private key unchanged" eq "$(sha256sum /var/lib/encryptd/wireguard.key 2>&1)" "$idkey"
 stop_peer
 

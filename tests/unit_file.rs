@@ -112,6 +112,17 @@ fn unit_keeps_the_contract() {
     assert_eq!(single(&unit, service, "Type"), "notify");
     assert_eq!(single(&unit, service, "NotifyAccess"), "main");
     assert_eq!(single(&unit, service, "ExecStart"), "/usr/bin/encryptd run");
+    // An unconfigured node is skipped at boot, not failed (tests/check.rs has the exit
+    // codes, tests/packages-guest.sh the boot).
+    assert_eq!(
+        single(&unit, service, "ExecCondition"),
+        "/usr/bin/encryptd check --configured"
+    );
+    // The metrics file is written where node_exporter looks on Debian, out of the box.
+    assert!(
+        values(&unit, service, "ReadWritePaths").contains(&"-/var/lib/prometheus/node-exporter"),
+        "ReadWritePaths= lacks node_exporter's textfile directory"
+    );
     assert_eq!(single(&unit, service, "Restart"), "on-failure");
 
     // ExecReload sends SIGHUP to the main process.
@@ -169,7 +180,7 @@ fn unit_keeps_the_contract() {
 
 #[test]
 fn systemd_analyze_verify_is_silent() {
-    // verify insists that ExecStart= exists and is executable: point it at the built
+    // verify insists that ExecStart= (and ExecCondition=) exist and are executable: point them at the built
     // binary in a copy of the unit (same file name, so the same unit name).
     let bin = env!("CARGO_BIN_EXE_encryptd").replace('%', "%%");
     let bin = if bin.contains(char::is_whitespace) {
@@ -181,17 +192,19 @@ fn systemd_analyze_verify_is_silent() {
     let mut replaced = 0;
     let copy: String = original
         .lines()
-        .map(|l| match l.strip_prefix("ExecStart=/usr/bin/encryptd ") {
-            Some(args) => {
-                replaced += 1;
-                format!("ExecStart={bin} {args}\n")
+        .map(|l| {
+            for key in ["ExecStart", "ExecCondition"] {
+                if let Some(args) = l.strip_prefix(&format!("{key}=/usr/bin/encryptd ")) {
+                    replaced += 1;
+                    return format!("{key}={bin} {args}\n");
+                }
             }
-            None => format!("{l}\n"),
+            format!("{l}\n")
         })
         .collect();
     assert_eq!(
-        replaced, 1,
-        "expected one ExecStart=/usr/bin/encryptd line in {UNIT}"
+        replaced, 2,
+        "expected one ExecStart= and one ExecCondition= of /usr/bin/encryptd in {UNIT}"
     );
     let dir = scratch("verify");
     let path = dir.join("encryptd.service");

@@ -21,7 +21,11 @@ commands:
   check [--config PATH] [--inventory PATH] [--keys PATH] [--preshared-key PATH] [CONFIG]
                                            validate the files offline; exit 0 valid, 1 invalid
                                            (the options check another file than the config names)
-  status [--json] [--config PATH]          show peers, keys and counters
+  check --configured [--config PATH]       exit 0 if this node has an inventory, else 1 saying
+                                           what to write (the unit's ExecCondition=)
+  status [--json] [--verbose] [--peer NAME] [--config PATH]
+                                           show peers, keys and counters; exit 0 OK,
+                                           1 WARNING, 2 CRITICAL, 3 UNKNOWN (docs/status.md)
   keygen                                   print a new WireGuard private key
   pubkey [--config PATH]                   print this node's WireGuard public key (from
                                            [wireguard] private_key, created if missing)
@@ -37,8 +41,9 @@ pub const EXIT_USAGE: i32 = 2;
 pub enum Command {
     Run(Paths),
     Check(Paths),
+    Configured(PathBuf),
     Teardown(Paths),
-    Status(Paths, bool),
+    Status(Paths, status::Options),
     Keygen,
     Pubkey(PathBuf),
     Help,
@@ -60,13 +65,19 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
         "-V" | "--version" => return Ok(Command::Version),
         "run" => (&["--config"], false),
         "check" => (
-            &["--config", "--inventory", "--keys", "--preshared-key"],
+            &[
+                "--config",
+                "--inventory",
+                "--keys",
+                "--preshared-key",
+                "--configured",
+            ],
             true,
         ),
         // Ownership is by encryptd's reqid/priority bands and table name, not by the
         // configuration, so teardown works even when the files are gone or broken.
         "teardown" => (&["--config"], false),
-        "status" => (&["--config", "--json"], false),
+        "status" => (&["--config", "--json", "--verbose", "--peer"], false),
         "keygen" => (&[], false),
         "pubkey" => (&["--config"], false),
         other => return Err(format!("unknown command \"{other}\"")),
@@ -79,6 +90,9 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
     };
     let mut config = None;
     let mut json = false;
+    let mut verbose = false;
+    let mut configured = false;
+    let mut peer = None;
     while let Some(arg) = it.next().transpose()? {
         if arg == "-h" || arg == "--help" {
             return Ok(Command::Help);
@@ -91,17 +105,29 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
             if !allowed.contains(&flag.as_str()) {
                 return Err(format!("{cmd}: unknown option {flag}"));
             }
-            if flag == "--json" {
-                json = true;
+            let switch = match flag.as_str() {
+                "--json" => Some(&mut json),
+                "--verbose" => Some(&mut verbose),
+                "--configured" => Some(&mut configured),
+                _ => None,
+            };
+            if let Some(on) = switch {
+                *on = true;
                 continue;
             }
             let value = match inline {
                 Some(v) => v,
-                None => it
-                    .next()
-                    .transpose()?
-                    .ok_or_else(|| format!("{cmd}: {flag} needs a path"))?,
+                None => it.next().transpose()?.ok_or_else(|| {
+                    let what = if flag == "--peer" { "name" } else { "path" };
+                    format!("{cmd}: {flag} needs a {what}")
+                })?,
             };
+            if flag == "--peer" {
+                if peer.replace(value).is_some() {
+                    return Err(format!("{cmd}: {flag} given twice"));
+                }
+                continue;
+            }
             let slot = match flag.as_str() {
                 "--config" => &mut config,
                 "--inventory" => &mut paths.inventory,
@@ -121,9 +147,22 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
     Ok(match cmd.as_str() {
         "run" => Command::Run(paths),
         "teardown" => Command::Teardown(paths),
-        "status" => Command::Status(paths, json),
+        "status" => Command::Status(
+            paths,
+            status::Options {
+                json,
+                verbose,
+                peer,
+            },
+        ),
         "keygen" => Command::Keygen,
         "pubkey" => Command::Pubkey(paths.config),
+        _ if configured => {
+            if paths.inventory.is_some() || paths.keys.is_some() || paths.preshared_key.is_some() {
+                return Err("check: --configured takes only --config".into());
+            }
+            Command::Configured(paths.config)
+        }
         _ => Command::Check(paths),
     })
 }
@@ -139,15 +178,22 @@ pub fn main(args: Vec<OsString>) -> i32 {
             EXIT_OK
         }
         Ok(Command::Version) => {
-            println!("encryptd {}", env!("CARGO_PKG_VERSION"));
+            println!("encryptd {} (commit {})", crate::VERSION, crate::COMMIT);
             EXIT_OK
         }
         Ok(Command::Check(paths)) => check(&paths),
+        Ok(Command::Configured(config)) => match config::configured(&config) {
+            Ok(()) => EXIT_OK,
+            Err(d) => {
+                eprintln!("{d}");
+                EXIT_FAIL
+            }
+        },
         Ok(Command::Keygen) => keygen(),
         Ok(Command::Pubkey(config)) => pubkey(&config),
         Ok(Command::Run(paths)) => crate::daemon::run(paths),
         Ok(Command::Teardown(paths)) => teardown(&paths),
-        Ok(Command::Status(paths, json)) => crate::cli::status::main(&paths, json),
+        Ok(Command::Status(paths, opts)) => status::main(&paths, &opts),
     }
 }
 
@@ -322,6 +368,42 @@ mod tests {
         };
         assert_eq!(paths.config, PathBuf::from(DEFAULT_CONFIG));
         assert_eq!(paths.inventory, Some(PathBuf::from("/tmp/x")));
+    }
+
+    #[test]
+    fn status_arguments() {
+        let Command::Status(paths, opts) = p(&["status", "--verbose", "--peer=n7"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(paths.config, PathBuf::from(DEFAULT_CONFIG));
+        assert_eq!(
+            opts,
+            status::Options {
+                json: false,
+                verbose: true,
+                peer: Some("n7".into())
+            }
+        );
+        assert_eq!(
+            p(&["status", "--peer"]).unwrap_err(),
+            "status: --peer needs a name"
+        );
+        assert_eq!(
+            p(&["status", "--peer", "a", "--peer", "b"]).unwrap_err(),
+            "status: --peer given twice"
+        );
+    }
+
+    #[test]
+    fn configured_takes_only_the_config() {
+        assert_eq!(
+            p(&["check", "--configured", "--config", "x.toml"]).unwrap(),
+            Command::Configured(PathBuf::from("x.toml"))
+        );
+        assert_eq!(
+            p(&["check", "--configured", "--inventory", "n.toml"]).unwrap_err(),
+            "check: --configured takes only --config"
+        );
     }
 
     #[test]

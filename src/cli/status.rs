@@ -17,6 +17,66 @@ pub const SNAPSHOT: &str = "status.json";
 /// A snapshot older than this means the daemon is not running (it rewrites every 10 s).
 const FRESH_SECS: u64 = 60;
 
+/// Past this many peers the text lists only those not up (with the counts by state),
+/// unless `--verbose`: 499 lines of `up` hide the one that is not.
+const PEER_LIST_MAX: usize = 20;
+
+/// What `status` was asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    pub json: bool,
+    /// Every peer, with its SAs (SPI, direction, age, bytes).
+    pub verbose: bool,
+    /// Only this peer: its line, and its problems among the node's own.
+    pub peer: Option<String>,
+}
+
+/// The monitoring-plugin convention (Nagios, Icinga, Sensu): the exit code is the worst
+/// finding. Ordered as monitoring-plugins' `max_state_alt`, so that a CRITICAL is never
+/// hidden behind an UNKNOWN (an unreadable counter next to a dead daemon).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Health {
+    Ok,
+    Unknown,
+    Warning,
+    Critical,
+}
+
+impl Health {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Health::Ok => 0,
+            Health::Warning => 1,
+            Health::Critical => 2,
+            Health::Unknown => 3,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "OK",
+            Health::Warning => "WARNING",
+            Health::Critical => "CRITICAL",
+            Health::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// One thing that needs attention, and how much.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub health: Health,
+    pub problem: String,
+}
+
+fn problem(health: Health, text: impl Into<String>) -> Problem {
+    Problem {
+        health,
+        problem: text.into(),
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerStatus {
     pub name: String,
@@ -39,6 +99,12 @@ pub struct PeerStatus {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Snapshot {
+    /// The daemon's version (`encryptd --version`): after an upgrade, a daemon not yet
+    /// restarted shows the old one.
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub commit: String,
     pub mode: String,
     pub node: String,
     pub pid: u32,
@@ -66,6 +132,12 @@ pub struct Snapshot {
     #[serde(default)]
     pub hello_duplicates: u64,
     pub hello_dropped: std::collections::BTreeMap<String, u64>,
+    /// IPsec: encryptd's SAs in the kernel, and the highest sequence number sent on
+    /// any, at the daemon's last reconcile.
+    #[serde(default)]
+    pub keys_in_use: u64,
+    #[serde(default)]
+    pub max_seq: u64,
 }
 
 pub fn now_secs() -> u64 {
@@ -80,10 +152,22 @@ pub fn write(dir: &Path, s: &Snapshot) -> std::io::Result<()> {
     crate::files::replace(&dir.join(SNAPSHOT), &json, false)
 }
 
-/// The snapshot and the kernel's XFRM counters in the node_exporter textfile format.
+/// What the metrics file adds from the kernel to the snapshot.
+#[derive(Debug, Default)]
+pub struct KernelCounters {
+    /// Every counter of `/proc/net/xfrm_stat`, zeros included.
+    pub xfrm_stat: Vec<(String, u64)>,
+    /// Strict mode's drop rules: (`chain/comment`, packets), one entry per rule (the
+    /// IPv4 and IPv6 rules of one comment are summed here).
+    pub strict_drops: Vec<(String, u64)>,
+}
+
+/// The snapshot and the kernel's counters in the node_exporter textfile format.
 /// Long on purpose: one metric family after another, in the file's order, each with
 /// its HELP and TYPE next to the values (docs/metrics.md follows the same order).
-pub fn metrics(s: &Snapshot, xfrm: &[(String, u64)]) -> String {
+/// Every labelled family carries all its labels from the start (0 until something
+/// happens), so that `rate()` and `increase()` have a baseline.
+pub fn metrics(s: &Snapshot, k: &KernelCounters, per_peer: bool) -> String {
     let mut m = String::new();
     let mut metric = |name: &str, help: &str, ty: &str, samples: &[(String, u64)]| {
         m += &format!("# HELP encryptd_{name} {help}\n# TYPE encryptd_{name} {ty}\n");
@@ -91,104 +175,214 @@ pub fn metrics(s: &Snapshot, xfrm: &[(String, u64)]) -> String {
             m += &format!("encryptd_{name}{labels} {v}\n");
         }
     };
-    let up = s.peers.iter().filter(|p| p.state == "up").count() as u64;
+    let one = |v: u64| [(String::new(), v)];
+    let ipsec = s.mode == "ipsec";
+    metric(
+        "build_info",
+        "The running daemon's version and mode (always 1).",
+        "gauge",
+        &[(
+            format!(
+                "{{version=\"{}\",commit=\"{}\",mode=\"{}\"}}",
+                label(&s.version),
+                label(crate::COMMIT),
+                label(&s.mode)
+            ),
+            1,
+        )],
+    );
+    metric(
+        "last_update_timestamp_seconds",
+        "When the daemon wrote this file (it rewrites it every 10 s): older means the daemon stopped.",
+        "gauge",
+        &one(s.written),
+    );
     metric(
         "peers",
         "Inventoried peers.",
         "gauge",
-        &[(String::new(), s.peers.len() as u64)],
+        &one(s.peers.len() as u64),
     );
+    let up = s.peers.iter().filter(|p| p.state == "up").count() as u64;
     metric(
         "peers_up",
         "Peers with working SAs or handshakes.",
         "gauge",
-        &[(String::new(), up)],
+        &one(up),
     );
-    let per_peer: Vec<(String, u64)> = s
-        .peers
+    let by_state: Vec<(String, u64)> = ["up", "waiting", "stale"]
         .iter()
-        .map(|p| {
-            (
-                format!("{{peer=\"{}\"}}", p.name),
-                u64::from(p.state == "up"),
-            )
+        .map(|st| {
+            let n = s.peers.iter().filter(|p| p.state == *st).count() as u64;
+            (format!("{{state=\"{st}\"}}"), n)
         })
         .collect();
-    metric("peer_up", "1 when the peer is up.", "gauge", &per_peer);
-    for (name, help, get) in [
-        (
-            "peer_receive_bytes",
-            "Bytes received from the peer (IPsec: through the current SAs).",
-            (|p: &PeerStatus| p.rx_bytes) as fn(&PeerStatus) -> u64,
-        ),
-        (
-            "peer_transmit_bytes",
-            "Bytes sent to the peer (IPsec: through the current SAs).",
-            |p: &PeerStatus| p.tx_bytes,
-        ),
-    ] {
-        let samples: Vec<(String, u64)> = s
-            .peers
-            .iter()
-            .map(|p| (format!("{{peer=\"{}\"}}", p.name), get(p)))
-            .collect();
-        // Gauges, not counters: an IPsec rotation starts them again.
-        metric(name, help, "gauge", &samples);
-    }
-    if let Some(k) = s.current_key_id {
+    metric("peers_by_state", "Peers by state.", "gauge", &by_state);
+    // Counters although an IPsec rotation starts each SA's count again: Prometheus
+    // counters may reset, and rate() reads a drop as a reset.
+    let (rx, tx) = s
+        .peers
+        .iter()
+        .fold((0u64, 0u64), |(r, t), p| (r + p.rx_bytes, t + p.tx_bytes));
+    metric(
+        "receive_bytes_total",
+        "Bytes received from all peers (IPsec: through the current SAs).",
+        "counter",
+        &one(rx),
+    );
+    metric(
+        "transmit_bytes_total",
+        "Bytes sent to all peers (IPsec: through the current SAs).",
+        "counter",
+        &one(tx),
+    );
+    if per_peer {
+        let per = |f: fn(&PeerStatus) -> u64| -> Vec<(String, u64)> {
+            s.peers
+                .iter()
+                .map(|p| (format!("{{peer=\"{}\"}}", label(&p.name)), f(p)))
+                .collect()
+        };
         metric(
-            "key_id",
-            "Current IPsec key-id.",
+            "peer_up",
+            "1 when the peer is up.",
             "gauge",
-            &[(String::new(), u64::from(k))],
+            &per(|p| u64::from(p.state == "up")),
+        );
+        metric(
+            "peer_receive_bytes_total",
+            "Bytes received from the peer (IPsec: through the current SAs).",
+            "counter",
+            &per(|p| p.rx_bytes),
+        );
+        metric(
+            "peer_transmit_bytes_total",
+            "Bytes sent to the peer (IPsec: through the current SAs).",
+            "counter",
+            &per(|p| p.tx_bytes),
+        );
+    }
+    if ipsec {
+        if let Some(id) = s.current_key_id {
+            metric(
+                "key_id",
+                "Current IPsec key-id.",
+                "gauge",
+                &one(u64::from(id)),
+            );
+        }
+        metric(
+            "keys_in_use",
+            "encryptd's XFRM states (SAs): 2 per peer and family, 4 during a rotation.",
+            "gauge",
+            &one(s.keys_in_use),
+        );
+        metric(
+            "sequence_number_max",
+            "Highest ESP sequence number sent on any SA (the limit is 2^64 - 1, ESN).",
+            "gauge",
+            &one(s.max_seq),
         );
     }
     metric(
-        "strict",
-        "1 when strict mode is on and the daemon's last check found its table in the kernel.",
+        "strict_enabled",
+        "1 when strict mode is on in the configuration.",
         "gauge",
-        &[(String::new(), u64::from(s.strict && s.strict_in_kernel))],
+        &one(u64::from(s.strict)),
+    );
+    metric(
+        "strict_table_present",
+        "1 when the daemon's last check found table inet encryptd in the kernel.",
+        "gauge",
+        &one(u64::from(s.strict_in_kernel)),
     );
     metric(
         "strict_reinstalls_total",
         "Times the strict table was found removed or changed by another program and put back.",
         "counter",
-        &[(String::new(), s.strict_reinstalls)],
+        &one(s.strict_reinstalls),
     );
-    metric(
-        "config_refused",
-        "1 while the newest configuration files are refused.",
-        "gauge",
-        &[(String::new(), u64::from(s.config_refused.is_some()))],
-    );
-    metric(
-        "hello_received_total",
-        "Hello datagrams received.",
-        "counter",
-        &[(String::new(), s.hello_received)],
-    );
-    let drops: Vec<(String, u64)> = s
-        .hello_dropped
+    let drops: Vec<(String, u64)> = k
+        .strict_drops
         .iter()
-        .map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v))
+        .map(|(rule, v)| (format!("{{rule=\"{}\"}}", label(rule)), *v))
         .collect();
     metric(
-        "hello_dropped_total",
-        "Hello datagrams dropped, by reason.",
+        "strict_dropped_packets_total",
+        "Packets strict mode dropped, by rule (chain/comment; docs/strict.md); restarts when the table is replaced.",
         "counter",
         &drops,
     );
-    let x: Vec<(String, u64)> = xfrm
+    metric(
+        "config_refused",
+        "1 while the newest configuration files are refused (the daemon runs on the last good ones).",
+        "gauge",
+        &one(u64::from(s.config_refused.is_some())),
+    );
+    if ipsec {
+        metric(
+            "hello_received_total",
+            "Hello datagrams received.",
+            "counter",
+            &one(s.hello_received),
+        );
+        metric(
+            "hello_accepted_total",
+            "Hello datagrams accepted (authentic, fresh, from a peer's own address).",
+            "counter",
+            &one(s.hello_accepted),
+        );
+        metric(
+            "hello_duplicates_total",
+            "Second copies of accepted hellos over the pair's other address family.",
+            "counter",
+            &one(s.hello_duplicates),
+        );
+        let drops: Vec<(String, u64)> = crate::ipsec::drops::DROP_REASONS
+            .iter()
+            .map(|r| {
+                let v = s.hello_dropped.get(*r).copied().unwrap_or(0);
+                (format!("{{reason=\"{r}\"}}"), v)
+            })
+            .collect();
+        metric(
+            "hello_dropped_total",
+            "Hello datagrams dropped, by reason.",
+            "counter",
+            &drops,
+        );
+    }
+    let x: Vec<(String, u64)> = k
+        .xfrm_stat
         .iter()
-        .map(|(k, v)| (format!("{{counter=\"{k}\"}}"), *v))
+        .map(|(c, v)| (format!("{{counter=\"{}\"}}", label(c)), *v))
         .collect();
     metric(
         "xfrm_errors_total",
-        "Non-zero /proc/net/xfrm_stat counters.",
+        "The kernel's /proc/net/xfrm_stat counters, every one (docs/status.md has their meaning).",
         "counter",
         &x,
     );
     m
+}
+
+/// A label value as the text format wants it: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The strict table's drop counters by rule, IPv4 and IPv6 of one comment summed (two
+/// samples with the same labels would make node_exporter refuse the whole file).
+pub fn strict_drop_totals(counters: &[crate::kernel::nft::RuleCounter]) -> Vec<(String, u64)> {
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    for c in counters {
+        if let Some(comment) = &c.comment {
+            *by.entry(format!("{}/{comment}", c.chain)).or_default() += c.packets;
+        }
+    }
+    by.into_iter().collect()
 }
 
 /// Write the metrics file whole (node_exporter must never read half a file) and
@@ -236,70 +430,264 @@ pub fn explain(counter: &str) -> &'static str {
     }
 }
 
-/// Non-zero counters of `/proc/net/xfrm_stat` of this network namespace.
-pub fn xfrm_errors() -> Vec<(String, u64)> {
+/// Every counter of `/proc/net/xfrm_stat` of this network namespace (none when the
+/// kernel has no XFRM statistics).
+pub fn xfrm_stat() -> Vec<(String, u64)> {
     std::fs::read_to_string("/proc/net/xfrm_stat")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
-            let (k, v) = (it.next()?, it.next()?.parse::<u64>().ok()?);
-            (v > 0).then(|| (k.to_string(), v))
+            Some((it.next()?.to_string(), it.next()?.parse::<u64>().ok()?))
         })
         .collect()
+}
+
+/// The non-zero counters of `/proc/net/xfrm_stat`.
+pub fn xfrm_errors() -> Vec<(String, u64)> {
+    xfrm_stat().into_iter().filter(|(_, v)| *v > 0).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn peer(name: &str, state: &str) -> PeerStatus {
+        PeerStatus {
+            name: name.into(),
+            state: state.into(),
+            key_ids: vec![1],
+            last_hello_secs: Some(2),
+            rx_bytes: 0,
+            tx_bytes: 0,
+            endpoint: None,
+        }
+    }
+
+    fn snapshot(peers: Vec<PeerStatus>) -> Snapshot {
+        Snapshot {
+            mode: "ipsec".into(),
+            version: "0.1.0".into(),
+            written: 1_700_000_000,
+            peers,
+            ..Snapshot::default()
+        }
+    }
+
     #[test]
     fn metrics_text_format() {
+        let mut b = peer("b", "up");
+        (b.rx_bytes, b.tx_bytes) = (1500, 900);
         let s = Snapshot {
-            peers: vec![
-                PeerStatus {
-                    name: "b".into(),
-                    state: "up".into(),
-                    key_ids: vec![1],
-                    last_hello_secs: Some(2),
-                    rx_bytes: 1500,
-                    tx_bytes: 900,
-                    endpoint: None,
-                },
-                PeerStatus {
-                    name: "c".into(),
-                    state: "waiting".into(),
-                    key_ids: vec![],
-                    last_hello_secs: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                    endpoint: None,
-                },
-            ],
             current_key_id: Some(3),
             hello_dropped: [("bad_mac".to_string(), 4)].into_iter().collect(),
-            ..Snapshot::default()
+            strict: true,
+            keys_in_use: 8,
+            max_seq: 77,
+            ..snapshot(vec![b, peer("c", "waiting")])
         };
-        let m = metrics(&s, &[("XfrmOutNoStates".into(), 7)]);
+        let k = KernelCounters {
+            xfrm_stat: vec![("XfrmInError".into(), 0), ("XfrmOutNoStates".into(), 7)],
+            strict_drops: strict_drop_totals(&[
+                crate::kernel::nft::RuleCounter {
+                    chain: "output".into(),
+                    comment: Some("egress".into()),
+                    packets: 2,
+                    bytes: 0,
+                },
+                crate::kernel::nft::RuleCounter {
+                    chain: "output".into(),
+                    comment: Some("egress".into()),
+                    packets: 3,
+                    bytes: 0,
+                },
+            ]),
+        };
+        let m = metrics(&s, &k, true);
         for line in [
+            &format!(
+                "encryptd_build_info{{version=\"0.1.0\",commit=\"{}\",mode=\"ipsec\"}} 1",
+                crate::COMMIT
+            ),
+            "encryptd_last_update_timestamp_seconds 1700000000",
             "# TYPE encryptd_peers_up gauge",
             "encryptd_peers_up 1",
             "encryptd_peers 2",
+            "encryptd_peers_by_state{state=\"waiting\"} 1",
+            "encryptd_peers_by_state{state=\"stale\"} 0",
+            "encryptd_receive_bytes_total 1500",
             "encryptd_peer_up{peer=\"b\"} 1",
             "encryptd_peer_up{peer=\"c\"} 0",
-            "encryptd_peer_receive_bytes{peer=\"b\"} 1500",
-            "encryptd_peer_transmit_bytes{peer=\"b\"} 900",
+            "# TYPE encryptd_peer_receive_bytes_total counter",
+            "encryptd_peer_receive_bytes_total{peer=\"b\"} 1500",
+            "encryptd_peer_transmit_bytes_total{peer=\"b\"} 900",
             "encryptd_key_id 3",
+            "encryptd_keys_in_use 8",
+            "encryptd_sequence_number_max 77",
+            "encryptd_strict_enabled 1",
+            "encryptd_strict_table_present 0",
+            "encryptd_strict_dropped_packets_total{rule=\"output/egress\"} 5",
             "encryptd_hello_dropped_total{reason=\"bad_mac\"} 4",
+            // Every reason from the start, at 0.
+            "encryptd_hello_dropped_total{reason=\"replayed\"} 0",
+            "encryptd_xfrm_errors_total{counter=\"XfrmInError\"} 0",
             "encryptd_xfrm_errors_total{counter=\"XfrmOutNoStates\"} 7",
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
         }
+        // One sample per label set: node_exporter refuses a file with duplicates.
+        let samples: Vec<&str> = m
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.rsplit_once(' ').unwrap().0)
+            .collect();
+        let unique: std::collections::BTreeSet<&&str> = samples.iter().collect();
+        assert_eq!(unique.len(), samples.len(), "{m}");
+        // No gauge named like a counter, no counter without _total.
+        for l in m.lines().filter(|l| l.starts_with("# TYPE")) {
+            let (name, ty) = l[7..].split_once(' ').unwrap();
+            assert_eq!(name.ends_with("_total"), ty == "counter", "{l}");
+        }
+    }
+
+    #[test]
+    fn per_peer_series_are_optional_and_aggregates_stay() {
+        let s = snapshot(vec![peer("b", "up")]);
+        let m = metrics(&s, &KernelCounters::default(), false);
+        assert!(!m.contains("peer=\""), "{m}");
+        assert!(m.lines().any(|l| l == "encryptd_peers_up 1"), "{m}");
+        assert!(
+            m.lines().any(|l| l == "encryptd_receive_bytes_total 0"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    fn worst(problems: &[Problem]) -> Health {
+        problems
+            .iter()
+            .map(|p| p.health)
+            .max()
+            .unwrap_or(Health::Ok)
+    }
+
+    #[test]
+    fn the_exit_code_follows_the_monitoring_plugin_convention() {
+        let all_up = snapshot(vec![peer("b", "up"), peer("c", "up")]);
+        assert_eq!(snapshot_problems(Some(&all_up), true), vec![]);
+        // One peer of many waiting: a WARNING, named.
+        let one_down = snapshot(vec![peer("b", "up"), peer("c", "waiting")]);
+        assert_eq!(
+            snapshot_problems(Some(&one_down), true),
+            vec![problem(Health::Warning, "peer c is waiting")]
+        );
+        // No peer up at all: CRITICAL, for one peer as for many.
+        for peers in [
+            vec![peer("b", "stale")],
+            vec![peer("b", "waiting"), peer("c", "stale")],
+        ] {
+            let p = snapshot_problems(Some(&snapshot(peers)), true);
+            assert_eq!(worst(&p), Health::Critical, "{p:?}");
+            assert!(p[0].problem.starts_with("no peer is up: b ("), "{p:?}");
+        }
+        // A daemon that stopped: CRITICAL whatever its last peers said.
+        let p = snapshot_problems(Some(&all_up), false);
+        assert_eq!(worst(&p), Health::Critical);
+        assert!(p[0].problem.contains("is not running"), "{p:?}");
+        // Running on the last good files while the newest are refused: a WARNING.
+        let refused = Snapshot {
+            config_refused: Some("nodes.toml:3:1: bad".into()),
+            ..all_up.clone()
+        };
+        assert_eq!(
+            worst(&snapshot_problems(Some(&refused), true)),
+            Health::Warning
+        );
+        // The order that picks the exit code: a CRITICAL is not hidden by an UNKNOWN.
+        assert!(Health::Critical > Health::Warning && Health::Warning > Health::Unknown);
+        assert!(Health::Unknown > Health::Ok);
+        let codes: Vec<i32> = [
+            Health::Ok,
+            Health::Warning,
+            Health::Critical,
+            Health::Unknown,
+        ]
+        .iter()
+        .map(|h| h.exit_code())
+        .collect();
+        assert_eq!(codes, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn five_hundred_peers_one_line_each_only_when_not_up() {
+        let mut peers: Vec<PeerStatus> = (0..499).map(|i| peer(&format!("n{i}"), "up")).collect();
+        for i in [37, 40, 41] {
+            peers[i].state = "waiting".into();
+        }
+        peers[99].state = "stale".into();
+        let p = snapshot_problems(Some(&snapshot(peers.clone())), true);
+        assert_eq!(
+            p,
+            vec![problem(
+                Health::Warning,
+                "4 of 499 peers are not up: n37 (waiting), n40 (waiting), n41 (waiting), n99 (stale)"
+            )]
+        );
+        assert_eq!(peer_counts(&peers), "495 of 499 up, 1 stale, 3 waiting");
+        // Past ten, the rest are counted, not listed.
+        for p in peers.iter_mut().take(30) {
+            p.state = "waiting".into();
+        }
+        let p = snapshot_problems(Some(&snapshot(peers)), true);
+        assert!(
+            p[0].problem
+                .starts_with("34 of 499 peers are not up: n0 (waiting), ")
+        );
+        assert!(
+            p[0].problem.ends_with(", n9 (waiting), and 24 more"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn the_first_line_is_the_worst_finding() {
+        let r = |findings: Vec<Problem>| Report {
+            health: worst(&findings),
+            status_version: "0",
+            daemon: Some(snapshot(vec![peer("b", "up")])),
+            daemon_running: true,
+            decryption_interfaces: vec![],
+            keys_in_use: 0,
+            max_seq: 0,
+            max_seq_limit: 0,
+            xfrm_errors: vec![],
+            strict_drops: vec![],
+            strict_table_in_kernel: false,
+            sas: vec![],
+            problems: vec![],
+            findings,
+        };
+        assert_eq!(headline(&r(vec![])), "ENCRYPTD OK - 1 of 1 peers up");
+        assert_eq!(
+            headline(&r(vec![
+                problem(Health::Critical, "strict table gone"),
+                problem(Health::Warning, "peer c is waiting"),
+            ])),
+            "ENCRYPTD CRITICAL - strict table gone (and 1 more)"
+        );
     }
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
+    /// The worst of `findings` (OK without any): what the exit code says.
+    health: Health,
+    /// This `encryptd status`'s own version (the daemon's is in `daemon.version`).
+    status_version: &'static str,
     daemon: Option<Snapshot>,
     daemon_running: bool,
     decryption_interfaces: Vec<String>,
@@ -310,7 +698,27 @@ struct Report {
     strict_drops: Vec<StrictDrop>,
     /// What `status` itself found: is `table inet encryptd` in the kernel now?
     strict_table_in_kernel: bool,
+    /// With `--verbose`: encryptd's SAs, by peer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sas: Vec<SaLine>,
+    /// The text of each finding (kept from before `findings`, for old readers).
     problems: Vec<String>,
+    findings: Vec<Problem>,
+}
+
+/// One of encryptd's SAs, as `--verbose` lists it.
+#[derive(Debug, Serialize)]
+struct SaLine {
+    peer: String,
+    direction: &'static str,
+    spi: String,
+    key_id: u8,
+    family: &'static str,
+    age_secs: u64,
+    bytes: u64,
+    packets: u64,
+    /// Outbound: the highest sequence number sent; inbound: the highest received.
+    seq: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -433,45 +841,89 @@ fn wireguard_traffic(cfg: &config::Config, peers: &mut [PeerStatus]) -> Result<(
     Ok(())
 }
 
-pub fn main(paths: &Paths, json: bool) -> i32 {
-    let r = report(paths);
-    if json {
+pub fn main(paths: &Paths, opts: &Options) -> i32 {
+    let r = report(paths, opts);
+    if opts.json {
         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
     } else {
-        print_text(&r);
+        print_text(&r, opts);
     }
-    i32::from(!r.problems.is_empty())
+    r.health.exit_code()
 }
 
 /// What status shows: the daemon's snapshot, brought up to date with what the kernel
-/// says now (SAs, the WireGuard device, xfrm_stat, the strict table), and the problems.
-fn report(paths: &Paths) -> Report {
-    // The snapshot is found even when the files are broken (that is when status matters).
-    let cfg = config::load(paths).ok();
-    let dir = cfg.as_ref().map_or_else(
-        || PathBuf::from("/run/encryptd"),
-        |c| c.settings.runtime_dir.clone(),
-    );
-    let mut daemon: Option<Snapshot> = std::fs::read(dir.join(SNAPSHOT))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let running = daemon
-        .as_ref()
-        .is_some_and(|d| now_secs().saturating_sub(d.written) < FRESH_SECS);
-    let mut problems = snapshot_problems(daemon.as_ref(), running, &dir);
-    let (keys_in_use, max_seq, findings) = kernel_sas(cfg.as_ref(), daemon.as_mut(), &mut problems);
+/// says now (SAs, the WireGuard device, xfrm_stat, the strict table), and the findings.
+fn report(paths: &Paths, opts: &Options) -> Report {
+    // The snapshot is found even when the files are broken (that is when status matters):
+    // then the runtime directory is read from the settings alone.
+    let loaded = config::load(paths);
+    let dir = match &loaded {
+        Ok(c) => c.settings.runtime_dir.clone(),
+        Err(_) => runtime_dir_alone(&paths.config),
+    };
+    let cfg: Option<&config::Config> = loaded.as_ref().ok();
+    let mut problems = Vec::new();
+    let mut daemon = read_snapshot(&dir, &mut problems);
+    if daemon.is_none() && problems.is_empty() {
+        problems.push(match &loaded {
+            Ok(_) => problem(
+                Health::Critical,
+                format!(
+                    "no status from the daemon in {}: is it running?",
+                    dir.display()
+                ),
+            ),
+            // Not knowing where the daemon writes is not knowing that it is down.
+            Err(d) => problem(
+                Health::Unknown,
+                format!(
+                    "no status in {}, and the configuration cannot be read ({}): run status as root",
+                    dir.display(),
+                    d.first().map_or_else(String::new, ToString::to_string)
+                ),
+            ),
+        });
+    }
+    let running = daemon.as_ref().is_some_and(|d| {
+        now_secs().saturating_sub(d.written) < FRESH_SECS && process_exists(d.pid)
+    });
+    if let Some(d) = daemon.as_mut()
+        && let Some(name) = &opts.peer
+    {
+        d.peers.retain(|p| &p.name == name);
+        if d.peers.is_empty() {
+            problems.push(problem(
+                Health::Unknown,
+                format!("no peer {name} in the daemon's status"),
+            ));
+        }
+    }
+    problems.extend(snapshot_problems(daemon.as_ref(), running));
+    let (keys_in_use, max_seq, findings, sas) =
+        kernel_sas(cfg, daemon.as_mut(), opts, &mut problems);
     if let (Some(d), Some(c)) = (daemon.as_mut(), cfg.as_ref())
         && c.settings.mode == config::Mode::Wireguard
         && let Err(e) = wireguard_traffic(c, &mut d.peers)
     {
-        problems.push(format!("cannot read the WireGuard device: {e}"));
+        problems.push(problem(
+            Health::Unknown,
+            format!("cannot read the WireGuard device: {e}"),
+        ));
     }
     let xfrm_errors = xfrm_counters(daemon.as_ref(), &findings, &mut problems);
     let (strict_table_in_kernel, strict_drops) = strict_in_kernel(daemon.as_ref(), &mut problems);
+    // Worst first: the first line of the text and a monitoring check show that one.
+    problems.sort_by_key(|p| std::cmp::Reverse(p.health));
     Report {
+        health: problems
+            .iter()
+            .map(|p| p.health)
+            .max()
+            .unwrap_or(Health::Ok),
+        status_version: crate::VERSION,
         daemon,
         daemon_running: running,
-        decryption_interfaces: cfg.as_ref().map(decryption_interfaces).unwrap_or_default(),
+        decryption_interfaces: cfg.map(decryption_interfaces).unwrap_or_default(),
         keys_in_use,
         max_seq,
         // ESN: 64-bit sequence numbers.
@@ -479,31 +931,108 @@ fn report(paths: &Paths) -> Report {
         xfrm_errors,
         strict_drops,
         strict_table_in_kernel,
-        problems,
+        sas,
+        problems: problems.iter().map(|p| p.problem.clone()).collect(),
+        findings: problems,
     }
 }
 
-/// The daemon not running (no snapshot, or a stale one), peers not up, a refused
-/// configuration.
-fn snapshot_problems(daemon: Option<&Snapshot>, running: bool, dir: &Path) -> Vec<String> {
-    let mut problems = Vec::new();
-    match daemon {
-        None => problems.push(format!(
-            "no status from the daemon in {}: is it running?",
-            dir.display()
-        )),
-        Some(_) if !running => {
-            problems.push("the daemon's status is older than 60 s: it is not running".into())
+/// `runtime_dir` from the configuration's settings, whatever else is wrong with the
+/// files (a bad inventory, an unreadable key file); the default when even that fails.
+fn runtime_dir_alone(config: &Path) -> PathBuf {
+    match std::fs::read_to_string(config) {
+        Ok(text) => {
+            let src = crate::config::diag::Source::new(config, &text);
+            config::settings::read(&src, &crate::config::diag::Diags::default()).runtime_dir
         }
-        Some(_) => {}
+        Err(_) => PathBuf::from("/run/encryptd"),
     }
-    if let Some(d) = daemon {
-        for p in d.peers.iter().filter(|p| p.state != "up") {
-            problems.push(format!("peer {} is {}", p.name, p.state));
+}
+
+/// The daemon's snapshot. Missing is the daemon's problem (CRITICAL, below); unreadable
+/// (not root: the runtime directory is 0700) is status's own (UNKNOWN).
+fn read_snapshot(dir: &Path, problems: &mut Vec<Problem>) -> Option<Snapshot> {
+    let path = dir.join(SNAPSHOT);
+    match std::fs::read(&path) {
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                problems.push(problem(
+                    Health::Unknown,
+                    format!("cannot parse {}: {e}", path.display()),
+                ));
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            problems.push(problem(
+                Health::Unknown,
+                format!("cannot read {}: {e} (run status as root)", path.display()),
+            ));
+            None
         }
-        if let Some(r) = &d.config_refused {
-            problems.push(format!("newest configuration refused: {r}"));
+    }
+}
+
+/// A snapshot rewritten 5 s ago by a daemon that crashed since is not a running daemon.
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The daemon not running (no snapshot, a stale one, or its process gone), peers not
+/// up, a refused configuration. Pure: the rules docs/status.md writes down.
+fn snapshot_problems(daemon: Option<&Snapshot>, running: bool) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let Some(d) = daemon else {
+        return problems;
+    };
+    if !running {
+        problems.push(problem(
+            Health::Critical,
+            format!(
+                "the daemon (pid {}) is not running: its last status is {} s old",
+                d.pid,
+                now_secs().saturating_sub(d.written)
+            ),
+        ));
+    }
+    let down: Vec<&PeerStatus> = d.peers.iter().filter(|p| p.state != "up").collect();
+    if down.len() == 1 && d.peers.len() > 1 {
+        problems.push(problem(
+            Health::Warning,
+            format!("peer {} is {}", down[0].name, down[0].state),
+        ));
+    } else if !down.is_empty() {
+        const NAMED: usize = 10;
+        let mut names: Vec<String> = down
+            .iter()
+            .take(NAMED)
+            .map(|p| format!("{} ({})", p.name, p.state))
+            .collect();
+        if down.len() > NAMED {
+            names.push(format!("and {} more", down.len() - NAMED));
         }
+        let (health, what) = if down.len() == d.peers.len() {
+            (Health::Critical, "no peer is up".to_string())
+        } else {
+            (
+                Health::Warning,
+                format!("{} of {} peers are not up", down.len(), d.peers.len()),
+            )
+        };
+        problems.push(problem(health, format!("{what}: {}", names.join(", "))));
+    }
+    if let Some(r) = &d.config_refused {
+        problems.push(problem(
+            Health::Warning,
+            format!("newest configuration refused (running on the last good one): {r}"),
+        ));
     }
     problems
 }
@@ -513,25 +1042,69 @@ fn snapshot_problems(daemon: Option<&Snapshot>, running: bool, dir: &Path) -> Ve
 fn kernel_sas(
     cfg: Option<&config::Config>,
     daemon: Option<&mut Snapshot>,
-    problems: &mut Vec<String>,
-) -> (usize, u64, SaFindings) {
+    opts: &Options,
+    problems: &mut Vec<Problem>,
+) -> (usize, u64, SaFindings, Vec<SaLine>) {
     match crate::kernel::xfrm::Xfrm::open().and_then(|mut x| x.dump_states()) {
         Ok(states) => {
             let ours: Vec<_> = states.into_iter().filter(|s| s.is_ours()).collect();
             let mut findings = SaFindings::default();
+            let mut sas = Vec::new();
             if let (Some(d), Some(c)) = (daemon, cfg)
                 && c.settings.mode == config::Mode::Ipsec
             {
                 findings = ipsec_per_peer(c, &ours, &mut d.peers);
+                if opts.verbose || opts.peer.is_some() {
+                    sas = sa_lines(c, &ours, &d.peers);
+                }
             }
             let max_seq = ours.iter().map(|s| s.counters.oseq).max().unwrap_or(0);
-            (ours.len(), max_seq, findings)
+            (ours.len(), max_seq, findings, sas)
         }
         Err(e) => {
-            problems.push(format!("cannot read XFRM states: {e}"));
-            (0, 0, SaFindings::default())
+            problems.push(problem(
+                Health::Unknown,
+                format!("cannot read XFRM states: {e}"),
+            ));
+            (0, 0, SaFindings::default(), Vec::new())
         }
     }
+}
+
+/// The SAs of the peers shown, by peer, outbound first (as `swanctl --list-sas` shows
+/// each child SA).
+fn sa_lines(
+    cfg: &config::Config,
+    ours: &[crate::objects::xfrm::DumpedState],
+    peers: &[PeerStatus],
+) -> Vec<SaLine> {
+    let now = now_secs();
+    let mut lines: Vec<SaLine> = ours
+        .iter()
+        .filter_map(|s| {
+            let id = s.id();
+            let (peer, (_, key_id), outbound) = crate::ipsec::plan::slot_of(cfg, &id)?;
+            peers.iter().any(|p| p.name == peer).then(|| SaLine {
+                peer,
+                direction: if outbound { "out" } else { "in" },
+                spi: format!("{:08x}", id.spi),
+                key_id,
+                family: if id.src.is_ipv4() { "IPv4" } else { "IPv6" },
+                age_secs: now.saturating_sub(s.counters.add_time),
+                bytes: s.counters.bytes,
+                packets: s.counters.packets,
+                seq: if outbound {
+                    s.counters.oseq
+                } else {
+                    s.counters.seq
+                },
+            })
+        })
+        .collect();
+    lines.sort_by(|a, b| {
+        (&a.peer, b.direction, a.family, a.key_id).cmp(&(&b.peer, a.direction, b.family, b.key_id))
+    });
+    lines
 }
 
 /// The non-zero xfrm_stat counters, each with its meaning and the peers it most likely
@@ -539,7 +1112,7 @@ fn kernel_sas(
 fn xfrm_counters(
     daemon: Option<&Snapshot>,
     findings: &SaFindings,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) -> Vec<XfrmCounter> {
     let not_up: Vec<String> = daemon
         .iter()
@@ -564,7 +1137,12 @@ fn xfrm_counters(
             c.name.as_str(),
             "XfrmInStateProtoError" | "XfrmOutStateSeqError"
         ) {
-            problems.push(format!("{} = {}: {}", c.name, c.value, c.meaning));
+            // WARNING, not CRITICAL: the counters never go down, so one bad event
+            // would otherwise page for ever.
+            problems.push(problem(
+                Health::Warning,
+                format!("{} = {}: {}", c.name, c.value, c.meaning),
+            ));
         }
     }
     counters
@@ -574,14 +1152,27 @@ fn xfrm_counters(
 /// mode on and it is not), and its drop counters.
 fn strict_in_kernel(
     daemon: Option<&Snapshot>,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) -> (bool, Vec<StrictDrop>) {
     let nft = crate::kernel::nft::Nft::default();
-    let in_kernel = matches!(nft.list(), Ok(Some(_)));
-    if daemon.is_some_and(|d| d.strict) && !in_kernel {
-        problems.push(
-            "strict mode is on, but table inet encryptd is not in the kernel: nothing stops plaintext to the protected ranges (the daemon puts it back within a second when it runs)".into(),
-        );
+    let strict = daemon.is_some_and(|d| d.strict);
+    let in_kernel = match nft.list() {
+        Ok(t) => t.is_some(),
+        Err(e) => {
+            if strict {
+                problems.push(problem(
+                    Health::Unknown,
+                    format!("cannot read table inet encryptd: {e}"),
+                ));
+            }
+            false
+        }
+    };
+    if strict && !in_kernel && !problems.iter().any(|p| p.problem.contains("inet encryptd")) {
+        problems.push(problem(
+            Health::Critical,
+            "strict mode is on, but table inet encryptd is not in the kernel: nothing stops plaintext to the protected ranges (the daemon puts it back within a second when it runs)",
+        ));
     }
     let drops = nft
         .counters()
@@ -617,10 +1208,18 @@ fn human(b: u64) -> String {
 
 /// The report for people. Long on purpose: the sections in the order they are shown,
 /// one after another, so that the code reads as the output does.
-fn print_text(r: &Report) {
+fn print_text(r: &Report, opts: &Options) {
+    println!("{}", headline(r));
     match &r.daemon {
         Some(d) => {
-            println!("Mode: {} (node {}, pid {})", d.mode, d.node, d.pid);
+            println!(
+                "Mode: {} (node {}, pid {}, encryptd {} commit {})",
+                d.mode,
+                d.node,
+                d.pid,
+                or_unknown(&d.version),
+                or_unknown(&d.commit)
+            );
             println!("Status: {}", d.status_line);
             if let Some(k) = d.current_key_id {
                 println!("Current key-id: {k}");
@@ -648,9 +1247,14 @@ fn print_text(r: &Report) {
                     r.decryption_interfaces.join(", ")
                 );
             }
-            println!("Peers:");
             let wireguard = d.mode == "wireguard";
-            for p in &d.peers {
+            let all = opts.verbose || opts.peer.is_some() || d.peers.len() <= PEER_LIST_MAX;
+            if all {
+                println!("Peers:");
+            } else {
+                println!("Peers: {} (--verbose lists all)", peer_counts(&d.peers));
+            }
+            for p in d.peers.iter().filter(|p| all || p.state != "up") {
                 let seen = p
                     .last_hello_secs
                     .map_or("never".to_string(), |s| format!("{s} s ago"));
@@ -673,6 +1277,19 @@ fn print_text(r: &Report) {
                         } else {
                             keys.join(",")
                         }
+                    );
+                }
+                for sa in r.sas.iter().filter(|s| s.peer == p.name) {
+                    println!(
+                        "      {:<3} SPI {} key {} {:<4} age {} s  {} bytes  {} packets  seq {:#x}",
+                        sa.direction,
+                        sa.spi,
+                        sa.key_id,
+                        sa.family,
+                        sa.age_secs,
+                        sa.bytes,
+                        sa.packets,
+                        sa.seq
                     );
                 }
             }
@@ -722,7 +1339,45 @@ fn print_text(r: &Report) {
             println!("  {}: {} packets", d.rule, d.packets);
         }
     }
-    for p in &r.problems {
-        println!("PROBLEM: {p}");
+    for p in &r.findings {
+        println!("PROBLEM: {} ({})", p.problem, p.health.as_str());
     }
+}
+
+/// The first line, in the monitoring-plugin form `SERVICE STATE - text`: the worst
+/// finding, or the peer count when all is well.
+fn headline(r: &Report) -> String {
+    let text = match r.findings.first() {
+        Some(p) if r.findings.len() > 1 => {
+            format!("{} (and {} more)", p.problem, r.findings.len() - 1)
+        }
+        Some(p) => p.problem.clone(),
+        None => r.daemon.as_ref().map_or_else(String::new, |d| {
+            format!("{} peers up", peer_counts(&d.peers))
+        }),
+    };
+    format!("ENCRYPTD {} - {text}", r.health.as_str())
+}
+
+/// A daemon from before the field was added wrote none.
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() { "?" } else { s }
+}
+
+/// `3 of 4 up, 1 waiting`.
+fn peer_counts(peers: &[PeerStatus]) -> String {
+    let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
+    for p in peers {
+        *by.entry(p.state.as_str()).or_default() += 1;
+    }
+    let up = by.remove("up").unwrap_or(0);
+    let mut out = format!("{up} of {}", peers.len());
+    if by.is_empty() {
+        return out;
+    }
+    out += " up";
+    for (state, n) in by {
+        out += &format!(", {n} {state}");
+    }
+    out
 }

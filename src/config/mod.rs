@@ -52,6 +52,44 @@ fn read_text(path: &Path) -> Result<String, Diagnostic> {
     std::fs::read_to_string(path).map_err(|e| file_diag(path, format!("cannot read: {e}")))
 }
 
+/// Where the package puts the annotated examples (both packages).
+pub const EXAMPLES: &str = "/usr/share/doc/encryptd/examples";
+
+/// A node without an inventory has not been configured yet (the package installs none):
+/// one line saying what to write, instead of a problem for every file that is not there.
+pub fn unconfigured(settings: &settings::Settings) -> Option<Diagnostic> {
+    let missing = matches!(
+        std::fs::symlink_metadata(&settings.inventory),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    );
+    if !missing {
+        return None;
+    }
+    let keys = if settings.mode == Mode::Ipsec {
+        format!(" and the IPsec keys in {}", settings.ipsec.keys.display())
+    } else {
+        String::new()
+    };
+    Some(file_diag(
+        &settings.inventory,
+        format!(
+            "this node is not configured yet: write the inventory here (every node of the fleet){keys}; examples in {EXAMPLES}, see encryptd.toml(5)"
+        ),
+    ))
+}
+
+/// Whether this node has been configured (`encryptd check --configured`, the unit's
+/// ExecCondition=): only the settings are read, and only the inventory's existence is
+/// looked at. Everything else is the daemon's start to report, loudly.
+pub fn configured(config: &Path) -> Result<(), Diagnostic> {
+    // An unreadable or broken encryptd.toml is not "unconfigured": the start reports it.
+    let Ok(text) = std::fs::read_to_string(config) else {
+        return Ok(());
+    };
+    let settings = settings::read(&Source::new(config, &text), &Diags::default());
+    unconfigured(&settings).map_or(Ok(()), Err)
+}
+
 /// Load and validate all files; on failure every problem found, sorted by file and position.
 pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
     let diags = Diags::default();
@@ -69,6 +107,9 @@ pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
         settings.wireguard.preshared_key = Some(p.clone());
     }
 
+    if let Some(d) = unconfigured(&settings) {
+        return Err(vec![d]);
+    }
     let inventory = match read_text(&settings.inventory) {
         Ok(t) => {
             let isrc = Source::new(&settings.inventory, &t);

@@ -93,6 +93,9 @@ pub struct Settings {
     pub strict: Strict,
     /// node_exporter textfile to keep current (`None`: no metrics).
     pub metrics_path: Option<PathBuf>,
+    /// Series per peer besides the per-node aggregates: 3 per peer, which at 500
+    /// nodes is 1,500 series on every node (500² fleet-wide); a large fleet turns it off.
+    pub metrics_per_peer: bool,
     /// Spans of `strict.cidrs` entries, parallel to `strict.cidrs`.
     pub strict_cidr_spans: Vec<std::ops::Range<usize>>,
 }
@@ -205,6 +208,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         .string("path")
         .filter(|v| !v.value.is_empty())
         .map(|v| resolve(base, &v.value));
+    let metrics_per_peer = t.boolean("per_peer").unwrap_or(true);
     t.finish();
     top.finish();
 
@@ -220,6 +224,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         wireguard,
         strict,
         metrics_path,
+        metrics_per_peer,
         strict_cidr_spans,
     }
 }

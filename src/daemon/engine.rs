@@ -74,6 +74,15 @@ impl Engine {
         }
     }
 
+    /// IPsec: encryptd's SAs in the kernel and the highest sequence number sent, as the
+    /// last reconcile found them.
+    pub fn sa_summary(&self) -> Option<(u64, u64)> {
+        match self {
+            Engine::Ipsec(e) => Some(e.sa_summary),
+            Engine::Wireguard(_) => None,
+        }
+    }
+
     /// The hello socket's counters (IPsec mode only).
     pub fn hello_stats(&self) -> Option<&ipsec::drops::HelloStats> {
         match self {

@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use sd_notify::NotifyState;
@@ -103,6 +103,9 @@ struct Daemon {
     config: Config,
     /// Why the newest files were not applied, while that is so.
     refused: Option<String>,
+    /// Why the metrics file cannot be written, while that is so: logged when it starts
+    /// and when it ends, not every 10 s.
+    metrics_failing: Option<String>,
     watcher: Watcher,
     reload_at: Option<Instant>,
     /// Interval and next deadline of WATCHDOG=1 pings.
@@ -128,6 +131,7 @@ impl Daemon {
             paths,
             config,
             refused: None,
+            metrics_failing: None,
             watcher: Watcher::new().map_err(io_err("inotify"))?,
             reload_at: None,
             watchdog,
@@ -417,10 +421,17 @@ impl Daemon {
     }
 
     /// The state `encryptd status` shows, in the runtime directory.
-    fn write_snapshot(&self, now: Instant) {
+    fn write_snapshot(&mut self, now: Instant) {
         let c = &self.config;
         let hello = self.engine.as_ref().and_then(|e| e.hello_stats());
+        let (keys_in_use, max_seq) = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.sa_summary())
+            .unwrap_or_default();
         let snap = crate::cli::status::Snapshot {
+            version: crate::VERSION.into(),
+            commit: crate::COMMIT.into(),
             mode: c.settings.mode.as_str().into(),
             node: c.settings.node.clone(),
             pid: std::process::id(),
@@ -442,15 +453,54 @@ impl Daemon {
             hello_dropped: hello
                 .map(|h| h.dropped.iter().map(|(k, v)| (k.to_string(), *v)).collect())
                 .unwrap_or_default(),
+            keys_in_use,
+            max_seq,
         };
         if let Err(e) = crate::cli::status::write(&c.settings.runtime_dir, &snap) {
             warn!("writing {}: {e}", c.settings.runtime_dir.display());
         }
         if let Some(path) = &c.settings.metrics_path {
-            let text = crate::cli::status::metrics(&snap, &crate::cli::status::xfrm_errors());
-            if let Err(e) = crate::cli::status::write_metrics(path, &text) {
-                warn!("writing metrics to {}: {e}", path.display());
+            let text = crate::cli::status::metrics(
+                &snap,
+                &self.kernel_counters(),
+                c.settings.metrics_per_peer,
+            );
+            match crate::cli::status::write_metrics(path, &text) {
+                Err(e) => {
+                    let e = format!("writing metrics to {}: {e}", path.display());
+                    if self.metrics_failing.as_ref() != Some(&e) {
+                        warn!(
+                            "{e} (the unit may write to /var/lib/prometheus/node-exporter; another directory needs ReadWritePaths=)"
+                        );
+                        self.metrics_failing = Some(e);
+                    }
+                }
+                Ok(()) => {
+                    if self.metrics_failing.take().is_some() {
+                        info!("writing metrics to {} again", path.display());
+                    }
+                }
             }
+        }
+    }
+
+    /// What the metrics add from the kernel: xfrm_stat (a file read) and, with strict
+    /// mode on, the drop counters (one `nft list`, every 10 s while metrics are on).
+    fn kernel_counters(&self) -> crate::cli::status::KernelCounters {
+        let strict_drops = if self.strict.is_on() {
+            match crate::kernel::nft::Nft::default().counters() {
+                Ok(cs) => crate::cli::status::strict_drop_totals(&cs),
+                Err(e) => {
+                    debug!("reading the strict table's counters: {e}");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        crate::cli::status::KernelCounters {
+            xfrm_stat: crate::cli::status::xfrm_stat(),
+            strict_drops,
         }
     }
 

@@ -22,8 +22,23 @@ pub struct HelloStats {
     pub dropped: BTreeMap<&'static str, u64>,
 }
 
+/// Every reason a hello is dropped for, as the metrics and `status` name them: the
+/// metrics file carries each from the start, at 0, so that a rate has a baseline.
+pub const DROP_REASONS: [&str; 9] = [
+    "bad_mac",
+    "malformed",
+    "not_a_hello",
+    "oversized",
+    "replayed",
+    "truncated",
+    "unknown_sender",
+    "wrong_receiver",
+    "wrong_source",
+];
+
 impl HelloStats {
     pub fn drop(&mut self, why: &'static str) {
+        debug_assert!(DROP_REASONS.contains(&why), "{why} is not in DROP_REASONS");
         *self.dropped.entry(why).or_default() += 1;
     }
 }

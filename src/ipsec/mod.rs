@@ -80,6 +80,8 @@ pub struct Engine {
     installed: BTreeSet<StateId>,
     /// Per peer, (bytes received, bytes sent) through encryptd's SAs at the last read.
     traffic: BTreeMap<String, (u64, u64)>,
+    /// Our SAs in the kernel and the highest sequence number sent, at the last apply.
+    pub sa_summary: (u64, u64),
     pub stats: HelloStats,
     /// Drops already in the log, when the next report is due, and when the last was.
     drops_reported: BTreeMap<&'static str, u64>,
@@ -178,6 +180,7 @@ impl Engine {
             next_rescan: Instant::now() + RESCAN,
             installed: BTreeSet::new(),
             traffic: BTreeMap::new(),
+            sa_summary: (0, 0),
             stats: HelloStats::default(),
             drops_reported: BTreeMap::new(),
             drop_report_at: None,
@@ -280,6 +283,12 @@ impl Engine {
         let in_kernel: BTreeSet<StateId> =
             ks.iter().filter(|s| s.is_ours()).map(|s| s.id()).collect();
         self.traffic = plan::traffic(cfg, ks.iter().filter(|s| s.is_ours()));
+        let max_seq = ks
+            .iter()
+            .filter(|s| s.is_ours())
+            .map(|s| s.counters.oseq)
+            .max();
+        self.sa_summary = (in_kernel.len() as u64, max_seq.unwrap_or(0));
         self.installed.extend(in_kernel.iter().copied());
         let ops = reconcile::diff(&policies, &states, &kp, &ks, &self.installed);
         self.handle_gaps(cfg, &ops);

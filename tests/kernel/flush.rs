@@ -138,7 +138,11 @@ fn flush(ipsec: bool) -> Result<(), String> {
     let ok = crate::rig::wait_for(Duration::from_secs(15), || {
         std::fs::read_to_string(&prom).is_ok_and(|m| {
             m.lines().any(|l| l == "encryptd_strict_reinstalls_total 5")
-                && m.lines().any(|l| l == "encryptd_strict 1")
+                && m.lines().any(|l| l == "encryptd_strict_enabled 1")
+                && m.lines().any(|l| l == "encryptd_strict_table_present 1")
+                // The drop counters, read from the kernel's table by the daemon.
+                && m.lines()
+                    .any(|l| l.starts_with("encryptd_strict_dropped_packets_total{rule=\""))
         })
     });
     ensure(
@@ -157,7 +161,9 @@ fn flush(ipsec: bool) -> Result<(), String> {
         .arg(&cfg);
     let (st, text, _) = run_within(&mut cmd, Duration::from_secs(30)).map_err(|e| e.to_string())?;
     ensure(
-        text.contains("table inet encryptd is MISSING") && st.is_some_and(|s| !s.success()),
+        text.contains("table inet encryptd is MISSING")
+            && text.starts_with("ENCRYPTD CRITICAL - ")
+            && st.and_then(|s| s.code()) == Some(2),
         format!("status with the table gone (exit {st:?}):\n{text}"),
     )?;
     let ms: Vec<u128> = took.iter().map(|d| d.as_millis()).collect();

@@ -99,14 +99,78 @@ fn mesh_three_nodes() -> Result<(), String> {
     // The node_exporter textfile is kept current.
     let prom = std::fs::read_to_string(f.dirs[0].join("metrics.prom"))
         .map_err(|e| format!("metrics.prom: {e}"))?;
+    for want in [
+        "encryptd_peers_up 2",
+        "encryptd_peer_up{peer=\"n1\"} 1",
+        "encryptd_keys_in_use 8",
+        "encryptd_hello_dropped_total{reason=\"replayed\"} 0",
+        "encryptd_strict_enabled 0",
+    ] {
+        ensure(
+            prom.lines().any(|l| l == want),
+            format!("metrics lack `{want}`:\n{prom}"),
+        )?;
+    }
     ensure(
-        prom.lines().any(|l| l == "encryptd_peers_up 2")
-            && prom.contains("encryptd_peer_up{peer=\"n1\"} 1"),
-        format!("metrics:\n{prom}"),
+        prom.lines().any(|l| {
+            l.starts_with("encryptd_build_info{version=\"") && l.ends_with(",mode=\"ipsec\"} 1")
+        }) && prom
+            .lines()
+            .any(|l| l.starts_with("encryptd_last_update_timestamp_seconds 1")),
+        format!("metrics lack build_info or the update time:\n{prom}"),
     )?;
+    status_for_monitoring(&f)?;
     println!(
         "    {} packets captured, {esp} ESP, 0 plaintext",
         lines.len()
+    );
+    Ok(())
+}
+
+/// `encryptd status` as a monitoring check: the plugin headline and exit 0 when all is
+/// well, one peer with its SAs on request, and UNKNOWN (3), not CRITICAL, for a user who
+/// cannot read the daemon's state: not knowing is not an outage.
+fn status_for_monitoring(f: &Fleet) -> Result<(), String> {
+    let bin = env!("CARGO_BIN_EXE_encryptd");
+    let cfg = f.dirs[0].join("encryptd.toml");
+    let status = |args: &str| -> Result<(Option<i32>, String), String> {
+        let (st, text, _) = crate::rig::run_within(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", f.topo.ns(0), "sh", "-c"])
+                .arg(format!("{args} --config {}", cfg.display())),
+            Duration::from_secs(30),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((st.and_then(|s| s.code()), text))
+    };
+    let (code, text) = status(&format!("{bin} status"))?;
+    ensure(
+        code == Some(0) && text.lines().next() == Some("ENCRYPTD OK - 2 of 2 peers up"),
+        format!("status (exit {code:?}):\n{text}"),
+    )?;
+    let (code, text) = status(&format!("{bin} status --peer n1"))?;
+    let spis = text.lines().filter(|l| l.contains(" SPI ")).count();
+    ensure(
+        code == Some(0) && text.contains("\n  n1 ") && !text.contains("\n  n2 ") && spis == 4,
+        format!(
+            "status --peer n1 should show n1 alone with its 4 SAs (exit {code:?}, {spis} SAs):\n{text}"
+        ),
+    )?;
+    let (code, text) = status(&format!("{bin} status --peer n9"))?;
+    ensure(
+        code == Some(3) && text.contains("no peer n9"),
+        format!("status --peer n9 (exit {code:?}):\n{text}"),
+    )?;
+    // The binary where an unprivileged user may run it; the config stays where it is.
+    let (code, text) = status(&format!(
+        "install -m 0755 {bin} /tmp/encryptd-nobody && setpriv --reuid=65534 --regid=65534 --clear-groups /tmp/encryptd-nobody status"
+    ))?;
+    ensure(
+        code == Some(3) && text.starts_with("ENCRYPTD UNKNOWN - "),
+        format!("status as nobody (exit {code:?}):\n{text}"),
+    )?;
+    println!(
+        "    status: exit 0 `ENCRYPTD OK - 2 of 2 peers up`; --peer n1 with its 4 SAs; --peer n9 and as nobody exit 3 (UNKNOWN)"
     );
     Ok(())
 }
