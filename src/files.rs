@@ -63,12 +63,14 @@ fn write_temp(path: &Path, bytes: &[u8], sync: bool, mode: u32) -> io::Result<(P
             .mode(0o700)
             .create(&dir)?;
     }
+    // Unpredictable, so that nobody else who may write the directory (node_exporter's
+    // may be shared) can put a file or a link there first; create_new below refuses
+    // one that exists anyway, and never follows a link.
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
-        std::process::id()
+        hex::encode(crate::random::bytes::<8>())
     ));
-    let _ = fs::remove_file(&tmp);
     let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)

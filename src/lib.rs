@@ -19,5 +19,6 @@ pub mod kernel;
 pub mod logging;
 pub mod net;
 pub mod objects;
+pub mod random;
 pub mod strict;
 pub mod wireguard;

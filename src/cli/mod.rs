@@ -167,8 +167,26 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
     })
 }
 
+/// Every command but help and version may hold keys: the PSKs and derived SA keys
+/// (`run`, `check`), the SA keys the kernel reports (`status` dumps every SA), the
+/// WireGuard private key (`pubkey`, `keygen`). Not dumpable: no core file, and no
+/// ptrace or /proc/PID/mem by other processes of the same user.
+fn undumpable() {
+    // SAFETY: PR_SET_DUMPABLE takes an integer argument and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        eprintln!(
+            "encryptd: prctl(PR_SET_DUMPABLE, 0): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub fn main(args: Vec<OsString>) -> i32 {
-    match parse(args) {
+    let command = parse(args);
+    if !matches!(command, Err(_) | Ok(Command::Help | Command::Version)) {
+        undumpable();
+    }
+    match command {
         Err(e) => {
             eprintln!("encryptd: {e}\n\n{USAGE}");
             EXIT_USAGE
@@ -368,6 +386,13 @@ mod tests {
         };
         assert_eq!(paths.config, PathBuf::from(DEFAULT_CONFIG));
         assert_eq!(paths.inventory, Some(PathBuf::from("/tmp/x")));
+    }
+
+    #[test]
+    fn a_process_holding_keys_is_not_dumpable() {
+        undumpable();
+        // SAFETY: PR_GET_DUMPABLE only returns a value.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
     }
 
     #[test]

@@ -66,14 +66,41 @@ impl<'a> Source<'a> {
     }
 }
 
-/// A problem about a whole file (unreadable, wrong mode): reported at 1:1.
-/// Refuse a secret's file (`what`: "keys", "private key", "preshared key") that anyone
-/// but its owner can read, or that another user owns (they could replace the key): it
-/// must be 0600 and belong to the user encryptd runs as, root in production.
-pub fn check_secret_file(path: &Path, what: &str) -> Result<(), Diagnostic> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = std::fs::metadata(path)
+/// Read a secret's file (`what`: "keys", "private key", "preshared key"), opened once:
+/// without following a symbolic link (whoever can write the directory could point it
+/// anywhere), and checked on that descriptor, so that what is checked is what is read:
+/// a regular file, of the user encryptd runs as (root in production; another owner
+/// could replace the key), readable by nobody else (0600).
+pub fn read_secret_file(
+    path: &Path,
+    what: &str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, Diagnostic> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    // O_NONBLOCK: a FIFO put in the key's place must not hang the open.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                file_diag(
+                    path,
+                    format!("the {what} file is a symbolic link: refused (name the file itself)"),
+                )
+            } else {
+                file_diag(path, format!("cannot read the {what} file: {e}"))
+            }
+        })?;
+    let meta = f
+        .metadata()
         .map_err(|e| file_diag(path, format!("cannot read the {what} file: {e}")))?;
+    if !meta.is_file() {
+        return Err(file_diag(
+            path,
+            format!("the {what} file is not a regular file: refused"),
+        ));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(file_diag(
@@ -96,9 +123,27 @@ pub fn check_secret_file(path: &Path, what: &str) -> Result<(), Diagnostic> {
             ),
         ));
     }
-    Ok(())
+    // Key files are a few lines; a bound keeps a wrong path from filling memory. The
+    // buffer is sized first so that no reallocation leaves a copy behind.
+    const MAX: u64 = 64 * 1024;
+    if meta.len() > MAX {
+        return Err(file_diag(
+            path,
+            format!(
+                "the {what} file is {} bytes, more than a key file's {MAX}",
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
+    f.by_ref()
+        .take(MAX)
+        .read_to_end(&mut bytes)
+        .map_err(|e| file_diag(path, format!("cannot read the {what} file: {e}")))?;
+    Ok(bytes)
 }
 
+/// A problem about a whole file (unreadable, wrong mode): reported at 1:1.
 pub fn file_diag(path: &Path, message: impl Into<String>) -> Diagnostic {
     Diagnostic {
         file: path.to_path_buf(),
@@ -157,18 +202,24 @@ fn distance(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
 
+    fn secret(tag: &str, mode: u32) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = std::env::temp_dir().join(format!("encryptd-secret-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, "k").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
     #[test]
     fn a_secret_file_of_another_user_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let p = std::env::temp_dir().join(format!("encryptd-secret-{}", std::process::id()));
-        std::fs::write(&p, "k").unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(check_secret_file(&p, "keys").is_ok());
+        let p = secret("owner", 0o600);
+        assert_eq!(read_secret_file(&p, "keys").unwrap().as_slice(), b"k");
         // Giving the file away needs root; CI runs the suite as root.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
-            let e = check_secret_file(&p, "keys").unwrap_err().to_string();
+            let e = read_secret_file(&p, "keys").unwrap_err().to_string();
             assert!(
                 e.contains("keys file belongs to uid 65534, not to uid 0"),
                 "{e}"
@@ -177,6 +228,49 @@ mod tests {
             eprintln!("not root: the ownership half of this test needs root");
         }
         std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn a_secret_file_is_checked_where_it_is_read() {
+        // Group-readable.
+        let p = secret("mode", 0o640);
+        let e = read_secret_file(&p, "keys").unwrap_err().to_string();
+        assert!(
+            e.contains("accessible by group or others (mode 0640)"),
+            "{e}"
+        );
+        std::fs::remove_file(&p).unwrap();
+        // A link to a perfectly good key file: refused, not followed.
+        let target = secret("target", 0o600);
+        let link = target.with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = read_secret_file(&link, "private key")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the private key file is a symbolic link: refused"),
+            "{e}"
+        );
+        // A FIFO in the key's place: refused at once, without hanging in open().
+        let fifo = target.with_extension("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_secret_file(&fifo, "keys").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // A directory.
+        let e = read_secret_file(&std::env::temp_dir(), "keys")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a regular file") || e.contains("accessible"),
+            "{e}"
+        );
+        for f in [&target, &link, &fifo] {
+            std::fs::remove_file(f).unwrap();
+        }
     }
 
     #[test]

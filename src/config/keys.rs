@@ -288,7 +288,7 @@ fn parse_line(
     }
 }
 
-/// Parse the keys file's text (its mode is checked by the caller with `diag::check_secret_file`).
+/// Parse the keys file's text (its file is opened and checked by the caller with `diag::read_secret_file`).
 pub fn read(src: &Source, diags: &Diags) -> KeyRing {
     let mut ring = KeyRing::default();
     let mut offset = 0;

@@ -11,8 +11,6 @@ pub mod wgkey;
 
 use std::path::{Path, PathBuf};
 
-use zeroize::Zeroizing;
-
 pub use diag::Diagnostic;
 use diag::{Diags, Source, file_diag};
 pub use inventory::{Inventory, Node};
@@ -127,23 +125,16 @@ pub fn load(paths: &Paths) -> Result<Config, Vec<Diagnostic>> {
 
     let keys = (settings.mode == Mode::Ipsec).then(|| {
         let path = &settings.ipsec.keys;
-        if let Err(d) = diag::check_secret_file(path, "keys") {
-            diags.push(d);
-            return KeyRing::default();
-        }
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let bytes = Zeroizing::new(bytes);
-                match std::str::from_utf8(&bytes) {
-                    Ok(t) => keys::read(&Source::new(path, t), &diags),
-                    Err(_) => {
-                        diags.push(file_diag(path, "the keys file is not text (UTF-8)"));
-                        KeyRing::default()
-                    }
+        match diag::read_secret_file(path, "keys") {
+            Ok(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(t) => keys::read(&Source::new(path, t), &diags),
+                Err(_) => {
+                    diags.push(file_diag(path, "the keys file is not text (UTF-8)"));
+                    KeyRing::default()
                 }
-            }
-            Err(e) => {
-                diags.push(file_diag(path, format!("cannot read: {e}")));
+            },
+            Err(d) => {
+                diags.push(d);
                 KeyRing::default()
             }
         }

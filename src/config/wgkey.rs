@@ -15,7 +15,7 @@ use std::path::Path;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use super::diag::{Diagnostic, check_secret_file, file_diag};
+use super::diag::{Diagnostic, file_diag, read_secret_file};
 
 /// A Curve25519 key in base64: 44 characters.
 const B64_LEN: usize = 44;
@@ -38,14 +38,7 @@ impl PrivateKey {
     /// A new key from the kernel's random generator.
     pub fn generate() -> PrivateKey {
         let mut k = Zeroizing::new([0u8; 32]);
-        let mut filled = 0;
-        while filled < 32 {
-            // SAFETY: writes at most 32 - filled bytes into the buffer.
-            let n = unsafe { libc::getrandom(k[filled..].as_mut_ptr().cast(), 32 - filled, 0) };
-            if n > 0 {
-                filled += n as usize;
-            }
-        }
+        crate::random::fill(&mut k[..]);
         // Clamping (RFC 7748) as `wg genkey` does; X25519 clamps anyway.
         k[0] &= 248;
         k[31] = (k[31] & 127) | 64;
@@ -158,9 +151,7 @@ pub fn read_psk(path: &Path) -> Result<PresharedKey, Diagnostic> {
 /// A file holding one key in base64 (`what`: "private key", "preshared key"), its
 /// mode checked first; the errors never quote the content.
 fn read_key_file(path: &Path, what: &str) -> Result<Zeroizing<[u8; 32]>, Diagnostic> {
-    check_secret_file(path, what)?;
-    let bytes =
-        Zeroizing::new(fs::read(path).map_err(|e| file_diag(path, format!("cannot read: {e}")))?);
+    let bytes = read_secret_file(path, what)?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| file_diag(path, format!("the {what} file is not text (base64)")))?;
     decode(text).map_err(|m| file_diag(path, format!("the {what} file {m}")))

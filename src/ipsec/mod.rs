@@ -51,19 +51,6 @@ pub enum Error {
     Xfrm(#[from] XfrmError),
 }
 
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        // SAFETY: writes at most N - filled bytes into our buffer.
-        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), N - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        }
-    }
-    b
-}
-
 pub struct Engine {
     boot: BootId,
     xfrm: Xfrm,
@@ -208,7 +195,7 @@ impl Engine {
         for n in names {
             self.peers
                 .entry(n.clone())
-                .or_insert_with(|| Peer::new(&n, random_bytes()));
+                .or_insert_with(|| Peer::new(&n, crate::random::bytes()));
             self.next_hello.entry(n).or_insert(now);
         }
     }
@@ -329,7 +316,7 @@ impl Engine {
             };
             warn!(peer = peer.as_str(), spi = id.spi; "SA {id} is gone or stale; re-keying it");
             if outbound {
-                p.outbound_lost(slot, random_bytes());
+                p.outbound_lost(slot, crate::random::bytes());
             } else {
                 p.inbound.remove(&slot);
             }
@@ -462,8 +449,8 @@ impl Engine {
         };
         // 28 random bits per SPI: a collision among one node's inbound SAs is checked
         // by the kernel (EEXIST on add), which the next hello round repairs.
-        let mut spi = |k: u8| plan::make_spi(u32::from_ne_bytes(random_bytes()), k);
-        let mut nonce = random_bytes::<16>;
+        let mut spi = |k: u8| plan::make_spi(u32::from_ne_bytes(crate::random::bytes()), k);
+        let mut nonce = crate::random::bytes::<16>;
         let outcome = p.on_hello(
             &h,
             plan::family(&from),
