@@ -3,6 +3,7 @@
 //! whole; otherwise the last good one stays in force and STATUS= says so.
 
 pub mod engine;
+pub mod metrics;
 pub mod notify;
 pub mod watch;
 
@@ -460,12 +461,9 @@ impl Daemon {
             warn!("writing {}: {e}", c.settings.runtime_dir.display());
         }
         if let Some(path) = &c.settings.metrics_path {
-            let text = crate::cli::status::metrics(
-                &snap,
-                &self.kernel_counters(),
-                c.settings.metrics_per_peer,
-            );
-            match crate::cli::status::write_metrics(path, &text) {
+            let text =
+                metrics::metrics(&snap, &self.kernel_counters(), c.settings.metrics_per_peer);
+            match metrics::write_metrics(path, &text) {
                 Err(e) => {
                     let e = format!("writing metrics to {}: {e}", path.display());
                     if self.metrics_failing.as_ref() != Some(&e) {
@@ -486,10 +484,10 @@ impl Daemon {
 
     /// What the metrics add from the kernel: xfrm_stat (a file read) and, with strict
     /// mode on, the drop counters (one `nft list`, every 10 s while metrics are on).
-    fn kernel_counters(&self) -> crate::cli::status::KernelCounters {
+    fn kernel_counters(&self) -> metrics::KernelCounters {
         let strict_drops = if self.strict.is_on() {
             match crate::kernel::nft::Nft::default().counters() {
-                Ok(cs) => crate::cli::status::strict_drop_totals(&cs),
+                Ok(cs) => metrics::strict_drop_totals(&cs),
                 Err(e) => {
                     debug!("reading the strict table's counters: {e}");
                     Vec::new()
@@ -498,7 +496,7 @@ impl Daemon {
         } else {
             Vec::new()
         };
-        crate::cli::status::KernelCounters {
+        metrics::KernelCounters {
             xfrm_stat: crate::cli::status::xfrm_stat(),
             strict_drops,
         }
