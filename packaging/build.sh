@@ -71,7 +71,8 @@ cp etc/encryptd.toml etc/nodes.toml etc/ipsec.keys "$S/etc/"
 cp packaging/etc/encryptd.toml "$S/default/"
 cp docs/man/encryptd.8 docs/man/encryptd.toml.5 "$S/man/"
 cp README.md LICENSE-MIT LICENSE-APACHE "$S/"
-cp docs/hello.md docs/metrics.md docs/status.md docs/strict.md docs/wireguard.md "$S/docs/"
+cp docs/firewalld.md docs/hello.md docs/metrics.md docs/status.md docs/strict.md docs/wireguard.md "$S/docs/"
+mkdir -p "$S/firewalld" && cp packaging/firewalld/encryptd.xml "$S/firewalld/"
 # The man pages say which version they document.
 sed -i "s/\"encryptd [0-9][^\"]*\"/\"encryptd $VERSION\"/" "$S"/man/*
 

@@ -56,7 +56,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/encryptd-pkgtest.XXXXXX")
 if [ "${PKGTEST_KEEP:-0}" = 1 ]; then echo "packages.sh: work dir kept: $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
 
 # --- tools ---------------------------------------------------------------------------------
-PKGS="debhelper dpkg-dev lintian rpm rpmlint debootstrap cpio gzip"
+PKGS="debhelper dpkg-dev lintian rpm rpm2cpio rpmlint debootstrap cpio gzip"
 missing=$(for p in $PKGS; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"
 done)
@@ -104,6 +104,24 @@ for f in LICENSE-MIT LICENSE-APACHE; do
     rpm -qpL "$OUT/$RPM1" 2>/dev/null | grep -qx "/usr/share/licenses/encryptd/$f" || die "rpm: no %license $f"
 done
 say "licence: MIT OR Apache-2.0 in the .deb's copyright and the .rpm's License: and %license"
+
+# The firewalld service, as both packages install it: well-formed (firewalld skips a
+# file it cannot parse), ESP and the daemon's default ports, nothing else.
+FW=usr/lib/firewalld/services/encryptd.xml
+dpkg-deb --fsys-tarfile "$OUT/$DEB1" | tar -xO "./$FW" >"$WORK/fw-deb.xml" || die "deb: no /$FW"
+( cd "$WORK" && rpm2cpio "$OUT/$RPM1" | cpio -i --quiet --to-stdout "./$FW" ) >"$WORK/fw-rpm.xml" || die "rpm: no /$FW"
+hello=$(sed -n 's/.*port(t, "hello_port", \([0-9]*\)).*/\1/p' src/config/settings.rs)
+listen=$(sed -n 's/.*port(t, "listen_port", \([0-9]*\)).*/\1/p' src/config/settings.rs)
+for f in "$WORK/fw-deb.xml" "$WORK/fw-rpm.xml"; do
+    got=$(python3 -c '
+import sys, xml.etree.ElementTree as E
+r = E.parse(sys.argv[1]).getroot()
+assert r.tag == "service", r.tag
+print(" ".join(sorted([c.tag + ":" + (c.get("value") or c.get("protocol") + "/" + c.get("port")) for c in r if c.tag in ("protocol", "port")])))
+' "$f") || die "$FW: not a firewalld service file"
+    [ "$got" = "port:udp/$hello port:udp/$listen protocol:esp" ] || die "$FW: got '$got', want ESP, udp/$hello, udp/$listen"
+done
+say "firewalld: /$FW in both packages: ESP, udp/$hello (hellos), udp/$listen (WireGuard)"
 
 # --- 3. a clean Debian 12 root, booted with systemd ----------------------------------------
 INCLUDE=systemd,systemd-sysv,nftables,iproute2,iputils-ping,kmod,procps,rpm
