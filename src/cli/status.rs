@@ -824,8 +824,10 @@ fn strict_in_kernel(
 ) -> (bool, Vec<StrictDrop>) {
     let nft = crate::kernel::nft::Nft::default();
     let strict = daemon.is_some_and(|d| d.strict);
-    let in_kernel = match nft.list() {
-        Ok(t) => t.is_some(),
+    // None: status could not read the table (not root), which is not knowing.
+    let listed = nft.list();
+    let in_kernel = match &listed {
+        Ok(t) => Some(t.is_some()),
         Err(e) => {
             if strict {
                 problems.push(problem(
@@ -833,28 +835,30 @@ fn strict_in_kernel(
                     format!("cannot read table inet encryptd: {e}"),
                 ));
             }
-            false
+            None
         }
     };
-    if strict && !in_kernel && !problems.iter().any(|p| p.problem.contains("inet encryptd")) {
+    if strict && in_kernel == Some(false) {
         problems.push(problem(
             Health::Critical,
             "strict mode is on, but table inet encryptd is not in the kernel: nothing stops plaintext to the protected ranges (the daemon puts it back within a second when it runs)",
         ));
     }
-    let drops = nft
-        .counters()
-        .map(|cs| {
-            cs.into_iter()
-                .filter_map(|c| {
-                    Some(StrictDrop {
-                        rule: format!("{}/{}", c.chain, c.comment?),
-                        packets: c.packets,
-                    })
-                })
-                .collect()
+    let in_kernel = in_kernel.unwrap_or(false);
+    // From the same listing: one `nft` run, not two.
+    let drops = listed
+        .ok()
+        .flatten()
+        .and_then(|text| crate::kernel::nft::parse_counters(&text).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|c| {
+            Some(StrictDrop {
+                rule: format!("{}/{}", c.chain, c.comment?),
+                packets: c.packets,
+            })
         })
-        .unwrap_or_default();
+        .collect();
     (in_kernel, drops)
 }
 

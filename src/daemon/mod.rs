@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use sd_notify::NotifyState;
@@ -482,23 +482,12 @@ impl Daemon {
         }
     }
 
-    /// What the metrics add from the kernel: xfrm_stat (a file read) and, with strict
-    /// mode on, the drop counters (one `nft list`, every 10 s while metrics are on).
+    /// What the metrics add from the kernel: xfrm_stat (a file read) and the strict
+    /// drop counters, from the listing the table check just before took.
     fn kernel_counters(&self) -> metrics::KernelCounters {
-        let strict_drops = if self.strict.is_on() {
-            match crate::kernel::nft::Nft::default().counters() {
-                Ok(cs) => metrics::strict_drop_totals(&cs),
-                Err(e) => {
-                    debug!("reading the strict table's counters: {e}");
-                    Vec::new()
-                }
-            }
-        } else {
-            Vec::new()
-        };
         metrics::KernelCounters {
             xfrm_stat: crate::cli::status::xfrm_stat(),
-            strict_drops,
+            strict_drops: metrics::strict_drop_totals(&self.strict.counters()),
         }
     }
 

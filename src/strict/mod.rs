@@ -44,6 +44,9 @@ pub struct Strict {
     /// The kernel's own listing of the table, [`canonical`], taken right after
     /// installing it: what every later check compares against.
     listing: Option<String>,
+    /// The listing the last check found as applied, counters included: the metrics
+    /// read the drop counters from it instead of listing the table again.
+    seen: Option<String>,
 }
 
 impl Strict {
@@ -57,6 +60,15 @@ impl Strict {
 
     pub fn verified(&self) -> bool {
         self.verified
+    }
+
+    /// The drop counters of the table as the last check listed it (none before the
+    /// first check, or right after a reinstall).
+    pub fn counters(&self) -> Vec<crate::kernel::nft::RuleCounter> {
+        self.seen
+            .as_deref()
+            .and_then(|l| crate::kernel::nft::parse_counters(l).ok())
+            .unwrap_or_default()
     }
 
     /// Install (or replace, or remove) the table; unchanged text is not re-sent. The
@@ -77,6 +89,7 @@ impl Strict {
             None => {
                 self.verified = false;
                 self.listing = None;
+                self.seen = None;
                 match nft.delete() {
                     Ok(()) if self.table.is_some() => info!("strict mode off: rules removed"),
                     Ok(()) => {}
@@ -110,8 +123,9 @@ impl Strict {
             {
                 "was changed by another program (a rule, a chain or a set's elements)"
             }
-            Ok(Some(_)) => {
+            Ok(Some(listing)) => {
                 self.verified = true;
+                self.seen = Some(listing);
                 return false;
             }
             Err(e) => {
@@ -121,6 +135,8 @@ impl Strict {
             }
         };
         self.reinstalls += 1;
+        // A new table starts its counters at 0.
+        self.seen = None;
         let r = nft.apply(&want);
         self.verified = r.is_ok();
         self.listing = r.is_ok().then(|| listed(&nft)).flatten();
