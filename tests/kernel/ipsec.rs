@@ -96,9 +96,15 @@ fn mesh_three_nodes() -> Result<(), String> {
                 .is_some_and(|a| !a.is_empty()),
         format!("status --json: per-peer bytes and decryption interfaces:\n{json}"),
     )?;
-    // The node_exporter textfile is kept current.
-    let prom = std::fs::read_to_string(f.dirs[0].join("metrics.prom"))
-        .map_err(|e| format!("metrics.prom: {e}"))?;
+    // The node_exporter textfile is kept current: keys_in_use comes from the daemon's
+    // last reconcile and the file is rewritten every 10 s, so wait (with a deadline)
+    // for the write that has the SAs.
+    let path = f.dirs[0].join("metrics.prom");
+    crate::rig::wait_for(Duration::from_secs(25), || {
+        std::fs::read_to_string(&path)
+            .is_ok_and(|m| m.lines().any(|l| l == "encryptd_keys_in_use 8"))
+    });
+    let prom = std::fs::read_to_string(&path).map_err(|e| format!("metrics.prom: {e}"))?;
     for want in [
         "encryptd_peers_up 2",
         "encryptd_peer_up{peer=\"n1\"} 1",
