@@ -94,6 +94,16 @@ fn write_temp(path: &Path, bytes: &[u8], sync: bool, mode: u32) -> io::Result<(P
     Ok((dir, tmp))
 }
 
+/// A fresh, empty directory for one unit test (`tag` tells the tests apart; the process
+/// ID tells runs apart).
+#[cfg(test)]
+pub fn test_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("encryptd-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,9 +135,7 @@ mod tests {
 
     #[test]
     fn a_readable_file_is_0644_under_the_units_umask() {
-        let d = std::env::temp_dir().join(format!("encryptd-files-r-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
+        let d = test_dir("files-r");
         let p = d.join("encryptd.prom");
         // SAFETY: umask has no preconditions. It is per process: only making files more
         // private for the moment, which no other test minds.

@@ -82,6 +82,7 @@ for i in $(seq 0 $((N - 1))); do
 mode = "ipsec"
 node = "n$i"
 runtime_dir = "run"
+state_dir = "state"
 boot_id_path = "boot_id"
 CONF
 done

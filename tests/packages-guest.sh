@@ -59,7 +59,7 @@ P=/run/peer
 start_peer() {   # after configure: the same inventory and key, its own boot ID
     rm -rf $P && mkdir -p $P && cp /usr/bin/encryptd /etc/encryptd/nodes.toml /etc/encryptd/ipsec.keys $P/
     cat /proc/sys/kernel/random/uuid >$P/boot_id
-    printf 'mode = "ipsec"\nnode = "peer"\nruntime_dir = "run"\nboot_id_path = "boot_id"\n' >$P/encryptd.toml
+    printf 'mode = "ipsec"\nnode = "peer"\nruntime_dir = "run"\nstate_dir = "state"\nboot_id_path = "boot_id"\n' >$P/encryptd.toml
     ip netns exec peer $P/encryptd run --config $P/encryptd.toml 2>>/ctl/peer.log &
     echo $! >$P/pid
 }

@@ -49,8 +49,7 @@ mod tests {
 
     #[test]
     fn a_manager_that_does_not_read_does_not_stop_the_daemon() {
-        let dir = std::env::temp_dir().join(format!("encryptd-notify-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
+        let dir = crate::files::test_dir("notify");
         let path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&path);
         let manager = std::os::unix::net::UnixDatagram::bind(&path).unwrap();

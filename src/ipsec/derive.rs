@@ -3,7 +3,7 @@
 //! Every SA gets its own key: the `info` binds the key-id, the direction (sender and
 //! receiver names and addresses), both nodes' boot IDs and the SPI the receiver chose for
 //! this SA. A reboot changes a boot ID and so every key of that node; a re-created SA gets
-//! a fresh random SPI and so a fresh key. That is what keeps (key, sequence number) pairs
+//! an SPI never handed out before in this boot (`ledger`) and so a fresh key. That is what keeps (key, sequence number) pairs
 //! from ever repeating, which ESP-GCM's nonce construction needs (Cilium
 //! GHSA-pwqm-x5x6-5586: one key on many tunnels).
 

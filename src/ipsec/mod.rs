@@ -7,6 +7,7 @@ pub mod apply;
 pub mod derive;
 pub mod drops;
 pub mod hello;
+pub mod ledger;
 pub mod peer;
 pub mod plan;
 pub mod reconcile;
@@ -22,6 +23,7 @@ use log::{debug, error, info, warn};
 use self::derive::BootId;
 use self::drops::HelloStats;
 use self::hello::Family;
+use self::ledger::{SpiLedger, Start};
 use self::peer::{Local, Peer, Slot};
 use crate::config::Config;
 use crate::kernel::xfrm::{Xfrm, XfrmError};
@@ -36,6 +38,8 @@ const STALE_AFTER: Duration = Duration::from_secs(35);
 const RESCAN: Duration = Duration::from_secs(5);
 /// At most this many SA ids are remembered as used (see `Engine::installed`).
 const MAX_INSTALLED_MEMORY: usize = 1 << 16;
+/// The SPI ledger's file in `state_dir`.
+const LEDGER_FILE: &str = "spi-ledger";
 /// Dropped hellos are reported in one log line per burst: this long after the first
 /// drop, and at most once per `DROP_REPORT_EVERY`.
 const DROP_REPORT_DELAY: Duration = Duration::from_secs(1);
@@ -65,6 +69,10 @@ pub struct Engine {
     /// vanishes, or that the hello exchange would bring back, is re-keyed under a new SPI,
     /// never installed again under one it used (same key, sequence numbers from 1).
     installed: BTreeSet<StateId>,
+    /// Where new inbound SPIs come from: never one twice in a boot (see `ledger`).
+    ledger: SpiLedger,
+    /// The last allocation succeeded (an allocation failure is logged once).
+    ledger_ok: bool,
     /// Per peer, (bytes received, bytes sent) through encryptd's SAs at the last read.
     traffic: BTreeMap<String, (u64, u64)>,
     /// Our SAs in the kernel and the highest sequence number sent, at the last apply.
@@ -157,6 +165,7 @@ impl Engine {
         let boot = read_boot(cfg)?;
         let xfrm = Xfrm::open()?;
         let sockets = bind(cfg.settings.ipsec.hello_port)?;
+        let ledger_path = cfg.settings.state_dir.join(LEDGER_FILE);
         let mut e = Engine {
             boot,
             xfrm,
@@ -166,6 +175,9 @@ impl Engine {
             retire: BTreeMap::new(),
             next_rescan: Instant::now() + RESCAN,
             installed: BTreeSet::new(),
+            // Opened below, once the adopted SAs are known.
+            ledger: SpiLedger::unopened(),
+            ledger_ok: true,
             traffic: BTreeMap::new(),
             sa_summary: (0, 0),
             stats: HelloStats::default(),
@@ -179,6 +191,29 @@ impl Engine {
         if adopted > 0 {
             info!("adopted {adopted} SAs from the kernel");
         }
+        // Opened once the adopted SAs are known: the counter starts above them.
+        let kernel_max = e
+            .peers
+            .values()
+            .flat_map(|p| p.inbound.values())
+            .map(|sa| sa.spi)
+            .max();
+        let random = u32::from_ne_bytes(crate::random::bytes());
+        let (ledger, how) =
+            SpiLedger::open(&ledger_path, &cfg.settings.node, &boot, kernel_max, random);
+        let path = ledger_path.display();
+        match how {
+            Start::Continued => debug!("SPI ledger {path}: continuing this boot's counter"),
+            Start::NewBoot => info!("SPI ledger {path}: a new boot, the counter starts over"),
+            Start::Lost(why) if kernel_max.is_none() && why == ledger::NO_LEDGER => {
+                info!("SPI ledger {path}: {why}; starting one")
+            }
+            Start::Lost(why) => warn!(
+                "SPI ledger {path}: {why}; new SPIs start at random above the kernel's, and \
+                 that they never repeat an SPI used earlier in this boot rests on chance"
+            ),
+        }
+        e.ledger = ledger;
         e.apply(cfg)?;
         Ok(e)
     }
@@ -447,9 +482,24 @@ impl Engine {
             key_ids: &ids,
             families: &fams,
         };
-        // 28 random bits per SPI: a collision among one node's inbound SAs is checked
-        // by the kernel (EEXIST on add), which the next hello round repairs.
-        let mut spi = |k: u8| plan::make_spi(u32::from_ne_bytes(crate::random::bytes()), k);
+        let ledger = &mut self.ledger;
+        let ledger_ok = &mut self.ledger_ok;
+        let mut spi = |k: u8| match ledger.allocate(k) {
+            Ok(spi) => {
+                if !*ledger_ok {
+                    info!("new SPIs can be had again");
+                    *ledger_ok = true;
+                }
+                Some(spi)
+            }
+            Err(e) => {
+                if *ledger_ok {
+                    error!("no new inbound SA can be offered: {e}");
+                    *ledger_ok = false;
+                }
+                None
+            }
+        };
         let mut nonce = crate::random::bytes::<16>;
         let outcome = p.on_hello(
             &h,

@@ -132,14 +132,15 @@ impl Peer {
     }
 
     /// Take a verified hello from this peer. `spi` allocates a fresh inbound SPI for a
-    /// key-id (unique among this node's inbound SAs); `nonce` makes a fresh nonce.
+    /// key-id, one never handed out before in this boot (`None`: none to be had, and the
+    /// slot stays without an offer); `nonce` makes a fresh nonce.
     pub fn on_hello(
         &mut self,
         h: &Hello,
         family: Family,
         local: &Local,
         now: Instant,
-        spi: &mut dyn FnMut(u8) -> u32,
+        spi: &mut dyn FnMut(u8) -> Option<u32>,
         nonce: &mut dyn FnMut() -> [u8; 16],
     ) -> Outcome {
         if let Some(not_fresh) = self.check_fresh(h, family, local, now, nonce) {
@@ -263,7 +264,12 @@ impl Peer {
     /// Our offers: one inbound SA per family and key-id we hold, new where there is none,
     /// where it belongs to the peer's earlier epoch, or where it was offered to an earlier
     /// instance of the peer that never took it. `true` if any changed.
-    fn offer_inbound(&mut self, h: &Hello, local: &Local, spi: &mut dyn FnMut(u8) -> u32) -> bool {
+    fn offer_inbound(
+        &mut self,
+        h: &Hello,
+        local: &Local,
+        spi: &mut dyn FnMut(u8) -> Option<u32>,
+    ) -> bool {
         let reported = |slot: Slot| {
             h.outbound
                 .iter()
@@ -285,18 +291,24 @@ impl Peer {
                     // having taken it (or having lost it): offer anew.
                     Some(sa) => sa.bound != h.nonce,
                 };
-                if fresh_needed {
-                    self.inbound.insert(
-                        slot,
-                        InSa {
-                            spi: spi(k),
+                if !fresh_needed {
+                    continue;
+                }
+                // Without a new SPI the old SA is no use either: it is keyed to another
+                // epoch or offered to a peer instance that is gone.
+                changed = match spi(k) {
+                    Some(spi) => {
+                        let sa = InSa {
+                            spi,
                             bound: h.nonce,
                             peer_boot: h.boot,
                             confirmed: false,
-                        },
-                    );
-                    changed = true;
-                }
+                        };
+                        self.inbound.insert(slot, sa);
+                        true
+                    }
+                    None => self.inbound.remove(&slot).is_some() || changed,
+                };
             }
         }
         changed
@@ -398,6 +410,8 @@ mod tests {
         keys: Vec<u8>,
         peer: Peer,
         counter: u32,
+        /// The SPI ledger has nothing to give (its file cannot be written).
+        no_spi: bool,
         nonces: u8,
     }
 
@@ -411,6 +425,7 @@ mod tests {
                 keys: vec![1],
                 peer: Peer::new(other, [seed as u8; 16]),
                 counter: seed * 1000,
+                no_spi: false,
                 nonces: (seed as u8).wrapping_mul(40),
             }
         }
@@ -438,9 +453,10 @@ mod tests {
                 families: FAM,
             };
             let c = &mut self.counter;
+            let none = self.no_spi;
             let mut spi = |k: u8| {
                 *c += 1;
-                crate::ipsec::plan::make_spi(*c, k)
+                (!none).then(|| crate::ipsec::plan::make_spi(*c, k))
             };
             let n = &mut self.nonces;
             let mut nonce2 = || {
@@ -518,6 +534,22 @@ mod tests {
             b.recv(&h);
         }
         assert_eq!(before, (a.peer.inbound.clone(), a.peer.outbound.clone()));
+    }
+
+    #[test]
+    fn without_a_new_spi_a_slot_goes_without_rather_than_keep_an_old_epoch() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        assert!(a.peer.is_up(FAM));
+        a.no_spi = true;
+        b = Node::new("b", "a", 3, 3); // rebooted
+        exchange(&mut a, &mut b, 3);
+        assert!(a.peer.inbound.is_empty(), "{:?}", a.peer.inbound);
+        assert!(b.peer.outbound.is_empty(), "{:?}", b.peer.outbound);
+        assert!(!a.peer.is_up(FAM));
+        a.no_spi = false;
+        exchange(&mut a, &mut b, 3);
+        assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
     }
 
     #[test]

@@ -841,8 +841,7 @@ mod tests {
     /// A stand-in for nft: a script in a temporary directory.
     fn fake_nft(name: &str, body: &str) -> (Nft, PathBuf) {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("encryptd-nft-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::files::test_dir(&format!("nft-{name}"));
         let path = dir.join("nft");
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
