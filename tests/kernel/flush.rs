@@ -167,9 +167,12 @@ fn flush(ipsec: bool) -> Result<(), String> {
         format!("status with the table gone (exit {st:?}):\n{text}"),
     )?;
     let ms: Vec<u128> = took.iter().map(|d| d.as_millis()).collect();
+    // The bound tells the reaction to nftables' notification (tens of ms, up to a
+    // second or so on a loaded 2-core machine: one fresh-clone run measured 1,380 ms)
+    // from the 10 s backstop (SNAPSHOT_EVERY); the time itself is reported, not judged.
     ensure(
-        took.iter().all(|d| *d <= Duration::from_secs(1)),
-        format!("the table took {ms:?} ms to come back (over 1 s)"),
+        took.iter().all(|d| *d <= Duration::from_secs(3)),
+        format!("the table took {ms:?} ms to come back (over 3 s: not on the notification)"),
     )?;
     println!(
         "    {} mode: `nft flush ruleset` x3, protected sets flushed, an accept inserted, under a datagram every 10 ms to a protected unknown host: table back after {ms:?} ms (change returned to reinstall logged); {attempts} sends, all refused, 0 on the wire (the capture saw m's 2 of {} lines); status and metrics count 5",
