@@ -37,6 +37,10 @@ pub const CASES: &[Case] = &[
         "ipsec_ops_replay_from_an_earlier_instance",
         replay_from_an_earlier_instance,
     ),
+    (
+        "ipsec_ops_restart_after_a_flush_reuses_no_spi",
+        restart_after_a_flush_reuses_no_spi,
+    ),
 ];
 
 /// One SA as `ip -s xfrm state` shows it: what identifies it and when the kernel added it.
@@ -618,6 +622,64 @@ fn kill_and_restart_under_ping() -> Result<(), String> {
         "the restarted daemon took 15 s or more to see its peers up",
     )?;
     counters_unchanged(&stat0, &stat1)
+}
+
+/// A restart of n0's daemon after its SAs were flushed, three times, in one boot: the
+/// SPIs it offers anew are above every one it offered before, so no key comes back
+/// (random SPIs, as before the SPI ledger, would pass this by chance 1 time in 70 per
+/// round).
+fn restart_after_a_flush_reuses_no_spi() -> Result<(), String> {
+    let mut f = start_fleet("is", 2)?;
+    let spi_of = |s: &Sa| u32::from_str_radix(s.spi.trim_start_matches("0x"), 16).unwrap_or(0);
+    let inbound = |f: &Fleet| -> Result<Vec<u32>, String> {
+        Ok(sas_quick(f, 0)?
+            .iter()
+            .filter(|s| s.dst == v4(0) || s.dst == v6(0))
+            .map(spi_of)
+            .collect())
+    };
+    let ledger = f.dirs[0].join("state/spi-ledger");
+    let first = f.daemon(0).log();
+    ensure(
+        first.contains("there is none yet; starting one"),
+        format!("no INFO about a new SPI ledger:\n{first}"),
+    )?;
+    let mut seen: Vec<u32> = inbound(&f)?;
+    ensure(
+        seen.len() == 4,
+        format!("n0 has not 4 inbound SAs: {seen:x?}"),
+    )?;
+    let ns = f.topo.ns(0).to_string();
+    for round in 1..=3 {
+        f.daemons[0].take().unwrap().kill();
+        let from = f.dirs[0]
+            .join("daemon.log")
+            .metadata()
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
+        crate::rig::sh(&format!("ip -n {ns} xfrm state flush"))?;
+        f.start(0)?;
+        wait_log_after(f.daemon(0), from, "peer n1 up", Duration::from_secs(20))?;
+        let now = inbound(&f)?;
+        let max_before = *seen.iter().max().unwrap();
+        ensure(
+            now.len() == 4 && now.iter().all(|s| *s > max_before && !seen.contains(s)),
+            format!(
+                "round {round}: n0's new inbound SPIs {now:x?} are not all above {max_before:#x} \
+                 (earlier: {seen:x?}); ledger:\n{}\n{}",
+                std::fs::read_to_string(&ledger).unwrap_or_else(|e| e.to_string()),
+                f.logs()
+            ),
+        )?;
+        println!("    round {round}: inbound SPIs {now:x?}, all above {max_before:#x}");
+        seen.extend(now);
+    }
+    let text =
+        std::fs::read_to_string(&ledger).map_err(|e| format!("{}: {e}", ledger.display()))?;
+    ensure(
+        text.contains("node n0") && text.contains("reserved "),
+        format!("the ledger does not name n0 and its reservation:\n{text}"),
+    )
 }
 
 /// Case 3: A node reboots (its XFRM state gone, a new boot ID, its daemon starting afresh):
