@@ -136,6 +136,9 @@ pub struct Snapshot {
     /// any, at the daemon's last reconcile.
     #[serde(default)]
     pub keys_in_use: u64,
+    /// IPsec: SAs re-keyed at their soft limit (age or packets) since the daemon started.
+    #[serde(default)]
+    pub sa_rekeys: u64,
     #[serde(default)]
     pub max_seq: u64,
 }
@@ -991,6 +994,12 @@ fn print_text(r: &Report, opts: &Options) {
     // IPsec objects of others may be in the same namespace.
     if r.daemon.as_ref().is_none_or(|d| d.mode != "wireguard") {
         println!("Keys in use: {}", r.keys_in_use);
+        if let Some(d) = &r.daemon {
+            println!(
+                "SA rekeys: {} (at the soft limit, since the daemon started)",
+                d.sa_rekeys
+            );
+        }
         println!("Max Seq. Number: {:#x}/{:#x}", r.max_seq, r.max_seq_limit);
     }
     println!(

@@ -28,6 +28,10 @@ pub struct Ipsec {
     pub key_rotation_duration: Duration,
     pub replay_window: u32,
     pub hello_port: u16,
+    /// No SA lives longer, or carries more packets: it is re-keyed before (see
+    /// `ipsec::plan::lifetime`).
+    pub sa_lifetime: Duration,
+    pub sa_packets: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +245,13 @@ fn path(t: &Table, base: &Path, key: &'static str, default: &str) -> PathBuf {
     }
 }
 
+/// SA limits unless set: a day, and 2^32 less a margin (about 2^26 packets, minutes
+/// at line rate, to re-key in).
+pub const DEFAULT_SA_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_SA_PACKETS: u64 = (1 << 32) - (1 << 26);
+/// Shorter would re-key faster than a hello round trip can be relied on.
+const MIN_SA_LIFETIME: Duration = Duration::from_secs(10);
+
 fn read_ipsec(t: &Table, base: &Path) -> Ipsec {
     let ipsec = Ipsec {
         keys: path(t, base, "keys", "ipsec.keys"),
@@ -261,6 +272,25 @@ fn read_ipsec(t: &Table, base: &Path) -> Ipsec {
             .integer("replay_window", 1..4097)
             .map_or(4096, |n| n.value as u32),
         hello_port: port(t, "hello_port", 4510),
+        sa_lifetime: match t.string("sa_lifetime") {
+            None => DEFAULT_SA_LIFETIME,
+            Some(At { value, span }) => match parse_duration(&value) {
+                Some(d) if d >= MIN_SA_LIFETIME => d,
+                _ => {
+                    t.error(
+                        span,
+                        format!(
+                            "`sa_lifetime` \"{value}\" is not a duration of at least 10s, such as \"8h\" or \"24h\""
+                        ),
+                    );
+                    DEFAULT_SA_LIFETIME
+                }
+            },
+        },
+        // Below 2^32: a sender without ESN would run out of sequence numbers there.
+        sa_packets: t
+            .integer("sa_packets", 100..(1 << 32))
+            .map_or(DEFAULT_SA_PACKETS, |n| n.value as u64),
     };
     // It once claimed to name "the link whose traffic is encrypted", which nothing read:
     // XFRM encrypts by policy whatever link a packet takes, and decrypts on whichever link

@@ -83,6 +83,14 @@ impl Engine {
         }
     }
 
+    /// SAs re-keyed at their soft limit (IPsec mode only).
+    pub fn rekeys(&self) -> u64 {
+        match self {
+            Engine::Ipsec(e) => e.rekeys,
+            Engine::Wireguard(_) => 0,
+        }
+    }
+
     /// The hello socket's counters (IPsec mode only).
     pub fn hello_stats(&self) -> Option<&ipsec::drops::HelloStats> {
         match self {

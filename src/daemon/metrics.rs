@@ -131,6 +131,12 @@ pub fn metrics(s: &Snapshot, k: &KernelCounters, per_peer: bool) -> String {
             &one(s.keys_in_use),
         );
         metric(
+            "sa_rekeys_total",
+            "SAs re-keyed at their soft limit (sa_lifetime, sa_packets) since the daemon started.",
+            "counter",
+            &one(s.sa_rekeys),
+        );
+        metric(
             "sequence_number_max",
             "Highest ESP sequence number sent on any SA (the limit is 2^64 - 1, ESN).",
             "gauge",

@@ -455,6 +455,7 @@ impl Daemon {
                 .map(|h| h.dropped.iter().map(|(k, v)| (k.to_string(), *v)).collect())
                 .unwrap_or_default(),
             keys_in_use,
+            sa_rekeys: self.engine.as_ref().map_or(0, |e| e.rekeys()),
             max_seq,
         };
         if let Err(e) = crate::cli::status::write(&c.settings.runtime_dir, &snap) {

@@ -22,6 +22,7 @@ pub fn apply(x: &mut Xfrm, ops: &Ops) -> Result<Timings, XfrmError> {
     let policies = t.elapsed();
     let t = Instant::now();
     x.add_states(&ops.add_states)?;
+    x.update_states(&ops.update_states)?;
     x.delete_states(&ops.delete_states)?;
     let states = t.elapsed();
     let t = Instant::now();

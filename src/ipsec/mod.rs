@@ -26,7 +26,7 @@ use self::hello::Family;
 use self::ledger::{SpiLedger, Start};
 use self::peer::{Local, Peer, Slot};
 use crate::config::Config;
-use crate::kernel::xfrm::{Xfrm, XfrmError};
+use crate::kernel::xfrm::{ExpireWatch, Xfrm, XfrmError};
 use crate::objects::xfrm::StateId;
 
 /// Hello interval while a peer is not up, and once it is.
@@ -51,6 +51,8 @@ pub enum Error {
     BootId { path: String, reason: String },
     #[error("hello socket on port {port}: {source}")]
     Socket { port: u16, source: io::Error },
+    #[error("XFRM expiry notices: {0}")]
+    Expire(io::Error),
     #[error(transparent)]
     Xfrm(#[from] XfrmError),
 }
@@ -60,6 +62,10 @@ pub struct Engine {
     xfrm: Xfrm,
     /// The hello sockets: IPv4, and IPv6 where the host has it.
     sockets: Vec<UdpSocket>,
+    /// SA expiry notices: when to look for SAs to re-key.
+    expire: ExpireWatch,
+    /// SAs re-keyed at their soft limit since the start.
+    pub rekeys: u64,
     pub peers: BTreeMap<String, Peer>,
     next_hello: BTreeMap<String, Instant>,
     /// Old key slots to delete at a time (key rotation).
@@ -165,11 +171,14 @@ impl Engine {
         let boot = read_boot(cfg)?;
         let xfrm = Xfrm::open()?;
         let sockets = bind(cfg.settings.ipsec.hello_port)?;
+        let expire = ExpireWatch::open().map_err(Error::Expire)?;
         let ledger_path = cfg.settings.state_dir.join(LEDGER_FILE);
         let mut e = Engine {
             boot,
             xfrm,
             sockets,
+            expire,
+            rekeys: 0,
             peers: BTreeMap::new(),
             next_hello: BTreeMap::new(),
             retire: BTreeMap::new(),
@@ -257,15 +266,25 @@ impl Engine {
                     },
                 );
             } else {
-                p.inbound.insert(
-                    slot,
-                    crate::ipsec::peer::InSa {
-                        spi: d.state.spi,
-                        bound: [0; 16],
-                        peer_boot: [0; 16],
-                        confirmed: false,
-                    },
-                );
+                let sa = crate::ipsec::peer::InSa {
+                    spi: d.state.spi,
+                    bound: [0; 16],
+                    peer_boot: [0; 16],
+                    confirmed: false,
+                };
+                // Two in one slot: a re-key was under way. SPIs only go up (the ledger),
+                // so the higher is the successor; the other drains as before.
+                let older = match p.inbound.get(&slot) {
+                    Some(cur) if cur.spi > sa.spi => Some(sa),
+                    _ => p.inbound.insert(slot, sa),
+                };
+                if let Some(old) = older {
+                    p.draining.push(crate::ipsec::peer::Draining {
+                        slot,
+                        sa: old,
+                        release_at: None,
+                    });
+                }
             }
             n += 1;
         }
@@ -298,10 +317,11 @@ impl Engine {
 
     /// Make the kernel match the plan. Returns the number of objects changed.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
-        let policies = plan::policies(cfg);
-        let states = plan::states(cfg, &self.boot, &self.peers);
         let kp = self.xfrm.dump_policies()?;
         let ks = self.xfrm.dump_states()?;
+        self.rekey_due(cfg, &ks);
+        let policies = plan::policies(cfg);
+        let states = plan::states(cfg, &self.boot, &self.peers);
         let in_kernel: BTreeSet<StateId> =
             ks.iter().filter(|s| s.is_ours()).map(|s| s.id()).collect();
         self.traffic = plan::traffic(cfg, ks.iter().filter(|s| s.is_ours()));
@@ -328,14 +348,43 @@ impl Engine {
         self.installed.extend(ops.add_states.iter().map(|s| s.id()));
         apply::apply(&mut self.xfrm, &ops)?;
         debug!(
-            "xfrm: +{} ~{} -{} policies, +{} -{} states",
+            "xfrm: +{} ~{} -{} policies, +{} ~{} -{} states",
             ops.add_policies.len(),
             ops.update_policies.len(),
             ops.delete_policies.len(),
             ops.add_states.len(),
+            ops.update_states.len(),
             ops.delete_states.len()
         );
         Ok(ops.changes())
+    }
+
+    /// Our inbound SAs past their soft limit get a successor, offered at once; the old one
+    /// stays until the peer sends on the new (see `Peer::rekey_inbound`).
+    fn rekey_due(&mut self, cfg: &Config, ks: &[crate::objects::xfrm::DumpedState]) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for (peer, slot, spi) in plan::due_for_rekey(cfg, &self.peers, ks, now) {
+            let new_spi = match self.ledger.allocate(slot.1) {
+                Ok(n) => n,
+                Err(e) => {
+                    if self.ledger_ok {
+                        error!("no new inbound SA can be offered: {e}");
+                        self.ledger_ok = false;
+                    }
+                    continue;
+                }
+            };
+            let Some(p) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            if p.rekey_inbound(slot, spi, new_spi) {
+                self.rekeys += 1;
+                info!(peer = peer.as_str(), spi = spi; "SA 0x{spi:08x} from {peer} reached its soft limit; offering 0x{new_spi:08x} in its place");
+                self.next_hello.insert(peer, Instant::now());
+            }
+        }
     }
 
     /// SAs that vanished from the kernel, or whose key is not what the plan derives (an
@@ -349,6 +398,12 @@ impl Engine {
             let Some(p) = self.peers.get_mut(&peer) else {
                 continue;
             };
+            if p.is_draining(id.spi) {
+                // A replaced SA that reached its hard limit: it was on its way out.
+                debug!("replaced SA {id} expired");
+                p.release_drained(Instant::now(), &[id.spi]);
+                continue;
+            }
             warn!(peer = peer.as_str(), spi = id.spi; "SA {id} is gone or stale; re-keying it");
             if outbound {
                 p.outbound_lost(slot, crate::random::bytes());
@@ -361,10 +416,12 @@ impl Engine {
 
     pub fn next_deadline(&self) -> Option<Instant> {
         let retire = self.retire.values().map(|(t, _)| *t);
+        let drained = self.peers.values().filter_map(Peer::next_release);
         self.next_hello
             .values()
             .copied()
             .chain(retire)
+            .chain(drained)
             .chain(self.drop_report_at)
             .chain(std::iter::once(self.next_rescan))
             .min()
@@ -418,8 +475,16 @@ impl Engine {
 
     /// Read every pending datagram. Returns whether the plan may have changed.
     pub fn on_readable(&mut self, cfg: &Config) -> bool {
+        let (soft, hard, lost) = self.expire.drain();
+        if soft + hard > 0 || lost {
+            debug!(
+                "xfrm: {soft} soft and {hard} hard SA expiries{}",
+                if lost { ", some lost" } else { "" }
+            );
+        }
+        // The reconcile the caller runs re-keys what is due and notices what is gone.
+        let mut changed = soft + hard > 0 || lost;
         let mut buf = [0u8; hello::MAX_LEN + 1];
-        let mut changed = false;
         for i in 0..self.sockets.len() {
             loop {
                 let (n, from) = match self.sockets[i].recv_from(&mut buf) {
@@ -601,6 +666,9 @@ impl Engine {
             .map(|(n, _)| n.clone())
             .collect();
         let mut changed = false;
+        for p in self.peers.values_mut() {
+            changed |= p.release_drained(now, &[]);
+        }
         for peer in retired {
             let (_, slots) = self.retire.remove(&peer).expect("listed above");
             if let Some(p) = self.peers.get_mut(&peer) {
@@ -680,6 +748,10 @@ impl Engine {
 impl Engine {
     /// The hello sockets' fds, for the poll loop.
     pub fn hello_fds(&self) -> Vec<RawFd> {
-        self.sockets.iter().map(AsRawFd::as_raw_fd).collect()
+        self.sockets
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .chain(std::iter::once(self.expire.as_raw_fd()))
+            .collect()
     }
 }

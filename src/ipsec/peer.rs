@@ -27,6 +27,19 @@ pub struct InSa {
     pub confirmed: bool,
 }
 
+/// An inbound SA replaced by a re-key, kept while the peer may still send on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draining {
+    pub slot: Slot,
+    pub sa: InSa,
+    /// Set once the peer reports sending on the SA that replaced it: removed then, after
+    /// the packets still in flight had time to land.
+    pub release_at: Option<Instant>,
+}
+
+/// How long a replaced inbound SA stays after the peer moved off it.
+pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// An SA this node sends with: SPI offered by the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutSa {
@@ -91,6 +104,8 @@ pub struct Peer {
     pub retired: Vec<[u8; 16]>,
     pub inbound: BTreeMap<Slot, InSa>,
     pub outbound: BTreeMap<Slot, OutSa>,
+    /// Inbound SAs replaced by a re-key (make-before-break), still installed.
+    pub draining: Vec<Draining>,
     /// Key-ids the peer holds (bitmap), from its last fresh hello.
     pub peer_key_ids: u16,
     pub last_fresh: Option<Instant>,
@@ -126,6 +141,7 @@ impl Peer {
             retired: Vec::new(),
             inbound: BTreeMap::new(),
             outbound: BTreeMap::new(),
+            draining: Vec::new(),
             peer_key_ids: 0,
             last_fresh: None,
         }
@@ -164,7 +180,7 @@ impl Peer {
                 && local.key_ids.contains(&k)
                 && !h.offers.iter().any(|o| (o.family, o.key_id) == (f, k))
         });
-        out.sas_changed |= self.offer_inbound(h, local, spi);
+        out.sas_changed |= self.offer_inbound(h, local, now, spi);
         out.sas_changed |= self.take_offers(h, local);
         out
     }
@@ -232,9 +248,11 @@ impl Peer {
     /// and start over under a new nonce, so that nothing said before the reboot (or
     /// replayed from then) counts. `true` if there were SAs to drop.
     fn rebooted(&mut self, boot: BootId, nonce: [u8; 16]) -> bool {
-        let had = !self.inbound.is_empty() || !self.outbound.is_empty();
+        let had =
+            !self.inbound.is_empty() || !self.outbound.is_empty() || !self.draining.is_empty();
         self.inbound.clear();
         self.outbound.clear();
+        self.draining.clear();
         self.new_nonce(nonce);
         self.boot = Some(boot);
         had
@@ -258,6 +276,13 @@ impl Peer {
         {
             sa.peer_boot = boot;
         }
+        for d in self
+            .draining
+            .iter_mut()
+            .filter(|d| d.sa.peer_boot == [0; 16])
+        {
+            d.sa.peer_boot = boot;
+        }
         self.boot = Some(boot);
     }
 
@@ -268,6 +293,7 @@ impl Peer {
         &mut self,
         h: &Hello,
         local: &Local,
+        now: Instant,
         spi: &mut dyn FnMut(u8) -> Option<u32>,
     ) -> bool {
         let reported = |slot: Slot| {
@@ -285,6 +311,9 @@ impl Peer {
                     Some(sa) if sa.peer_boot != h.boot => true,
                     Some(sa) if reported(slot) == Some(sa.spi) => {
                         sa.confirmed = true;
+                        for d in self.draining.iter_mut().filter(|d| d.slot == slot) {
+                            d.release_at.get_or_insert(now + DRAIN_GRACE);
+                        }
                         false
                     }
                     // Offered to an earlier instance of the peer, which is gone without
@@ -333,6 +362,53 @@ impl Peer {
             }
         }
         changed
+    }
+
+    /// Our inbound SA `spi` in `slot` reached its soft limit: offer its successor under
+    /// `new_spi` and keep it until the peer sends on the successor (make-before-break).
+    /// `false` if `spi` is not the slot's current SA or the peer's instance is not known
+    /// yet (nothing to bind the offer to).
+    pub fn rekey_inbound(&mut self, slot: Slot, spi: u32, new_spi: u32) -> bool {
+        let (Some((peer_nonce, _)), Some(boot)) = (self.seq_in, self.boot) else {
+            return false;
+        };
+        let Some(old) = self.inbound.get(&slot).copied().filter(|sa| sa.spi == spi) else {
+            return false;
+        };
+        self.draining.push(Draining {
+            slot,
+            sa: old,
+            release_at: None,
+        });
+        self.inbound.insert(
+            slot,
+            InSa {
+                spi: new_spi,
+                bound: peer_nonce,
+                peer_boot: boot,
+                confirmed: false,
+            },
+        );
+        true
+    }
+
+    /// Drop the replaced SAs whose grace is over, and `gone` ones (the kernel deleted
+    /// them at their hard limit). `true` if any went.
+    pub fn release_drained(&mut self, now: Instant, gone: &[u32]) -> bool {
+        let before = self.draining.len();
+        self.draining
+            .retain(|d| d.release_at.is_none_or(|t| t > now) && !gone.contains(&d.sa.spi));
+        self.draining.len() != before
+    }
+
+    /// When the next replaced SA is due to go.
+    pub fn next_release(&self) -> Option<Instant> {
+        self.draining.iter().filter_map(|d| d.release_at).min()
+    }
+
+    /// Whether `spi` is one of the replaced SAs still kept.
+    pub fn is_draining(&self, spi: u32) -> bool {
+        self.draining.iter().any(|d| d.sa.spi == spi)
     }
 
     /// One of our outbound SAs to this peer vanished from the kernel (flushed from under
@@ -390,10 +466,13 @@ impl Peer {
     pub fn is_up(&self, families: &[Family]) -> bool {
         !families.is_empty()
             && families.iter().all(|f| {
+                // A re-key under way keeps the pair up: the peer still sends on the
+                // replaced SA until it takes the new one.
                 self.outbound.keys().any(|(of, _)| of == f)
                     && self
                         .inbound
                         .iter()
+                        .chain(self.draining.iter().map(|d| (&d.slot, &d.sa)))
                         .any(|((inf, _), sa)| inf == f && sa.confirmed)
             })
     }
@@ -550,6 +629,51 @@ mod tests {
         a.no_spi = false;
         exchange(&mut a, &mut b, 3);
         assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
+    }
+
+    #[test]
+    fn a_rekey_offers_a_successor_and_keeps_the_old_sa_until_the_peer_moved() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        let recorded = a.send();
+        b.recv(&recorded);
+        let slot = (Family::V4, 1);
+        let old = a.peer.inbound[&slot].spi;
+        let b_out = b.peer.outbound[&slot].spi;
+        assert_eq!(old, b_out);
+        assert!(
+            !a.peer.rekey_inbound(slot, old + 1, 7777),
+            "not the current SA"
+        );
+        assert!(a.peer.rekey_inbound(slot, old, 7777));
+        assert_eq!(a.peer.inbound[&slot].spi, 7777);
+        assert_eq!(a.peer.draining.len(), 1);
+        assert_eq!(a.peer.next_release(), None, "kept until the peer moves");
+        assert!(a.peer.is_up(FAM), "a re-key under way is not a pair down");
+        // a's next hello carries the offer bound to b's nonce; b switches at once.
+        let h = a.send();
+        assert!(b.recv(&h).sas_changed);
+        assert_eq!(b.peer.outbound[&slot].spi, 7777);
+        // b's report lets a release the old SA after the grace, not before.
+        let h = b.send();
+        let t = Instant::now();
+        a.recv(&h);
+        let release = a.peer.next_release().expect("released after the grace");
+        assert!(release >= t + DRAIN_GRACE);
+        assert!(!a.peer.release_drained(t, &[]));
+        assert!(a.peer.release_drained(release, &[]));
+        assert!(a.peer.draining.is_empty());
+        assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
+        // A replaced SA the kernel deleted (hard limit) just goes.
+        let cur = a.peer.inbound[&slot].spi;
+        assert!(a.peer.rekey_inbound(slot, cur, 8888));
+        assert!(a.peer.is_draining(cur));
+        assert!(a.peer.release_drained(Instant::now(), &[cur]));
+        // A replayed hello from before the rekey does not bring the old offer back.
+        let snapshot = format!("{:?}", b.peer.outbound);
+        let o = b.recv(&recorded);
+        assert!(o.replayed, "{o:?}");
+        assert_eq!(snapshot, format!("{:?}", b.peer.outbound));
     }
 
     #[test]
@@ -713,6 +837,8 @@ mod tests {
     fn a_lost_inbound_sa_gets_a_new_spi_and_an_answer_at_once() {
         let (mut a, mut b) = pair();
         exchange(&mut a, &mut b, 3);
+        let recorded = a.send();
+        b.recv(&recorded);
         let slot = (Family::V4, 1);
         let old = a.peer.inbound[&slot].spi;
         // The caller's reaction to an inbound SA that vanished from the kernel.

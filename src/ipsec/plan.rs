@@ -8,15 +8,16 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::config::settings::Proto;
+use crate::config::settings::{Ipsec, Proto};
 use crate::config::{Config, Node};
 use crate::ipsec::derive::{BootId, SaContext, SaKey, sa_key};
 use crate::ipsec::hello::Family;
 use crate::ipsec::peer::{Peer, Slot};
 use crate::net::Cidr;
 use crate::objects::xfrm::{
-    Action, Algorithm, Direction, DumpedState, EncapMode, PRIORITY_BLOCK, PRIORITY_EXEMPT,
-    PRIORITY_REPLY, PRIORITY_TUNNEL, REQID_MIN, Selector, StateId, Template, XfrmPolicy, XfrmState,
+    Action, Algorithm, Direction, DumpedState, EncapMode, Lifetime, PRIORITY_BLOCK,
+    PRIORITY_EXEMPT, PRIORITY_REPLY, PRIORITY_TUNNEL, REQID_MIN, Selector, StateId, Template,
+    XfrmPolicy, XfrmState,
 };
 
 /// The reqid of every encryptd SA and template. States are told apart by their addresses
@@ -237,6 +238,7 @@ pub fn states(cfg: &Config, boot: &BootId, peers: &BTreeMap<String, Peer>) -> De
             let slot_sas = peer
                 .inbound
                 .iter()
+                .chain(peer.draining.iter().map(|d| (&d.slot, &d.sa)))
                 .map(|(s, sa)| (s, sa.spi, sa.peer_boot, false))
                 .chain(
                     peer.outbound
@@ -280,6 +282,7 @@ pub fn states(cfg: &Config, boot: &BootId, peers: &BTreeMap<String, Peer>) -> De
                     );
                     let mut s = XfrmState::tunnel(src, dst, spi, REQID, algorithm(key));
                     s.replay_window = cfg.settings.ipsec.replay_window;
+                    s.lifetime = lifetime(&cfg.settings.ipsec, spi);
                     s
                 });
                 out.insert(id, state);
@@ -299,6 +302,55 @@ pub fn key_id_of_spi(spi: u32) -> u8 {
 pub fn make_spi(random: u32, key_id: u8) -> u32 {
     let spi = (random << 4) | u32::from(key_id & 0xF);
     if spi < 0x100 { spi | 0x1000_0000 } else { spi }
+}
+
+/// The limits of one SA: hard at the settings, soft (the re-key) at 90% of the packets
+/// and 80–90% of the age. The age's share is spread by the SPI, so that the SAs of a
+/// fleet set up in one minute do not all re-key in the same one; being the SPI's, it is
+/// the same at both ends and at every pass.
+pub fn lifetime(s: &Ipsec, spi: u32) -> Lifetime {
+    let hard = s.sa_lifetime.as_secs();
+    let spread = (hard / 10).max(1);
+    let jitter = u64::from(spi.wrapping_mul(0x9E37_79B9) >> 8) % spread;
+    Lifetime {
+        soft_packets: Some(s.sa_packets - s.sa_packets / 10),
+        hard_packets: Some(s.sa_packets),
+        soft_secs: Some(hard - hard / 10 - jitter),
+        hard_secs: Some(hard),
+    }
+}
+
+/// Our inbound SAs, each the current one of its slot, past their soft limit in the
+/// kernel's own counters (`now`: wall-clock seconds, as the kernel's add time): the ones
+/// to re-key. The kernel's soft-expire message only says *when* to look; this says what,
+/// and also finds what a lost message would have (`ENOBUFS`).
+pub fn due_for_rekey<'a>(
+    cfg: &Config,
+    peers: &BTreeMap<String, Peer>,
+    kernel: impl IntoIterator<Item = &'a DumpedState>,
+    now: u64,
+) -> Vec<(String, Slot, u32)> {
+    let mut due = Vec::new();
+    for d in kernel.into_iter().filter(|d| d.is_ours()) {
+        let l = &d.state.lifetime;
+        let past = l.soft_packets.is_some_and(|n| d.counters.packets >= n)
+            || l.soft_secs
+                .is_some_and(|n| now.saturating_sub(d.counters.add_time) >= n);
+        if !past {
+            continue;
+        }
+        let Some((peer, slot, false)) = slot_of(cfg, &d.id()) else {
+            continue;
+        };
+        if peers
+            .get(&peer)
+            .and_then(|p| p.inbound.get(&slot))
+            .is_some_and(|sa| sa.spi == d.state.spi)
+        {
+            due.push((peer, slot, d.state.spi));
+        }
+    }
+    due
 }
 
 /// Bytes per peer, received and sent, summed over our SAs with it (both families, every
@@ -561,5 +613,88 @@ pub(crate) mod tests {
                 assert_eq!(key_id_of_spi(spi), k);
             }
         }
+    }
+
+    #[test]
+    fn sa_limits_from_the_settings_with_the_age_spread_by_spi() {
+        let cfg = mesh();
+        let ip = &cfg.settings.ipsec;
+        assert_eq!(ip.sa_lifetime.as_secs(), 86_400);
+        let softs: std::collections::BTreeSet<u64> = (0..200u32)
+            .map(|i| {
+                let l = lifetime(ip, make_spi(100 + i, 1));
+                assert_eq!(l.hard_secs, Some(86_400));
+                assert_eq!(l.hard_packets, Some(ip.sa_packets));
+                assert_eq!(l.soft_packets, Some(ip.sa_packets - ip.sa_packets / 10));
+                let soft = l.soft_secs.unwrap();
+                assert!((69_121..=77_760).contains(&soft), "{soft}");
+                assert_eq!(
+                    l,
+                    lifetime(ip, make_spi(100 + i, 1)),
+                    "the same at every pass"
+                );
+                soft
+            })
+            .collect();
+        assert!(softs.len() > 150, "not spread: {} distinct", softs.len());
+    }
+
+    #[test]
+    fn due_for_rekey_is_the_current_inbound_sa_past_its_soft_limit() {
+        let cfg = mesh();
+        let mut peers = BTreeMap::new();
+        let mut b = Peer::new("b", [1; 16]);
+        let slot = (Family::V4, 1);
+        let (cur, old) = (make_spi(300, 1), make_spi(200, 1));
+        b.inbound.insert(
+            slot,
+            InSa {
+                spi: cur,
+                bound: [0; 16],
+                peer_boot: [2; 16],
+                confirmed: true,
+            },
+        );
+        peers.insert("b".to_string(), b);
+        let sa = |spi: u32, src: &str, dst: &str, packets: u64, added: u64| {
+            let mut s = XfrmState::tunnel(
+                src.parse().unwrap(),
+                dst.parse().unwrap(),
+                spi,
+                REQID,
+                Algorithm::gcm_aes(Zeroizing::new(vec![1; 20]), 128),
+            );
+            s.lifetime = lifetime(&cfg.settings.ipsec, spi);
+            DumpedState {
+                state: s,
+                proto: 50,
+                counters: crate::objects::xfrm::StateCounters {
+                    packets,
+                    add_time: added,
+                    ..Default::default()
+                },
+                extras: vec![],
+            }
+        };
+        let now = 1_000_000;
+        let soft = cfg.settings.ipsec.sa_packets - cfg.settings.ipsec.sa_packets / 10;
+        let kernel = [
+            sa(cur, "10.0.0.2", "10.0.0.1", soft - 1, now - 60),
+            sa(old, "10.0.0.2", "10.0.0.1", soft, now),
+        ];
+        assert!(
+            due_for_rekey(&cfg, &peers, &kernel, now).is_empty(),
+            "old is not current"
+        );
+        let kernel = [sa(cur, "10.0.0.2", "10.0.0.1", soft, now)];
+        assert_eq!(
+            due_for_rekey(&cfg, &peers, &kernel, now),
+            vec![("b".into(), slot, cur)]
+        );
+        let kernel = [sa(cur, "10.0.0.2", "10.0.0.1", 0, now - 86_400)];
+        assert_eq!(due_for_rekey(&cfg, &peers, &kernel, now).len(), 1, "by age");
+        // Outbound SAs are the peer's to re-key (it chose their SPIs).
+        let kernel = [sa(cur, "10.0.0.1", "10.0.0.2", soft, now - 86_400)];
+        assert!(due_for_rekey(&cfg, &peers, &kernel, now).is_empty());
     }
 }

@@ -16,6 +16,9 @@ pub struct Ops {
     pub update_policies: Vec<XfrmPolicy>,
     pub delete_policies: Vec<XfrmPolicy>,
     pub add_states: Vec<XfrmState>,
+    /// Present with the desired key but other lifetime limits (the settings changed):
+    /// `UPDSA` changes those in place, counters and sequence numbers kept.
+    pub update_states: Vec<XfrmState>,
     pub delete_states: Vec<XfrmState>,
     /// Desired but absent from the kernel, and either installed before (it vanished) or
     /// without a key to install it (kept SAs).
@@ -35,6 +38,7 @@ impl Ops {
             + self.update_policies.len()
             + self.delete_policies.len()
             + self.add_states.len()
+            + self.update_states.len()
             + self.delete_states.len()
     }
 }
@@ -90,7 +94,12 @@ pub fn diff(
             (None, Some(_)) if installed.contains(id) => ops.missing.push(*id),
             (None, Some(s)) => ops.add_states.push(s.clone()),
             (None, None) => ops.missing.push(*id),
-            (Some(k), Some(s)) if k.state != *s => ops.conflicts.push(*id),
+            (Some(k), Some(s)) if same_but_lifetime(&k.state, s) => {
+                if k.state.lifetime != s.lifetime {
+                    ops.update_states.push(s.clone());
+                }
+            }
+            (Some(_), Some(_)) => ops.conflicts.push(*id),
             (Some(k), None) if k.state.src != id.src => ops.conflicts.push(*id),
             (Some(_), _) => {}
         }
@@ -101,6 +110,29 @@ pub fn diff(
         }
     }
     ops
+}
+
+/// Equal in everything `UPDSA` cannot change (it changes only lifetimes here).
+fn same_but_lifetime(a: &XfrmState, b: &XfrmState) -> bool {
+    let XfrmState {
+        src,
+        dst,
+        spi,
+        reqid,
+        mode,
+        algorithm,
+        replay_window,
+        esn,
+        lifetime: _,
+    } = b;
+    a.src == *src
+        && a.dst == *dst
+        && a.spi == *spi
+        && a.reqid == *reqid
+        && a.mode == *mode
+        && a.algorithm == *algorithm
+        && a.replay_window == *replay_window
+        && a.esn == *esn
 }
 
 #[cfg(test)]
@@ -166,6 +198,34 @@ mod tests {
             &BTreeSet::new(),
         );
         assert!(ops.is_empty(), "{ops:?}");
+    }
+
+    #[test]
+    fn new_lifetime_limits_are_an_update_in_place_not_a_rekey() {
+        let mut limited = st(0x100, 1);
+        limited.lifetime.hard_secs = Some(3600);
+        limited.lifetime.soft_packets = Some(1000);
+        let ops = diff(
+            &[],
+            &desired(&[(limited.clone(), false)]),
+            &[],
+            &[dumped(st(0x100, 1))],
+            &BTreeSet::new(),
+        );
+        assert_eq!(ops.update_states, vec![limited.clone()]);
+        assert!(ops.conflicts.is_empty() && ops.add_states.is_empty());
+        // Another key as well: a conflict, never an update.
+        let mut other = st(0x100, 2);
+        other.lifetime = limited.lifetime;
+        let ops = diff(
+            &[],
+            &desired(&[(other.clone(), false)]),
+            &[],
+            &[dumped(st(0x100, 1))],
+            &BTreeSet::new(),
+        );
+        assert!(ops.update_states.is_empty());
+        assert_eq!(ops.conflicts, vec![other.id()]);
     }
 
     #[test]

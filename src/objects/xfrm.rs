@@ -213,6 +213,18 @@ pub struct XfrmState {
     pub replay_window: u32,
     /// Extended (64-bit) sequence numbers: `XFRM_STATE_ESN` + `XFRMA_REPLAY_ESN_VAL`.
     pub esn: bool,
+    pub lifetime: Lifetime,
+}
+
+/// When the kernel expires a state: at the soft limits it tells userspace
+/// (`XFRM_MSG_EXPIRE`, soft), at the hard ones it deletes the state. `None`: no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lifetime {
+    pub soft_packets: Option<u64>,
+    pub hard_packets: Option<u64>,
+    /// Seconds after the state was added.
+    pub soft_secs: Option<u64>,
+    pub hard_secs: Option<u64>,
 }
 
 /// What identifies a state in the kernel (destination, SPI; always ESP), plus the source
@@ -247,6 +259,7 @@ impl XfrmState {
             algorithm,
             replay_window: DEFAULT_REPLAY_WINDOW,
             esn: true,
+            lifetime: Lifetime::default(),
         }
     }
 

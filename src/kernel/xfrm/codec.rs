@@ -155,7 +155,7 @@ pub(super) fn state_message(op: Op, s: &XfrmState) -> Result<nx::state::ModifyMe
     info.id.proto = IPPROTO_ESP;
     info.reqid = s.reqid;
     info.mode = s.mode.to_kernel();
-    info.lifetime_cfg = LifetimeConfig::default();
+    info.lifetime_cfg = lifetime_to_kernel(&s.lifetime);
     info.selector.family = info.family;
     // Validate everything before the first key copy exists.
     let mut nlas = Vec::with_capacity(3);
@@ -412,8 +412,9 @@ pub(super) fn parse_state(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Result<Dumpe
         let sel = Selector::from_kernel(&info.selector, &mut ignored);
         extras.push(format!("selector {sel}"));
     }
-    if info.lifetime_cfg != LifetimeConfig::default() {
-        extras.push("lifetime limits".into());
+    let (lifetime, other_limits) = lifetime_from_kernel(&info.lifetime_cfg);
+    if other_limits {
+        extras.push("byte or use-time lifetime limits".into());
     }
     let mut counters = StateCounters {
         bytes: info.lifetime_cur.bytes,
@@ -448,6 +449,7 @@ pub(super) fn parse_state(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Result<Dumpe
             algorithm,
             replay_window,
             esn,
+            lifetime,
         },
         proto: info.id.proto,
         counters,
@@ -525,4 +527,35 @@ pub(super) fn parse_policy(
         index: info.index,
         extras,
     })
+}
+
+/// The kernel's `XFRM_INF` (no limit) for packet counts, 0 (no timer) for seconds.
+fn lifetime_to_kernel(l: &Lifetime) -> LifetimeConfig {
+    let inf = LifetimeConfig::default();
+    LifetimeConfig {
+        soft_packet_limit: l.soft_packets.unwrap_or(inf.soft_packet_limit),
+        hard_packet_limit: l.hard_packets.unwrap_or(inf.hard_packet_limit),
+        soft_add_expires_seconds: l.soft_secs.unwrap_or(0),
+        hard_add_expires_seconds: l.hard_secs.unwrap_or(0),
+        ..inf
+    }
+}
+
+/// The limits encryptd sets, and whether the state has others (byte counts, use time),
+/// which it never sets.
+fn lifetime_from_kernel(c: &LifetimeConfig) -> (Lifetime, bool) {
+    let inf = LifetimeConfig::default();
+    let packets = |v: u64| (v != inf.hard_packet_limit).then_some(v);
+    let secs = |v: u64| (v != 0).then_some(v);
+    let l = Lifetime {
+        soft_packets: packets(c.soft_packet_limit),
+        hard_packets: packets(c.hard_packet_limit),
+        soft_secs: secs(c.soft_add_expires_seconds),
+        hard_secs: secs(c.hard_add_expires_seconds),
+    };
+    let others = c.soft_byte_limit != inf.soft_byte_limit
+        || c.hard_byte_limit != inf.hard_byte_limit
+        || c.soft_use_expires_seconds != 0
+        || c.hard_use_expires_seconds != 0;
+    (l, others)
 }

@@ -67,6 +67,78 @@ pub fn bypass_socket(fd: std::os::fd::RawFd, v6: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The kernel's SA expiry notices (`XFRMNLGRP_EXPIRE`): a soft limit reached (time to
+/// re-key) or a hard one (the SA is gone). Only a wake-up: what to do is read from a
+/// dump, which also covers notices lost to a full socket buffer (`ENOBUFS`).
+pub struct ExpireWatch {
+    sock: netlink_sys::Socket,
+}
+
+impl ExpireWatch {
+    pub fn open() -> std::io::Result<ExpireWatch> {
+        let mut sock = netlink_sys::Socket::new(super::netlink::NETLINK_XFRM)?;
+        sock.bind(&netlink_sys::SocketAddr::new(
+            0,
+            1 << (nx::XFRMNLGRP_EXPIRE - 1),
+        ))?;
+        sock.set_non_blocking(true)?;
+        Ok(ExpireWatch { sock })
+    }
+
+    /// Read every pending notice. Returns how many were soft and hard, and whether some
+    /// were lost (the caller then looks at every SA).
+    pub fn drain(&mut self) -> (usize, usize, bool) {
+        let mut buf = [0u8; 8192];
+        let (mut soft, mut hard, mut lost) = (0, 0, false);
+        loop {
+            // SAFETY: recv into a buffer of the length given, on our own socket.
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::ENOBUFS) => {
+                        lost = true;
+                        continue;
+                    }
+                    Some(libc::EINTR) => continue,
+                    _ => break,
+                }
+            }
+            let mut at = &buf[..n as usize];
+            // Walk the messages: type XFRM_MSG_EXPIRE, payload xfrm_user_expire
+            // (xfrm_usersa_info, then the `hard` byte).
+            while at.len() >= 16 {
+                let len = u32::from_ne_bytes(at[0..4].try_into().expect("4 bytes")) as usize;
+                let ty = u16::from_ne_bytes(at[4..6].try_into().expect("2 bytes"));
+                if len < 16 || len > at.len() {
+                    break;
+                }
+                if ty == nx::XFRM_MSG_EXPIRE {
+                    match nx::UserExpire::parse(&at[16..len]) {
+                        Ok(e) if e.hard != 0 => hard += 1,
+                        Ok(_) => soft += 1,
+                        Err(_) => lost = true,
+                    }
+                }
+                at = at.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+            }
+        }
+        (soft, hard, lost)
+    }
+}
+
+impl std::os::fd::AsRawFd for ExpireWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
+    }
+}
+
 /// `XFRM_POLICY_MAX`: dumped policies at or past this direction are sockets' own.
 const SOCKET_POLICY_DIR: u8 = 3;
 
@@ -236,7 +308,13 @@ impl Xfrm {
                 })
             })
             .collect();
-        let r = self.sock.execute(&op.to_string(), &msgs, 0);
+        // ESRCH: gone already (the kernel deletes an SA at its hard limit, and may do so
+        // between our dump and this delete): what the delete wanted.
+        let r = self.sock.execute(&op.to_string(), &msgs, 0).map(|f| {
+            f.into_iter()
+                .filter(|f| f.error.errno != libc::ESRCH)
+                .collect()
+        });
         finish(op, r, states.len(), |i| states[i].to_string())
     }
 
