@@ -386,6 +386,10 @@ struct SaLine {
     key_id: u8,
     family: &'static str,
     age_secs: u64,
+    /// Seconds until the soft limit (the re-key, made by the SA's receiver), and the
+    /// packet count it is also re-keyed at; `None`: no limit (an SA of an older version).
+    rekey_in_secs: Option<u64>,
+    rekey_at_packets: Option<u64>,
     bytes: u64,
     packets: u64,
     /// Outbound: the highest sequence number sent; inbound: the highest received.
@@ -762,6 +766,12 @@ fn sa_lines(
                 key_id,
                 family: if id.src.is_ipv4() { "IPv4" } else { "IPv6" },
                 age_secs: now.saturating_sub(s.counters.add_time),
+                rekey_in_secs: s
+                    .state
+                    .lifetime
+                    .soft_secs
+                    .map(|t| t.saturating_sub(now.saturating_sub(s.counters.add_time))),
+                rekey_at_packets: s.state.lifetime.soft_packets,
                 bytes: s.counters.bytes,
                 packets: s.counters.packets,
                 seq: if outbound {
@@ -955,8 +965,14 @@ fn print_text(r: &Report, opts: &Options) {
                     );
                 }
                 for sa in r.sas.iter().filter(|s| s.peer == p.name) {
+                    let rekey = match (sa.rekey_in_secs, sa.rekey_at_packets) {
+                        (Some(t), Some(n)) => format!("  rekey in {t} s or at {n} packets"),
+                        (Some(t), None) => format!("  rekey in {t} s"),
+                        (None, Some(n)) => format!("  rekey at {n} packets"),
+                        (None, None) => "  no lifetime".into(),
+                    };
                     println!(
-                        "      {:<3} SPI {} key {} {:<4} age {} s  {} bytes  {} packets  seq {:#x}",
+                        "      {:<3} SPI {} key {} {:<4} age {} s  {} bytes  {} packets  seq {:#x}{rekey}",
                         sa.direction,
                         sa.spi,
                         sa.key_id,
