@@ -97,10 +97,13 @@ pub struct Peer {
     /// Highest sequence number under that nonce that each family (v4, v6) delivered:
     /// tells a late copy over the other family from a replay.
     pub seq_by_family: [u64; 2],
-    /// The peer's earlier nonces that we accepted hellos under, since our own nonce last
-    /// changed: earlier instances of its daemon. Their hellos echo our current nonce, so
+    /// The peer's earlier nonces that we accepted hellos under: earlier instances of its
+    /// daemon (and of its earlier boots), oldest first. Hellos under one are replays and
+    /// change nothing, not even what we echo. Their hellos may echo our current nonce, so
     /// without this list a replay of one would pass as fresh (and could hand us an offer
-    /// the peer has since replaced: an SPI, and so a key, we already sent with).
+    /// the peer has since replaced: an SPI, and so a key, we already sent with); and one
+    /// from before our nonce last changed would, as a stale hello, turn our echo back to
+    /// an instance that is gone. Kept across our own nonce changes for that reason.
     pub retired: Vec<[u8; 16]>,
     pub inbound: BTreeMap<Slot, InSa>,
     pub outbound: BTreeMap<Slot, OutSa>,
@@ -228,8 +231,10 @@ impl Peer {
             // A new instance of the peer: the earlier one must never be heard again.
             self.retired.push(n);
             if self.retired.len() > MAX_RETIRED {
-                // Start over under a new nonce of ours instead: every hello said before
-                // it is stale from now on, this one included.
+                // The oldest is forgotten; so that a replay of it cannot pass as fresh,
+                // start over under a new nonce of ours: every hello said before it is
+                // stale from now on, this one included.
+                self.retired.remove(0);
                 self.new_nonce(nonce());
                 out.stale = true;
                 return Some(out);
@@ -420,11 +425,10 @@ impl Peer {
     }
 
     /// Our nonce for the peer changes: whatever the peer said before is stale from now
-    /// on, so its earlier nonces need no remembering.
+    /// on. Its retired nonces stay retired (see `retired`).
     fn new_nonce(&mut self, nonce: [u8; 16]) {
         self.nonce = nonce;
         self.seq_out = 0;
-        self.retired.clear();
     }
 
     /// The next hello to this peer.
@@ -746,9 +750,11 @@ mod tests {
             assert_eq!(sa.peer_boot, [9; 16]);
             assert_ne!(old_out.get(slot).map(|o| o.spi), Some(sa.spi));
         }
-        // A hello recorded before the reboot is stale now: no rollback to boot 2.
+        // A hello recorded before the reboot is from a retired instance now: a replay,
+        // no rollback to boot 2, and not even an answer.
         let o = a.recv(&pre_reboot);
-        assert!(o.stale && o.boot_changed.is_none());
+        assert!(o.replayed && !o.stale && o.boot_changed.is_none(), "{o:?}");
+        assert_eq!(a.peer.heard_boot, [9; 16]);
         assert_eq!(a.peer.boot, Some([9; 16]));
     }
 
@@ -801,6 +807,76 @@ mod tests {
             "nothing heard from it either"
         );
         assert!(consistent(&a, &nb));
+    }
+
+    /// Every hello b ever sent, across three restarts of its daemon, a key rotation, an
+    /// SA that vanished at a and a reboot of b, replayed to a afterwards in three orders:
+    /// none changes what a echoes or sends with. (Before the retired nonces outlived a's
+    /// own nonce changes, the replays from before b's reboot turned a's echo back.)
+    #[test]
+    fn no_recorded_hello_in_any_order_turns_the_echo_back_or_changes_an_sa() {
+        fn talk(a: &mut Node, b: &mut Node, rounds: usize, tape: &mut Vec<Hello>) {
+            for _ in 0..rounds {
+                let h = a.send();
+                b.recv(&h);
+                let h = b.send();
+                tape.push(h.clone());
+                a.recv(&h);
+            }
+        }
+        let (mut a, mut b) = pair();
+        let mut tape = Vec::new();
+        talk(&mut a, &mut b, 3, &mut tape);
+        for seed in [10, 11, 12] {
+            // A restart of b's daemon: the kernel keeps the SAs, the nonce is new.
+            let mut nb = Node::new("b", "a", 2, seed);
+            nb.peer.inbound = b.peer.inbound.clone();
+            nb.peer.outbound = b.peer.outbound.clone();
+            nb.peer.boot = b.peer.boot;
+            b = nb;
+            talk(&mut a, &mut b, 3, &mut tape);
+        }
+        a.keys = vec![1, 2];
+        b.keys = vec![1, 2];
+        talk(&mut a, &mut b, 3, &mut tape);
+        a.peer.outbound_lost((Family::V4, 2), [0x55; 16]);
+        talk(&mut a, &mut b, 3, &mut tape);
+        // b reboots: a new boot ID, nothing kept.
+        b = Node::new("b", "a", 3, 13);
+        b.keys = vec![1, 2];
+        talk(&mut a, &mut b, 4, &mut tape);
+        assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
+        let settled_a = (
+            a.peer.heard_nonce,
+            a.peer.heard_boot,
+            a.peer.outbound.clone(),
+        );
+        assert_eq!(settled_a.0, b.peer.nonce);
+        let n = tape.len();
+        let orders: [Vec<usize>; 3] = [
+            (0..n).collect(),
+            (0..n).rev().collect(),
+            (0..n).map(|i| (i * 7 + 3) % n).collect(),
+        ];
+        assert!(n % 7 != 0, "the third order must be a permutation");
+        for order in orders {
+            for i in order {
+                let o = a.recv(&tape[i]);
+                assert!(!o.sas_changed, "hello {i} changed SAs: {o:?}");
+                assert_eq!(
+                    (
+                        a.peer.heard_nonce,
+                        a.peer.heard_boot,
+                        a.peer.outbound.clone()
+                    ),
+                    settled_a,
+                    "hello {i} of {n} turned the echo back or changed an SA"
+                );
+            }
+        }
+        // And the pair still talks.
+        exchange(&mut a, &mut b, 2);
+        assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
     }
 
     #[test]
