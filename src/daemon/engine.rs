@@ -16,6 +16,8 @@ pub enum Error {
     Wireguard(#[from] wireguard::Error),
 }
 
+// One per daemon, made once and never moved about: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Engine {
     Ipsec(ipsec::Engine),
     Wireguard(wireguard::Engine),

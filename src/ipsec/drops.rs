@@ -3,7 +3,7 @@
 //! datagram is an authentic hello from a peer for this node, before any per-peer state
 //! is touched, so that nothing an outsider sends costs more than a parse and the MACs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use zeroize::Zeroizing;
@@ -52,10 +52,64 @@ pub fn hello_keys(cfg: &Config, sender: &str, receiver: &str) -> Vec<(u8, Zeroiz
         .collect()
 }
 
+/// Key-id and key, as `Hello::encode` and `verify` take them.
+pub type KeyRefs<'a> = Vec<(u8, &'a [u8])>;
+
+/// Every peer's hello keys, both ways, derived once per configuration: a hello costs a
+/// hash lookup and one MAC, not an HKDF per key line (a flood of authentic-looking
+/// datagrams would otherwise buy the attacker a key derivation each).
+#[derive(Default)]
+pub struct HelloKeys {
+    by_peer: HashMap<String, PairKeys>,
+}
+
+struct PairKeys {
+    /// Peer to us (what we verify), us to peer (what we seal).
+    rx: Vec<(u8, Zeroizing<Vec<u8>>)>,
+    tx: Vec<(u8, Zeroizing<Vec<u8>>)>,
+}
+
+impl HelloKeys {
+    pub fn new(cfg: &Config) -> HelloKeys {
+        let me = &cfg.settings.node;
+        let by_peer = cfg
+            .inventory
+            .peers(me)
+            .map(|n| {
+                let keys = PairKeys {
+                    rx: hello_keys(cfg, &n.name, me),
+                    tx: hello_keys(cfg, me, &n.name),
+                };
+                (n.name.clone(), keys)
+            })
+            .collect();
+        HelloKeys { by_peer }
+    }
+
+    /// The keys hellos from `peer` are verified with (`None`: not a peer).
+    pub fn rx(&self, peer: &str) -> Option<KeyRefs<'_>> {
+        self.by_peer.get(peer).map(|k| refs(&k.rx))
+    }
+
+    /// The keys hellos to `peer` are sealed with.
+    pub fn tx(&self, peer: &str) -> Option<KeyRefs<'_>> {
+        self.by_peer.get(peer).map(|k| refs(&k.tx))
+    }
+}
+
+fn refs(keys: &[(u8, Zeroizing<Vec<u8>>)]) -> KeyRefs<'_> {
+    keys.iter().map(|(i, k)| (*i, k.as_slice())).collect()
+}
+
 /// The hello in `bytes` from `from`, if it is one a peer of this node sent to this node
 /// from one of its own addresses, under a key this node holds. Else the drop reason, as
 /// the metrics and the log name it.
-pub fn admit(cfg: &Config, bytes: &[u8], from: IpAddr) -> Result<Hello, &'static str> {
+pub fn admit(
+    cfg: &Config,
+    keys: &HelloKeys,
+    bytes: &[u8],
+    from: IpAddr,
+) -> Result<Hello, &'static str> {
     let me = cfg.me();
     let u = hello::parse(bytes).map_err(|d| match d {
         DropReason::Oversized => "oversized",
@@ -68,14 +122,15 @@ pub fn admit(cfg: &Config, bytes: &[u8], from: IpAddr) -> Result<Hello, &'static
         return Err("wrong_receiver");
     }
     let sender = &u.hello.sender;
-    let Some(node) = cfg.inventory.peers(&me.name).find(|n| n.name == *sender) else {
+    let (Some(node), Some(refs)) = (
+        cfg.inventory.node(sender).filter(|n| n.name != me.name),
+        keys.rx(sender),
+    ) else {
         return Err("unknown_sender");
     };
     if !node.addresses.contains(&from) {
         return Err("wrong_source");
     }
-    let keys = hello_keys(cfg, sender, &me.name);
-    let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
     u.verify(&refs).map_err(|_| "bad_mac")
 }
 
@@ -114,34 +169,53 @@ mod tests {
         ]);
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let good = hello("b", "a");
-        assert_eq!(admit(&cfg, &sealed(&cfg, &good), b), Ok(good.clone()));
+        assert_eq!(
+            admit(&cfg, &HelloKeys::new(&cfg), &sealed(&cfg, &good), b),
+            Ok(good.clone())
+        );
         // Spoofed source: b's hello from an address b does not have.
         let other: IpAddr = "10.0.0.9".parse().unwrap();
         assert_eq!(
-            admit(&cfg, &sealed(&cfg, &good), other),
+            admit(&cfg, &HelloKeys::new(&cfg), &sealed(&cfg, &good), other),
             Err("wrong_source")
         );
         assert_eq!(
-            admit(&cfg, &sealed(&cfg, &hello("b", "c")), b),
+            admit(
+                &cfg,
+                &HelloKeys::new(&cfg),
+                &sealed(&cfg, &hello("b", "c")),
+                b
+            ),
             Err("wrong_receiver")
         );
         assert_eq!(
-            admit(&cfg, &sealed(&cfg, &hello("z", "a")), b),
+            admit(
+                &cfg,
+                &HelloKeys::new(&cfg),
+                &sealed(&cfg, &hello("z", "a")),
+                b
+            ),
             Err("unknown_sender")
         );
         // A flipped bit in the MAC, or in the sequence number: it no longer verifies.
         let mut bytes = sealed(&cfg, &good);
         *bytes.last_mut().unwrap() ^= 1;
-        assert_eq!(admit(&cfg, &bytes, b), Err("bad_mac"));
+        assert_eq!(
+            admit(&cfg, &HelloKeys::new(&cfg), &bytes, b),
+            Err("bad_mac")
+        );
         let mut other_seq = good.clone();
         other_seq.seq = 2;
         let mut bytes = sealed(&cfg, &good);
         let body = sealed(&cfg, &other_seq);
         let at = (0..bytes.len()).find(|&i| bytes[i] != body[i]).unwrap();
         bytes[at] = body[at];
-        assert_eq!(admit(&cfg, &bytes, b), Err("bad_mac"));
+        assert_eq!(
+            admit(&cfg, &HelloKeys::new(&cfg), &bytes, b),
+            Err("bad_mac")
+        );
         assert!(matches!(
-            admit(&cfg, b"hello?", b),
+            admit(&cfg, &HelloKeys::new(&cfg), b"hello?", b),
             Err("truncated" | "not_a_hello")
         ));
     }

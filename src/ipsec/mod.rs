@@ -38,6 +38,12 @@ const STALE_AFTER: Duration = Duration::from_secs(35);
 const RESCAN: Duration = Duration::from_secs(5);
 /// At most this many SA ids are remembered as used (see `Engine::installed`).
 const MAX_INSTALLED_MEMORY: usize = 1 << 16;
+/// Datagrams read per socket per wake-up: a flood waits its turn behind the timers
+/// (hellos due, re-keys, the rescan) instead of starving them.
+const READ_BUDGET: usize = 128;
+/// Answers to one peer at most this often: a flood of authentic but stale hellos
+/// (recorded and replayed) earns at most 50 answers a second, not one each.
+const MIN_ANSWER_GAP: Duration = Duration::from_millis(20);
 /// The SPI ledger's file in `state_dir`.
 const LEDGER_FILE: &str = "spi-ledger";
 /// Dropped hellos are reported in one log line per burst: this long after the first
@@ -64,6 +70,13 @@ pub struct Engine {
     sockets: Vec<UdpSocket>,
     /// SA expiry notices: when to look for SAs to re-key.
     expire: ExpireWatch,
+    /// Every peer's hello keys, derived once per configuration.
+    hello_keys: drops::HelloKeys,
+    /// A socket still had datagrams when its read budget ran out: read on at once, after
+    /// the timers.
+    backlog: bool,
+    /// When the last hello went to each peer (answers are spaced by `MIN_ANSWER_GAP`).
+    last_hello: BTreeMap<String, Instant>,
     /// SAs re-keyed at their soft limit since the start.
     pub rekeys: u64,
     pub peers: BTreeMap<String, Peer>,
@@ -178,6 +191,9 @@ impl Engine {
             xfrm,
             sockets,
             expire,
+            hello_keys: drops::HelloKeys::default(),
+            backlog: false,
+            last_hello: BTreeMap::new(),
             rekeys: 0,
             peers: BTreeMap::new(),
             next_hello: BTreeMap::new(),
@@ -232,7 +248,10 @@ impl Engine {
         let me = &cfg.settings.node;
         let names: std::collections::HashSet<String> =
             cfg.inventory.peers(me).map(|n| n.name.clone()).collect();
+        // The keys may have changed as well as the peers.
+        self.hello_keys = drops::HelloKeys::new(cfg);
         self.peers.retain(|n, _| names.contains(n));
+        self.last_hello.retain(|n, _| names.contains(n));
         self.next_hello.retain(|n, _| names.contains(n));
         self.retire.retain(|n, _| names.contains(n));
         let now = Instant::now();
@@ -422,6 +441,7 @@ impl Engine {
             .copied()
             .chain(retire)
             .chain(drained)
+            .chain(self.backlog.then(Instant::now))
             .chain(self.drop_report_at)
             .chain(std::iter::once(self.next_rescan))
             .min()
@@ -452,9 +472,11 @@ impl Engine {
             families: &fams,
         };
         let h = p.hello(&me.name, &local, bits);
-        let keys = drops::hello_keys(cfg, &me.name, peer);
-        let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
+        let Some(refs) = self.hello_keys.tx(peer) else {
+            return;
+        };
         let bytes = h.encode(&refs);
+        self.last_hello.insert(peer.to_string(), Instant::now());
         for f in fams {
             if let Some(ip) = plan::endpoint(node, f) {
                 let to = SocketAddr::new(ip, cfg.settings.ipsec.hello_port);
@@ -485,8 +507,13 @@ impl Engine {
         // The reconcile the caller runs re-keys what is due and notices what is gone.
         let mut changed = soft + hard > 0 || lost;
         let mut buf = [0u8; hello::MAX_LEN + 1];
+        self.backlog = false;
         for i in 0..self.sockets.len() {
-            loop {
+            for read in 0.. {
+                if read == READ_BUDGET {
+                    self.backlog = true;
+                    break;
+                }
                 let (n, from) = match self.sockets[i].recv_from(&mut buf) {
                     Ok(x) => x,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -529,7 +556,7 @@ impl Engine {
     }
 
     fn on_datagram(&mut self, cfg: &Config, bytes: &[u8], from: IpAddr) -> bool {
-        let h = match drops::admit(cfg, bytes, from) {
+        let h = match drops::admit(cfg, &self.hello_keys, bytes, from) {
             Ok(h) => h,
             Err(why) => {
                 self.stats.drop(why);
@@ -590,7 +617,13 @@ impl Engine {
         // few round trips instead of a few intervals.
         let up = p.is_up(&fams);
         if outcome.wants_answer() || !up {
-            self.next_hello.insert(sender.clone(), Instant::now());
+            let now = Instant::now();
+            let at = self
+                .last_hello
+                .get(&sender)
+                .map_or(now, |t| (*t + MIN_ANSWER_GAP).max(now));
+            let next = self.next_hello.entry(sender.clone()).or_insert(at);
+            *next = (*next).min(at);
         }
         self.note_up(&sender, up);
         self.schedule_retirement(cfg, &sender);
@@ -636,6 +669,9 @@ impl Engine {
 
     /// Timers: hellos due, retirements due, and the periodic re-read of the kernel.
     pub fn tick(&mut self, cfg: &Config, now: Instant) -> Result<(), Error> {
+        // Datagrams the read budget left are read after the timers below: those are what
+        // a flood must not delay.
+        let backlog = self.backlog;
         let due: Vec<String> = self
             .next_hello
             .iter()
@@ -679,6 +715,9 @@ impl Engine {
                 info!(peer = peer.as_str(); "removed {} old SA slot(s) of {peer} after the rotation", slots.len());
                 changed = true;
             }
+        }
+        if backlog {
+            changed |= self.on_readable(cfg);
         }
         if changed || now >= self.next_rescan {
             self.next_rescan = now + RESCAN;
