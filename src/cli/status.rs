@@ -132,6 +132,10 @@ pub struct Snapshot {
     #[serde(default)]
     pub hello_duplicates: u64,
     pub hello_dropped: std::collections::BTreeMap<String, u64>,
+    /// Hellos the kernel dropped because the daemon's socket buffer was full (a flood
+    /// faster than it reads): not in `hello_received`.
+    #[serde(default)]
+    pub hello_socket_overflows: u64,
     /// IPsec: encryptd's SAs in the kernel, and the highest sequence number sent on
     /// any, at the daemon's last reconcile.
     #[serde(default)]
@@ -991,7 +995,7 @@ fn print_text(r: &Report, opts: &Options) {
                 .collect();
             if !wireguard {
                 println!(
-                    "Hellos: {} received, {} accepted, {} duplicates (other family), dropped: {}",
+                    "Hellos: {} received, {} accepted, {} duplicates (other family), dropped: {}{}",
                     d.hello_received,
                     d.hello_accepted,
                     d.hello_duplicates,
@@ -999,6 +1003,14 @@ fn print_text(r: &Report, opts: &Options) {
                         "none".into()
                     } else {
                         dropped.join(", ")
+                    },
+                    if d.hello_socket_overflows > 0 {
+                        format!(
+                            "; {} lost at the full socket buffer (a flood)",
+                            d.hello_socket_overflows
+                        )
+                    } else {
+                        String::new()
                     }
                 );
             }

@@ -85,6 +85,14 @@ impl Engine {
         }
     }
 
+    /// Hellos dropped by the kernel at the sockets' full buffers (IPsec mode only).
+    pub fn socket_overflows(&self, cfg: &Config) -> u64 {
+        match self {
+            Engine::Ipsec(e) => e.socket_overflows(cfg),
+            Engine::Wireguard(_) => 0,
+        }
+    }
+
     /// SAs re-keyed at their soft limit (IPsec mode only).
     pub fn rekeys(&self) -> u64 {
         match self {

@@ -192,6 +192,12 @@ pub fn metrics(s: &Snapshot, k: &KernelCounters, per_peer: bool) -> String {
             &one(s.hello_accepted),
         );
         metric(
+            "hello_socket_overflows_total",
+            "Hellos the kernel dropped at the daemon's full socket buffer (a flood).",
+            "counter",
+            &one(s.hello_socket_overflows),
+        );
+        metric(
             "hello_duplicates_total",
             "Second copies of accepted hellos over the pair's other address family.",
             "counter",

@@ -456,6 +456,7 @@ impl Daemon {
                 .unwrap_or_default(),
             keys_in_use,
             sa_rekeys: self.engine.as_ref().map_or(0, |e| e.rekeys()),
+            hello_socket_overflows: self.engine.as_ref().map_or(0, |e| e.socket_overflows(c)),
             max_seq,
         };
         if let Err(e) = crate::cli::status::write(&c.settings.runtime_dir, &snap) {

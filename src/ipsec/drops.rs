@@ -101,6 +101,23 @@ fn refs(keys: &[(u8, Zeroizing<Vec<u8>>)]) -> KeyRefs<'_> {
     keys.iter().map(|(i, k)| (*i, k.as_slice())).collect()
 }
 
+/// Datagrams the kernel dropped because a socket bound to `port` had a full receive
+/// buffer (a flood faster than the daemon reads), summed from `/proc/net/udp` or `udp6`
+/// text (the last column, `drops`).
+pub fn socket_overflows(proc_net_udp: &str, port: u16) -> u64 {
+    proc_net_udp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit_once(':')?.1;
+            (u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| f.last()?.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// The hello in `bytes` from `from`, if it is one a peer of this node sent to this node
 /// from one of its own addresses, under a key this node holds. Else the drop reason, as
 /// the metrics and the log name it.
@@ -158,6 +175,18 @@ mod tests {
         let keys = hello_keys(cfg, &h.sender, &h.receiver);
         let refs: Vec<(u8, &[u8])> = keys.iter().map(|(i, k)| (*i, k.as_slice())).collect();
         h.encode(&refs)
+    }
+
+    #[test]
+    fn socket_overflows_are_the_drops_of_the_hello_port_only() {
+        let udp = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+            \x20 1: 00000000:119E 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1111 2 0000000000000000 17\n\
+            \x20 2: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 2222 2 0000000000000000 900\n";
+        assert_eq!(socket_overflows(udp, 4510), 17);
+        let udp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+            \x20 3: 00000000000000000000000000000000:119E 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3333 2 0000000000000000 5\n";
+        assert_eq!(socket_overflows(udp6, 4510), 5);
+        assert_eq!(socket_overflows("", 4510), 0);
     }
 
     #[test]

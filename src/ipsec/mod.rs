@@ -786,6 +786,16 @@ impl Engine {
 
 impl Engine {
     /// The hello sockets' fds, for the poll loop.
+    /// Hellos the kernel dropped at our sockets' full receive buffers (a flood faster
+    /// than the read budget drains them), both families.
+    pub fn socket_overflows(&self, cfg: &Config) -> u64 {
+        ["/proc/self/net/udp", "/proc/self/net/udp6"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .map(|t| drops::socket_overflows(&t, cfg.settings.ipsec.hello_port))
+            .sum()
+    }
+
     pub fn hello_fds(&self) -> Vec<RawFd> {
         self.sockets
             .iter()
