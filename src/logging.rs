@@ -45,6 +45,29 @@ const RESERVED_FIELDS: &[&str] = &[
     "TARGET",
 ];
 
+/// The environment variable that sets the daemon's log level (`debug` for the per-hello
+/// and per-batch lines; `trace` adds nothing more today).
+pub const LEVEL_VAR: &str = "ENCRYPTD_LOG";
+
+/// The level `ENCRYPTD_LOG` asks for: `error`, `warn`, `info` (unset or empty), `debug`
+/// or `trace`, in any case. Anything else is refused with the accepted names, so that a
+/// typo does not silently leave the level where it was.
+pub fn level_from(value: Option<&str>) -> Result<LevelFilter, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(LevelFilter::Info),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "error" => Ok(LevelFilter::Error),
+            "warn" | "warning" => Ok(LevelFilter::Warn),
+            "info" => Ok(LevelFilter::Info),
+            "debug" => Ok(LevelFilter::Debug),
+            "trace" => Ok(LevelFilter::Trace),
+            _ => Err(format!(
+                "{LEVEL_VAR}={v:?} is not a log level (error, warn, info, debug, trace); logging at info"
+            )),
+        },
+    }
+}
+
 /// Install the process-wide logger and set the maximum level.
 ///
 /// Native journal when stderr is the journal and the socket works, stderr otherwise (see
@@ -280,6 +303,19 @@ fn capped(value: &dyn fmt::Display, limit: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_level_switch_takes_level_names_and_refuses_the_rest() {
+        assert_eq!(level_from(None), Ok(LevelFilter::Info));
+        assert_eq!(level_from(Some(" ")), Ok(LevelFilter::Info));
+        assert_eq!(level_from(Some("DEBUG")), Ok(LevelFilter::Debug));
+        assert_eq!(level_from(Some("warning")), Ok(LevelFilter::Warn));
+        let e = level_from(Some("verbose")).unwrap_err();
+        assert!(
+            e.contains("ENCRYPTD_LOG=\"verbose\"") && e.contains("debug"),
+            "{e}"
+        );
+    }
     use std::cell::RefCell;
 
     fn line(style: Style, level: Level, msg: fmt::Arguments, kvs: &dyn kv::Source) -> String {

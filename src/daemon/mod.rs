@@ -72,7 +72,16 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
 }
 
 pub fn run(paths: Paths) -> i32 {
-    crate::logging::init(log::LevelFilter::Info);
+    let level =
+        crate::logging::level_from(std::env::var(crate::logging::LEVEL_VAR).ok().as_deref());
+    crate::logging::init(*level.as_ref().unwrap_or(&log::LevelFilter::Info));
+    match level {
+        Err(e) => warn!("{e}"),
+        Ok(l) if l > log::LevelFilter::Info => {
+            info!("log level {l} ({})", crate::logging::LEVEL_VAR)
+        }
+        Ok(_) => {}
+    }
     let config = match config::load(&paths) {
         Ok(c) => c,
         Err(diags) => {
