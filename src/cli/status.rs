@@ -95,6 +95,10 @@ pub struct PeerStatus {
     /// WireGuard: the peer's endpoint as the kernel has it (roaming included).
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// IPsec: seconds since the pair has been between keys (SAs under more than one
+    /// key-id, or none under the current one); `None` when it is not.
+    #[serde(default)]
+    pub rotating_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -112,6 +116,10 @@ pub struct Snapshot {
     pub written: u64,
     pub status_line: String,
     pub current_key_id: Option<u8>,
+    /// A pair between keys longer than this is a WARNING (`key_rotation_duration` and a
+    /// minute for the hellos); 0: not judged.
+    #[serde(default)]
+    pub rotation_limit_secs: u64,
     /// Strict mode is on in the configuration (what the kernel holds, `status` reads
     /// from the kernel itself).
     pub strict: bool,
@@ -229,6 +237,7 @@ pub(crate) mod tests {
             rx_bytes: 0,
             tx_bytes: 0,
             endpoint: None,
+            rotating_secs: None,
         }
     }
 
@@ -248,6 +257,31 @@ pub(crate) mod tests {
             .map(|p| p.health)
             .max()
             .unwrap_or(Health::Ok)
+    }
+
+    #[test]
+    fn a_rotation_that_does_not_finish_is_a_warning_naming_the_peers() {
+        let mut b = peer("b", "up");
+        b.key_ids = vec![1];
+        b.rotating_secs = Some(400);
+        let mut c = peer("c", "up");
+        c.rotating_secs = Some(30);
+        let mut d = snapshot(vec![b, c]);
+        d.current_key_id = Some(2);
+        // Unjudged without a limit (an older daemon's snapshot, or WireGuard).
+        assert_eq!(snapshot_problems(Some(&d), true), vec![]);
+        d.rotation_limit_secs = 360;
+        let p = snapshot_problems(Some(&d), true);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].health, Health::Warning);
+        assert!(
+            p[0].problem
+                .contains("key rotation to key 2 in progress for longer than 360 s")
+                && p[0].problem.contains("b (for 400 s, on key [1])")
+                && !p[0].problem.contains("c ("),
+            "{}",
+            p[0].problem
+        );
     }
 
     #[test]
@@ -706,6 +740,35 @@ fn snapshot_problems(daemon: Option<&Snapshot>, running: bool) -> Vec<Problem> {
             )
         };
         problems.push(problem(health, format!("{what}: {}", names.join(", "))));
+    }
+    let stuck: Vec<String> = d
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let s = p.rotating_secs?;
+            (d.rotation_limit_secs > 0 && s > d.rotation_limit_secs)
+                .then(|| format!("{} (for {s} s, on key {:?})", p.name, p.key_ids))
+        })
+        .collect();
+    if !stuck.is_empty() {
+        let to = d
+            .current_key_id
+            .map_or(String::new(), |k| format!(" to key {k}"));
+        problems.push(problem(
+            Health::Warning,
+            format!(
+                "key rotation{to} in progress for longer than {} s with {} peer(s): {}; \
+                 does every node hold the new key?",
+                d.rotation_limit_secs,
+                stuck.len(),
+                stuck
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
     }
     if let Some(r) = &d.config_refused {
         problems.push(problem(

@@ -448,6 +448,10 @@ impl Daemon {
             written: crate::cli::status::now_secs(),
             status_line: self.status_line(),
             current_key_id: c.keys.as_ref().and_then(|k| k.current()).map(|k| k.id),
+            rotation_limit_secs: match c.settings.mode {
+                Mode::Ipsec => c.settings.ipsec.key_rotation_duration.as_secs() + 60,
+                Mode::Wireguard => 0,
+            },
             strict: self.strict.is_on(),
             strict_reinstalls: self.strict.reinstalls(),
             strict_in_kernel: self.strict.verified(),

@@ -101,6 +101,8 @@ pub struct Engine {
     drops_reported: BTreeMap<&'static str, u64>,
     drop_report_at: Option<Instant>,
     last_drop_report: Option<Instant>,
+    /// Since when each pair has been between keys (see `PeerStatus::rotating_secs`).
+    rotating_since: BTreeMap<String, Instant>,
     /// Peers already logged as up, to log transitions once.
     up: BTreeMap<String, bool>,
 }
@@ -210,6 +212,7 @@ impl Engine {
             drop_report_at: None,
             last_drop_report: None,
             up: BTreeMap::new(),
+            rotating_since: BTreeMap::new(),
         };
         e.sync_peers(cfg);
         let adopted = e.adopt(cfg)?;
@@ -351,6 +354,7 @@ impl Engine {
             .max();
         self.sa_summary = (in_kernel.len() as u64, max_seq.unwrap_or(0));
         self.installed.extend(in_kernel.iter().copied());
+        self.note_rotations(cfg);
         let ops = reconcile::diff(&policies, &states, &kp, &ks, &self.installed);
         self.handle_gaps(cfg, &ops);
         // SAs deleted on purpose stay remembered too: their SPIs are never used again.
@@ -630,6 +634,30 @@ impl Engine {
         outcome.sas_changed || outcome.boot_changed.is_some()
     }
 
+    /// Start or stop the clock of each pair that is between keys: SAs under more than
+    /// one key-id, or none under the current one (the peer lacks it, or has not moved).
+    fn note_rotations(&mut self, cfg: &Config) {
+        let current = cfg.keys.as_ref().and_then(|k| k.current()).map(|k| k.id);
+        let now = Instant::now();
+        for (name, p) in &self.peers {
+            let ids: BTreeSet<u8> = p
+                .outbound
+                .keys()
+                .chain(p.inbound.keys())
+                .map(|(_, k)| *k)
+                .collect();
+            let between =
+                ids.len() > 1 || current.is_some_and(|c| !ids.is_empty() && !ids.contains(&c));
+            if between {
+                self.rotating_since.entry(name.clone()).or_insert(now);
+            } else {
+                self.rotating_since.remove(name);
+            }
+        }
+        self.rotating_since
+            .retain(|n, _| self.peers.contains_key(n));
+    }
+
     fn note_up(&mut self, peer: &str, up: bool) {
         let was = self.up.insert(peer.to_string(), up).unwrap_or(false);
         if up && !was {
@@ -767,6 +795,10 @@ impl Engine {
                 key_ids.sort_unstable();
                 key_ids.dedup();
                 crate::cli::status::PeerStatus {
+                    rotating_secs: self
+                        .rotating_since
+                        .get(name)
+                        .map(|t| now.saturating_duration_since(*t).as_secs()),
                     name: name.clone(),
                     state: state.into(),
                     key_ids,

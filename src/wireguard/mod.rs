@@ -478,6 +478,7 @@ impl Engine {
                     rx_bytes: st.map_or(0, |s| s.rx_bytes),
                     tx_bytes: st.map_or(0, |s| s.tx_bytes),
                     endpoint: st.and_then(|s| s.endpoint).map(|e| e.to_string()),
+                    rotating_secs: None,
                 }
             })
             .collect()
