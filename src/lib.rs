@@ -14,6 +14,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod ipsec;
 pub mod kernel;
 pub mod logging;

@@ -148,7 +148,7 @@ fn uapi_get(path: &Path) -> Result<wireguard_uapi::get::Device, String> {
 /// answer it does: the end line before any key). That is a device with nothing set, the
 /// state the daemon is about to configure; refusing it made a daemon that read its
 /// fresh device a few milliseconds early fail to start.
-fn parse_get(
+pub fn parse_get(
     lines: impl Iterator<Item = std::io::Result<String>>,
 ) -> Result<wireguard_uapi::get::Device, String> {
     use wireguard_uapi::xplatform::parser::ParseGetResponseError as E;
