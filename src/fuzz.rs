@@ -12,8 +12,11 @@ use crate::config::settings::Mode;
 use crate::config::{inventory, keys, settings, wgkey};
 use crate::ipsec::hello;
 
+/// A target: arbitrary bytes in, nothing out.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name its corpus directory and `fuzz/` binary carry.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("hello", hello_datagram),
     ("ipsec_keys", ipsec_keys),
     ("nodes_toml", nodes_toml),
