@@ -1,6 +1,6 @@
 //! Entry points for fuzzing every parser that reads what others wrote: the hello datagram,
-//! `ipsec.keys`, `nodes.toml`, `encryptd.toml`, the WireGuard key files and the UAPI
-//! answer. The libFuzzer targets under `fuzz/` call them, and `tests/fuzz_smoke.rs` runs
+//! `ipsec.keys`, `nodes.toml`, `encryptd.toml`, the WireGuard key files, the UAPI
+//! answer and the kernel's XFRM dump replies. The libFuzzer targets under `fuzz/` call them, and `tests/fuzz_smoke.rs` runs
 //! the committed corpus and a few seconds of mutations through them on every suite run
 //! (docs/fuzzing.md). Each takes arbitrary bytes and must neither panic nor hang; what it
 //! returns is thrown away, but every diagnostic is rendered, as `encryptd check` would.
@@ -23,6 +23,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("encryptd_toml", encryptd_toml),
     ("wireguard_key", wireguard_key),
     ("uapi_get", uapi_get),
+    ("xfrm_dump", xfrm_dump),
 ];
 
 pub fn hello_datagram(data: &[u8]) {
@@ -83,4 +84,8 @@ pub fn uapi_get(data: &[u8]) {
     let t = text(data);
     let lines = t.split('\n').map(|l| Ok(l.to_string()));
     let _ = crate::kernel::wireguard::parse_get(lines);
+}
+
+pub fn xfrm_dump(data: &[u8]) {
+    crate::kernel::xfrm::parse_dump_reply(data);
 }

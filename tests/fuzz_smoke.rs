@@ -7,8 +7,8 @@
 //! A panic fails the test with the input in hex; an input that takes more than
 //! `STUCK` fails it as a hang, with the input, instead of holding the run.
 //!
-//! `ENCRYPTD_FUZZ_WRITE_SEEDS=DIR` writes the programmatic seeds (a sealed hello) into
-//! `DIR/<target>/` for the corpus.
+//! `ENCRYPTD_FUZZ_WRITE_SEEDS=DIR` writes the programmatic seeds (a sealed hello, XFRM
+//! dump replies) into `DIR/<target>/` for the corpus.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,6 +182,14 @@ fn write_seeds_when_asked() {
         let d = Path::new(&dir).join("hello");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("sealed"), sealed_hello()).unwrap();
+        let d = Path::new(&dir).join("xfrm_dump");
+        std::fs::create_dir_all(&d).unwrap();
+        for (i, m) in encryptd::kernel::xfrm::example_dump_replies()
+            .iter()
+            .enumerate()
+        {
+            std::fs::write(d.join(format!("reply-{i}")), m).unwrap();
+        }
     }
 }
 
@@ -213,4 +221,9 @@ fn wireguard_key() {
 #[test]
 fn uapi_get() {
     smoke("uapi_get");
+}
+
+#[test]
+fn xfrm_dump() {
+    smoke("xfrm_dump");
 }

@@ -148,10 +148,28 @@ fn uapi_get(path: &Path) -> Result<wireguard_uapi::get::Device, String> {
 /// answer it does: the end line before any key). That is a device with nothing set, the
 /// state the daemon is about to configure; refusing it made a daemon that read its
 /// fresh device a few milliseconds early fail to start.
+///
+/// The crate's parser panics (an `unwrap` on its device builder, `Duration::new`
+/// overflowing) on some answers no WireGuard sends: peers without the device's
+/// `listen_port`, nanoseconds past a second.
+/// Found by fuzzing (`fuzz/`, target `uapi_get`); such an answer is refused here, before
+/// the crate sees it, so that a broken or hostile program on the UAPI socket cannot stop
+/// the daemon.
 pub fn parse_get(
     lines: impl Iterator<Item = std::io::Result<String>>,
 ) -> Result<wireguard_uapi::get::Device, String> {
     use wireguard_uapi::xplatform::parser::ParseGetResponseError as E;
+    let lines: Vec<String> = lines
+        .take_while(|l| l.as_ref().map_or(true, |l| !l.is_empty()))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| e.to_string())?;
+    if let Some(why) = incomplete_answer(&lines) {
+        return Err(format!("malformed UAPI answer: {why}"));
+    }
+    let lines = lines
+        .into_iter()
+        .chain(std::iter::once(String::new()))
+        .map(Ok);
     match xplatform::parser::parse(lines) {
         Err(E::IncompleteResponse) => Ok(wireguard_uapi::get::Device {
             ifindex: 0,
@@ -164,6 +182,27 @@ pub fn parse_get(
         }),
         r => r.map_err(|e| e.to_string()),
     }
+}
+
+/// What makes `wireguard-uapi`'s parser panic rather than refuse (see `parse_get`): its
+/// last step builds the device with an `unwrap`, which fails without `listen_port` once
+/// a peer was read; and `Duration::new` overflows on a handshake time in seconds near
+/// 2^64 with a second's worth of nanoseconds or more.
+fn incomplete_answer(lines: &[String]) -> Option<String> {
+    fn key(l: &str) -> &str {
+        l.split_once('=').map_or(l, |(k, _)| k)
+    }
+    if let Some(first_peer) = lines.iter().position(|l| key(l) == "public_key")
+        && !lines[..first_peer].iter().any(|l| key(l) == "listen_port")
+    {
+        return Some("peers but no listen_port".into());
+    }
+    lines.iter().find_map(|l| {
+        let v = l.strip_prefix("last_handshake_time_nsec=")?;
+        v.parse::<u64>()
+            .is_ok_and(|n| n >= 1_000_000_000)
+            .then(|| format!("last_handshake_time_nsec={v} is a second or more"))
+    })
 }
 
 /// A `set=1` request of the cross-platform UAPI (wireguard.com/xplatform), written
@@ -467,5 +506,35 @@ mod tests {
         .unwrap();
         assert_eq!((d.listen_port, d.fwmark, d.peers.len()), (51871, 51871, 1));
         assert!(parse_get(lines("errno=-22\n\n")).is_err());
+    }
+
+    /// Found by fuzzing: these made the crate's parser panic, and so the daemon.
+    #[test]
+    fn answers_the_crate_would_panic_on_are_refused() {
+        let peer = format!("public_key={}\nrx_bytes=1\n", "22".repeat(32));
+        for (answer, why) in [
+            (
+                format!("private_key={}\n{peer}errno=0\n\n", "11".repeat(32)),
+                "no listen_port",
+            ),
+            (
+                format!(
+                    "listen_port=1\n{peer}last_handshake_time_sec=18446744073709551615\nlast_handshake_time_nsec=1000000000\n\n"
+                ),
+                "a second or more",
+            ),
+        ] {
+            let e = parse_get(lines(&answer)).unwrap_err();
+            assert!(
+                e.contains("malformed UAPI answer") && e.contains(why),
+                "{e}"
+            );
+        }
+        let crash = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/corpus/uapi_get/crash-no-listen-port"
+        ))
+        .unwrap();
+        crate::fuzz::uapi_get(&crash);
     }
 }

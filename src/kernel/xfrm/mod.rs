@@ -139,6 +139,84 @@ impl std::os::fd::AsRawFd for ExpireWatch {
     }
 }
 
+/// One netlink message as a dump reply brings it (header included), decoded and parsed
+/// as `dump_states`/`dump_policies` do: the fuzz target of the kernel's replies.
+#[doc(hidden)]
+pub fn parse_dump_reply(bytes: &[u8]) {
+    use netlink_packet_core::NetlinkMessage;
+    let Ok(m) = NetlinkMessage::<XfrmMessage>::deserialize(bytes) else {
+        return;
+    };
+    if let netlink_packet_core::NetlinkPayload::InnerMessage(inner) = m.payload {
+        match inner {
+            XfrmMessage::AddSa(m) | XfrmMessage::UpdateSa(m) => {
+                if let Ok(d) = parse_state(&m.user_sa_info, &m.nlas) {
+                    let _ = (d.id(), d.is_ours(), format!("{:?}", d.extras));
+                }
+            }
+            XfrmMessage::AddPolicy(m) | XfrmMessage::UpdatePolicy(m) => {
+                let _ = parse_policy(Op::DumpPolicies, &m.user_policy_info, &m.nlas);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Dump replies as the kernel sends them, for the fuzz corpus: an AES-128-GCM tunnel
+/// state with ESN and lifetimes, an AES-256-GCM one with the legacy replay window, and
+/// a tunnel policy with a template.
+#[doc(hidden)]
+pub fn example_dump_replies() -> Vec<Vec<u8>> {
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("an address");
+    let mut gcm = XfrmState::tunnel(
+        ip("10.0.0.1"),
+        ip("10.0.0.2"),
+        0x1001,
+        REQID_MIN + 1,
+        Algorithm::gcm_aes(zeroize::Zeroizing::new(vec![0xAB; 20]), 128),
+    );
+    gcm.lifetime.soft_packets = Some(900);
+    gcm.lifetime.hard_secs = Some(3600);
+    let mut gcm256 = XfrmState::tunnel(
+        ip("fd00::1"),
+        ip("fd00::2"),
+        0x2002,
+        REQID_MIN + 1,
+        Algorithm::gcm_aes(zeroize::Zeroizing::new(vec![0xCD; 36]), 128),
+    );
+    gcm256.replay_window = 32;
+    gcm256.esn = false;
+    let policy = XfrmPolicy {
+        selector: Selector::hosts(ip("10.0.0.1"), ip("10.0.0.2")),
+        dir: Direction::Out,
+        priority: PRIORITY_TUNNEL,
+        action: Action::Allow,
+        template: Some(Template {
+            src: ip("10.0.0.1"),
+            dst: ip("10.0.0.2"),
+            reqid: REQID_MIN + 1,
+            mode: EncapMode::Tunnel,
+        }),
+    };
+    let mut msgs: Vec<XfrmMessage> = [gcm, gcm256]
+        .iter()
+        .filter_map(|s| state_message(Op::AddStates, s).ok())
+        .map(XfrmMessage::AddSa)
+        .collect();
+    msgs.push(XfrmMessage::AddPolicy(policy_message(&policy)));
+    msgs.into_iter()
+        .map(|m| {
+            let mut n =
+                NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(m));
+            n.finalize();
+            let mut buf = vec![0; n.buffer_len()];
+            n.serialize(&mut buf);
+            buf
+        })
+        .collect()
+}
+
 /// `XFRM_POLICY_MAX`: dumped policies at or past this direction are sockets' own.
 const SOCKET_POLICY_DIR: u8 = 3;
 
@@ -545,6 +623,28 @@ mod tests {
             REQID_MIN + 1,
             Algorithm::gcm_aes(Zeroizing::new(vec![0xAB; 20]), 128),
         )
+    }
+
+    #[test]
+    fn the_fuzz_seeds_are_replies_the_parser_takes() {
+        use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+        let (mut states, mut policies) = (0, 0);
+        for b in example_dump_replies() {
+            let m = NetlinkMessage::<XfrmMessage>::deserialize(&b).expect("decodes");
+            match m.payload {
+                NetlinkPayload::InnerMessage(XfrmMessage::AddSa(m)) => {
+                    let d = parse_state(&m.user_sa_info, &m.nlas).expect("parses");
+                    assert!(d.extras.is_empty(), "{:?}", d.extras);
+                    states += 1;
+                }
+                NetlinkPayload::InnerMessage(XfrmMessage::AddPolicy(m)) => {
+                    parse_policy(Op::DumpPolicies, &m.user_policy_info, &m.nlas).expect("parses");
+                    policies += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((states, policies), (2, 1));
     }
 
     #[test]
