@@ -50,6 +50,13 @@ pub use netlink_sys::protocols::{NETLINK_ROUTE, NETLINK_XFRM};
 pub trait Protocol {
     const NUMBER: isize;
     type Message: NetlinkSerializable + NetlinkDeserializable<Error: fmt::Display>;
+
+    /// Whether a dump reply of type `ty` with `payload` bytes after the header may be
+    /// handed to the message crate: some of its parsers slice their fixed header without
+    /// a length check and panic on a short message.
+    fn dump_reply_ok(_ty: u16, _payload: usize) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// `NETLINK_XFRM`: kernel IPsec.
@@ -58,6 +65,23 @@ pub struct XfrmNetlink;
 impl Protocol for XfrmNetlink {
     const NUMBER: isize = NETLINK_XFRM;
     type Message = netlink_packet_xfrm::XfrmMessage;
+
+    /// A state or policy dump brings states and policies only, each at least its fixed
+    /// header long (netlink-packet-xfrm 0.5 slices those unchecked: found by fuzzing).
+    fn dump_reply_ok(ty: u16, payload: usize) -> Result<(), String> {
+        use netlink_packet_xfrm::*;
+        let need = match ty {
+            XFRM_MSG_NEWSA | XFRM_MSG_UPDSA => XFRM_USER_SA_INFO_LEN,
+            XFRM_MSG_NEWPOLICY | XFRM_MSG_UPDPOLICY => XFRM_USER_POLICY_INFO_LEN,
+            _ => return Err(format!("message type {ty} is not a state or a policy")),
+        };
+        if payload < need {
+            return Err(format!(
+                "message type {ty}: {payload} bytes, shorter than its {need}-byte header"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `NETLINK_ROUTE`: links, addresses, routes, rules.
@@ -410,6 +434,12 @@ impl<P: Protocol> NetlinkSocket<P> {
                         what: String::new(),
                     }),
                     _ => {
+                        P::dump_reply_ok(m.ty, m.bytes.len() - HDR_LEN).map_err(|reason| {
+                            NetlinkError::Decode {
+                                what: String::new(),
+                                reason,
+                            }
+                        })?;
                         let msg =
                             NetlinkMessage::<P::Message>::deserialize(m.bytes).map_err(|e| {
                                 NetlinkError::Decode {

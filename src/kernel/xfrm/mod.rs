@@ -143,7 +143,21 @@ impl std::os::fd::AsRawFd for ExpireWatch {
 /// as `dump_states`/`dump_policies` do: the fuzz target of the kernel's replies.
 #[doc(hidden)]
 pub fn parse_dump_reply(bytes: &[u8]) {
+    use super::netlink::Protocol;
     use netlink_packet_core::NetlinkMessage;
+    if bytes.len() < 16 {
+        return;
+    }
+    let ty = u16::from_ne_bytes([bytes[4], bytes[5]]);
+    // The length the header claims, as the socket's reader checks it before this.
+    let len = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len < 16 || len > bytes.len() {
+        return;
+    }
+    let bytes = &bytes[..len];
+    if super::netlink::XfrmNetlink::dump_reply_ok(ty, bytes.len() - 16).is_err() {
+        return;
+    }
     let Ok(m) = NetlinkMessage::<XfrmMessage>::deserialize(bytes) else {
         return;
     };
@@ -645,6 +659,22 @@ mod tests {
             }
         }
         assert_eq!((states, policies), (2, 1));
+    }
+
+    /// Found by fuzzing: netlink-packet-xfrm slices a policy's fixed header unchecked.
+    #[test]
+    fn a_dump_reply_shorter_than_its_header_is_refused_not_a_panic() {
+        use super::super::netlink::{Protocol, XfrmNetlink};
+        let e = XfrmNetlink::dump_reply_ok(nx::XFRM_MSG_NEWPOLICY, 6).unwrap_err();
+        assert!(e.contains("shorter than its 168-byte header"), "{e}");
+        assert!(XfrmNetlink::dump_reply_ok(nx::XFRM_MSG_NEWSA, nx::XFRM_USER_SA_INFO_LEN).is_ok());
+        assert!(XfrmNetlink::dump_reply_ok(nx::XFRM_MSG_EXPIRE, 500).is_err());
+        let crash = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/corpus/xfrm_dump/crash-short-policy"
+        ))
+        .unwrap();
+        parse_dump_reply(&crash);
     }
 
     #[test]
