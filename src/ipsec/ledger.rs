@@ -52,6 +52,8 @@ pub struct SpiLedger {
     next: u32,
     /// Counter values below this are on disk as possibly handed out.
     reserved: u32,
+    /// The last allocation failed (logged once, until one succeeds again).
+    failing: bool,
 }
 
 /// Why no SPI could be had. The slot then stays without an offer (no SA, and in strict
@@ -102,6 +104,7 @@ impl SpiLedger {
             boot: *boot,
             next,
             reserved: next,
+            failing: false,
         };
         (ledger, start)
     }
@@ -114,6 +117,26 @@ impl SpiLedger {
             boot: [0; 16],
             next: LIMIT,
             reserved: LIMIT,
+            failing: false,
+        }
+    }
+
+    /// [`allocate`](Self::allocate) for the engine: `None` when no SPI can be had, the
+    /// failure logged once (and the recovery), not at every hello that wants one.
+    pub fn take(&mut self, key_id: u8) -> Option<u32> {
+        match self.allocate(key_id) {
+            Ok(spi) => {
+                if std::mem::take(&mut self.failing) {
+                    log::info!("new SPIs can be had again");
+                }
+                Some(spi)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    log::error!("no new inbound SA can be offered: {e}");
+                }
+                None
+            }
         }
     }
 

@@ -90,8 +90,6 @@ pub struct Engine {
     installed: BTreeSet<StateId>,
     /// Where new inbound SPIs come from: never one twice in a boot (see `ledger`).
     ledger: SpiLedger,
-    /// The last allocation succeeded (an allocation failure is logged once).
-    ledger_ok: bool,
     /// Per peer, (bytes received, bytes sent) through encryptd's SAs at the last read.
     traffic: BTreeMap<String, (u64, u64)>,
     /// Our SAs in the kernel and the highest sequence number sent, at the last apply.
@@ -204,7 +202,6 @@ impl Engine {
             installed: BTreeSet::new(),
             // Opened below, once the adopted SAs are known.
             ledger: SpiLedger::unopened(),
-            ledger_ok: true,
             traffic: BTreeMap::new(),
             sa_summary: (0, 0),
             stats: HelloStats::default(),
@@ -389,15 +386,8 @@ impl Engine {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         for (peer, slot, spi) in plan::due_for_rekey(cfg, &self.peers, ks, now) {
-            let new_spi = match self.ledger.allocate(slot.1) {
-                Ok(n) => n,
-                Err(e) => {
-                    if self.ledger_ok {
-                        error!("no new inbound SA can be offered: {e}");
-                        self.ledger_ok = false;
-                    }
-                    continue;
-                }
+            let Some(new_spi) = self.ledger.take(slot.1) else {
+                continue;
             };
             let Some(p) = self.peers.get_mut(&peer) else {
                 continue;
@@ -579,23 +569,7 @@ impl Engine {
             families: &fams,
         };
         let ledger = &mut self.ledger;
-        let ledger_ok = &mut self.ledger_ok;
-        let mut spi = |k: u8| match ledger.allocate(k) {
-            Ok(spi) => {
-                if !*ledger_ok {
-                    info!("new SPIs can be had again");
-                    *ledger_ok = true;
-                }
-                Some(spi)
-            }
-            Err(e) => {
-                if *ledger_ok {
-                    error!("no new inbound SA can be offered: {e}");
-                    *ledger_ok = false;
-                }
-                None
-            }
-        };
+        let mut spi = |k: u8| ledger.take(k);
         let mut nonce = crate::random::bytes::<16>;
         let outcome = p.on_hello(
             &h,
