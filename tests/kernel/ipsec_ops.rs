@@ -69,6 +69,16 @@ impl Sa {
 /// A captured UDP packet: source, destination, payload, time.
 type Captured = (String, String, Vec<u8>, f64);
 
+/// How much node i's daemon log holds now (on disk, so a killed daemon's counts too):
+/// where to read from for what comes after.
+fn log_len(f: &Fleet, i: usize) -> usize {
+    f.dirs[i]
+        .join("daemon.log")
+        .metadata()
+        .map(|m| m.len() as usize)
+        .unwrap_or(0)
+}
+
 /// A node's policies and SAs.
 type Snapshot = (Vec<Pol>, Vec<Sa>);
 
@@ -577,11 +587,7 @@ fn kill_and_restart_under_ping() -> Result<(), String> {
     let p6 = Ping::start(&f, 0, &v6(2), 1200, "0.01")?;
     std::thread::sleep(Duration::from_secs(1));
     f.daemons[0].take().unwrap().kill();
-    let from = f.dirs[0]
-        .join("daemon.log")
-        .metadata()
-        .map(|m| m.len() as usize)
-        .unwrap_or(0);
+    let from = log_len(&f, 0);
     std::thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
     f.start(0)?;
@@ -656,11 +662,7 @@ fn restart_after_a_flush_reuses_no_spi() -> Result<(), String> {
     let ns = f.topo.ns(0).to_string();
     for round in 1..=3 {
         f.daemons[0].take().unwrap().kill();
-        let from = f.dirs[0]
-            .join("daemon.log")
-            .metadata()
-            .map(|m| m.len() as usize)
-            .unwrap_or(0);
+        let from = log_len(&f, 0);
         crate::rig::sh(&format!("ip -n {ns} xfrm state flush"))?;
         f.start(0)?;
         wait_log_after(f.daemon(0), from, "peer n1 up", Duration::from_secs(20))?;
@@ -724,10 +726,7 @@ fn rekey_at_the_soft_limit_loses_no_packet() -> Result<(), String> {
     let lines = cap.stop();
     println!("    {}", ping_report("n1 -> n0 IPv4", &r4));
     println!("    {}", ping_report("n0 -> n1 IPv6", &r6));
-    let rekeys = |i: usize| f.dirs[i].join("daemon.log");
-    let logs: Vec<String> = (0..2)
-        .map(|i| std::fs::read_to_string(rekeys(i)).unwrap_or_default())
-        .collect();
+    let logs: Vec<String> = (0..2).map(|i| f.daemon(i).log()).collect();
     let counts: Vec<usize> = logs
         .iter()
         .map(|l| l.matches("reached its soft limit").count())
@@ -820,11 +819,7 @@ fn reboot_rekeys() -> Result<(), String> {
     // The reboot: the daemon dies with the kernel's state, the node comes back with a
     // new boot ID and no XFRM objects, and its daemon starts.
     f.daemons[0].take().unwrap().kill();
-    let from = f.dirs[0]
-        .join("daemon.log")
-        .metadata()
-        .map(|m| m.len() as usize)
-        .unwrap_or(0);
+    let from = log_len(&f, 0);
     let ns = f.topo.ns(0).to_string();
     crate::rig::sh(&format!(
         "ip -n {ns} xfrm state flush && ip -n {ns} xfrm policy flush"
@@ -1159,11 +1154,7 @@ fn replay_from_an_earlier_instance() -> Result<(), String> {
 
     // n0's daemon restarts (a new nonce; the kernel's SAs stay and are adopted)...
     f.daemons[0].take().unwrap().kill();
-    let from = f.dirs[0]
-        .join("daemon.log")
-        .metadata()
-        .map(|m| m.len() as usize)
-        .unwrap_or(0);
+    let from = log_len(&f, 0);
     f.start(0)?;
     wait_log_after(f.daemon(0), from, "peer n1 up", Duration::from_secs(20))?;
     // ...and loses its inbound SA from n1 (IPv4): it offers n1 a new SPI for it.
