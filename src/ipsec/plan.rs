@@ -304,16 +304,24 @@ pub fn make_spi(random: u32, key_id: u8) -> u32 {
     if spi < 0x100 { spi | 0x1000_0000 } else { spi }
 }
 
+/// The packets an SA keeps for its handover at least (or half its limit, if smaller):
+/// the re-key takes two reconciles and a hello before the peer sends on the new SA,
+/// milliseconds on a real host, ~0.4 s for a debug build in an emulated VM, and the
+/// packets of that time must fit between the soft and the hard limit.
+pub const HANDOVER_PACKETS: u64 = 1 << 16;
+
 /// The limits of one SA: hard at the settings, soft (the re-key) at 90% of the packets
-/// and 80–90% of the age. The age's share is spread by the SPI, so that the SAs of a
-/// fleet set up in one minute do not all re-key in the same one; being the SPI's, it is
-/// the same at both ends and at every pass.
+/// (or `HANDOVER_PACKETS` before the limit, if that is earlier) and 80–90% of the age.
+/// The age's share is spread by the SPI, so that the SAs of a fleet set up in one minute
+/// do not all re-key in the same one; being the SPI's, it is the same at both ends and
+/// at every pass.
 pub fn lifetime(s: &Ipsec, spi: u32) -> Lifetime {
     let hard = s.sa_lifetime.as_secs();
     let spread = (hard / 10).max(1);
     let jitter = u64::from(spi.wrapping_mul(0x9E37_79B9) >> 8) % spread;
+    let margin = (s.sa_packets / 10).max(HANDOVER_PACKETS.min(s.sa_packets / 2));
     Lifetime {
-        soft_packets: Some(s.sa_packets - s.sa_packets / 10),
+        soft_packets: Some(s.sa_packets - margin),
         hard_packets: Some(s.sa_packets),
         soft_secs: Some(hard - hard / 10 - jitter),
         hard_secs: Some(hard),
@@ -637,6 +645,24 @@ pub(crate) mod tests {
             })
             .collect();
         assert!(softs.len() > 150, "not spread: {} distinct", softs.len());
+    }
+
+    #[test]
+    fn small_packet_limits_keep_room_for_the_handover() {
+        let mut ip = mesh().settings.ipsec.clone();
+        let soft = |ip: &Ipsec, n: u64| {
+            let mut ip = ip.clone();
+            ip.sa_packets = n;
+            lifetime(&ip, 0x1234_5671).soft_packets.unwrap()
+        };
+        assert_eq!(soft(&ip, 100), 50, "half of a tiny limit");
+        assert_eq!(soft(&ip, 500), 250);
+        assert_eq!(soft(&ip, 131_072), 65_536);
+        assert_eq!(soft(&ip, 200_000), 200_000 - 65_536);
+        assert_eq!(soft(&ip, 1_000_000), 900_000, "90% once that leaves more");
+        ip.sa_packets = (1 << 32) - (1 << 26);
+        let l = lifetime(&ip, 0x1234_5671);
+        assert_eq!(l.soft_packets, Some(ip.sa_packets - ip.sa_packets / 10));
     }
 
     #[test]
