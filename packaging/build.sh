@@ -73,6 +73,11 @@ cp docs/man/encryptd.8 docs/man/encryptd.toml.5 "$S/man/"
 cp README.md LICENSE-MIT LICENSE-APACHE "$S/"
 cp docs/firewalld.md docs/hello.md docs/metrics.md docs/status.md docs/strict.md docs/wireguard.md "$S/docs/"
 mkdir -p "$S/firewalld" && cp packaging/firewalld/encryptd.xml "$S/firewalld/"
+# Shell completions, from the binary's own grammar (clap_complete).
+mkdir -p "$S/completions"
+"$BIN" completions bash >"$S/completions/encryptd.bash"
+"$BIN" completions zsh >"$S/completions/_encryptd"
+"$BIN" completions fish >"$S/completions/encryptd.fish"
 # The man pages say which version they document.
 sed -i "s/\"encryptd [0-9][^\"]*\"/\"encryptd $VERSION\"/" "$S"/man/*
 

@@ -114,7 +114,7 @@ fn usage_errors_exit_2() {
     ] {
         let out = common::output(Command::new(env!("CARGO_BIN_EXE_encryptd")).args(args));
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("usage: encryptd"));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Usage: encryptd"));
     }
 }
 

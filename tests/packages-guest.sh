@@ -123,6 +123,15 @@ after_install() {   # $1 = the unit's directory for this format
     check "/var/lib/encryptd is 0700 root" eq "$(stat -c '%a %U' /var/lib/encryptd)" "700 root"
     check "man page encryptd(8)" test -s /usr/share/man/man8/encryptd.8.gz
     check "man page encryptd.toml(5)" test -s /usr/share/man/man5/encryptd.toml.5.gz
+    # The completion bash loads on demand completes a command and a command's option.
+    check "bash completes 'encryptd st' and 'encryptd status --p'" eq "$(bash -c '
+        . /usr/share/bash-completion/completions/encryptd || exit 1
+        COMP_WORDS=(encryptd st) COMP_CWORD=1; _encryptd encryptd st encryptd; a=${COMPREPLY[*]}
+        COMP_WORDS=(encryptd status --p) COMP_CWORD=2; _encryptd encryptd --p status
+        echo "$a ${COMPREPLY[*]}"')" "status --peer"
+    check "zsh and fish completions" sh -c '
+        grep -q "#compdef encryptd" /usr/share/zsh/vendor-completions/_encryptd /usr/share/zsh/site-functions/_encryptd 2>/dev/null &&
+        grep -q "complete -c encryptd" /usr/share/fish/vendor_completions.d/encryptd.fish'
 }
 
 unconfigured() {   # installed, nobody configured it: told what to write, nothing failed

@@ -1,7 +1,8 @@
-//! The command line: `run`, `check`, `status`, `keygen`, `pubkey`, `teardown`.
-//! Exit codes are part of the interface: 0 success, 1 failure (invalid input, daemon
-//! error), 2 usage.
+//! The command line: `run`, `check`, `status`, `keygen`, `pubkey`, `teardown`,
+//! `completions` (the grammar is in `args`). Exit codes are part of the interface:
+//! 0 success, 1 failure (invalid input, daemon error), 2 usage.
 
+pub mod args;
 pub mod status;
 pub mod teardown;
 
@@ -12,26 +13,8 @@ use std::path::{Path, PathBuf};
 use crate::config::diag::{Diags, Source};
 use crate::config::wgkey::{self, PrivateKey};
 use crate::config::{self, Paths, settings, settings::DEFAULT_CONFIG};
-
-pub const USAGE: &str = "\
-usage: encryptd <command> [options]
-
-commands:
-  run [--config PATH]                      run the daemon in the foreground
-  check [--config PATH] [--inventory PATH] [--keys PATH] [--preshared-key PATH] [CONFIG]
-                                           validate the files offline; exit 0 valid, 1 invalid
-                                           (the options check another file than the config names)
-  check --configured [--config PATH]       exit 0 if this node has an inventory, else 1 saying
-                                           what to write (the unit's ExecCondition=)
-  status [--json] [--verbose] [--peer NAME] [--config PATH]
-                                           show peers, keys and counters; exit 0 OK,
-                                           1 WARNING, 2 CRITICAL, 3 UNKNOWN (docs/status.md)
-  keygen                                   print a new WireGuard private key
-  pubkey [--config PATH]                   print this node's WireGuard public key (from
-                                           [wireguard] private_key, created if missing)
-  teardown [--config PATH]                 remove every kernel object encryptd owns
-
-The default config is /etc/encryptd/encryptd.toml.";
+use args::{Cli, Cmd};
+use clap::Parser;
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAIL: i32 = 1;
@@ -46,124 +29,49 @@ pub enum Command {
     Status(Paths, status::Options),
     Keygen,
     Pubkey(PathBuf),
-    Help,
-    Version,
+    Completions(clap_complete::Shell),
 }
 
-/// Parse arguments (without the program name). `Err` is a usage message.
-pub fn parse(args: Vec<OsString>) -> Result<Command, String> {
-    let mut it = args.into_iter().map(|a| {
-        a.into_string()
-            .map_err(|a| format!("argument {a:?} is not UTF-8"))
-    });
-    let cmd = match it.next().transpose()? {
-        None => return Err("missing command".into()),
-        Some(c) => c,
-    };
-    let (allowed, allow_positional): (&[&str], bool) = match cmd.as_str() {
-        "-h" | "--help" | "help" => return Ok(Command::Help),
-        "-V" | "--version" => return Ok(Command::Version),
-        "run" => (&["--config"], false),
-        "check" => (
-            &[
-                "--config",
-                "--inventory",
-                "--keys",
-                "--preshared-key",
-                "--configured",
-            ],
-            true,
-        ),
-        // Ownership is by encryptd's reqid/priority bands and table name, not by the
-        // configuration, so teardown works even when the files are gone or broken.
-        "teardown" => (&["--config"], false),
-        "status" => (&["--config", "--json", "--verbose", "--peer"], false),
-        "keygen" => (&[], false),
-        "pubkey" => (&["--config"], false),
-        other => return Err(format!("unknown command \"{other}\"")),
-    };
-    let mut paths = Paths {
-        config: PathBuf::new(),
+/// Parse arguments (without the program name). `Err` is clap's: a usage error (exit 2),
+/// or the help or version text asked for (exit 0).
+pub fn parse(args: Vec<OsString>) -> Result<Command, clap::Error> {
+    let cli = Cli::try_parse_from(std::iter::once(OsString::from("encryptd")).chain(args))?;
+    let paths = |config: PathBuf| Paths {
+        config,
         inventory: None,
         keys: None,
         preshared_key: None,
     };
-    let mut config = None;
-    let mut json = false;
-    let mut verbose = false;
-    let mut configured = false;
-    let mut peer = None;
-    while let Some(arg) = it.next().transpose()? {
-        if arg == "-h" || arg == "--help" {
-            return Ok(Command::Help);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        if flag.starts_with('-') {
-            if !allowed.contains(&flag.as_str()) {
-                return Err(format!("{cmd}: unknown option {flag}"));
-            }
-            let switch = match flag.as_str() {
-                "--json" => Some(&mut json),
-                "--verbose" => Some(&mut verbose),
-                "--configured" => Some(&mut configured),
-                _ => None,
-            };
-            if let Some(on) = switch {
-                *on = true;
-                continue;
-            }
-            let value = match inline {
-                Some(v) => v,
-                None => it.next().transpose()?.ok_or_else(|| {
-                    let what = if flag == "--peer" { "name" } else { "path" };
-                    format!("{cmd}: {flag} needs a {what}")
-                })?,
-            };
-            if flag == "--peer" {
-                if peer.replace(value).is_some() {
-                    return Err(format!("{cmd}: {flag} given twice"));
-                }
-                continue;
-            }
-            let slot = match flag.as_str() {
-                "--config" => &mut config,
-                "--inventory" => &mut paths.inventory,
-                "--preshared-key" => &mut paths.preshared_key,
-                _ => &mut paths.keys,
-            };
-            if slot.replace(PathBuf::from(value)).is_some() {
-                return Err(format!("{cmd}: {flag} given twice"));
-            }
-        } else if allow_positional && config.is_none() {
-            config = Some(PathBuf::from(arg));
-        } else {
-            return Err(format!("{cmd}: unexpected argument \"{arg}\""));
-        }
-    }
-    paths.config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    Ok(match cmd.as_str() {
-        "run" => Command::Run(paths),
-        "teardown" => Command::Teardown(paths),
-        "status" => Command::Status(
-            paths,
+    Ok(match cli.command {
+        Cmd::Run(c) => Command::Run(paths(c.config)),
+        Cmd::Teardown(c) => Command::Teardown(paths(c.config)),
+        Cmd::Pubkey(c) => Command::Pubkey(c.config),
+        Cmd::Keygen => Command::Keygen,
+        Cmd::Completions { shell } => Command::Completions(shell),
+        Cmd::Status(s) => Command::Status(
+            paths(s.config.config),
             status::Options {
-                json,
-                verbose,
-                peer,
+                json: s.json,
+                verbose: s.verbose,
+                peer: s.peer,
             },
         ),
-        "keygen" => Command::Keygen,
-        "pubkey" => Command::Pubkey(paths.config),
-        _ if configured => {
-            if paths.inventory.is_some() || paths.keys.is_some() || paths.preshared_key.is_some() {
-                return Err("check: --configured takes only --config".into());
+        Cmd::Check(c) => {
+            let config = c
+                .config
+                .or(c.file)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            if c.configured {
+                Command::Configured(config)
+            } else {
+                Command::Check(Paths {
+                    config,
+                    inventory: c.inventory,
+                    keys: c.keys,
+                    preshared_key: c.preshared_key,
+                })
             }
-            Command::Configured(paths.config)
         }
-        _ => Command::Check(paths),
     })
 }
 
@@ -182,36 +90,45 @@ fn undumpable() {
 }
 
 pub fn main(args: Vec<OsString>) -> i32 {
-    let command = parse(args);
-    if !matches!(command, Err(_) | Ok(Command::Help | Command::Version)) {
+    let command = match parse(args) {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and version go to stdout with 0, usage errors to stderr with 2.
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    if !matches!(command, Command::Completions(_)) {
         undumpable();
     }
     match command {
-        Err(e) => {
-            eprintln!("encryptd: {e}\n\n{USAGE}");
-            EXIT_USAGE
-        }
-        Ok(Command::Help) => {
-            println!("{USAGE}");
-            EXIT_OK
-        }
-        Ok(Command::Version) => {
-            println!("encryptd {} (commit {})", crate::VERSION, crate::COMMIT);
-            EXIT_OK
-        }
-        Ok(Command::Check(paths)) => check(&paths),
-        Ok(Command::Configured(config)) => match config::configured(&config) {
+        Command::Check(paths) => check(&paths),
+        Command::Configured(config) => match config::configured(&config) {
             Ok(()) => EXIT_OK,
             Err(d) => {
                 eprintln!("{d}");
                 EXIT_FAIL
             }
         },
-        Ok(Command::Keygen) => keygen(),
-        Ok(Command::Pubkey(config)) => pubkey(&config),
-        Ok(Command::Run(paths)) => crate::daemon::run(paths),
-        Ok(Command::Teardown(paths)) => teardown(&paths),
-        Ok(Command::Status(paths, opts)) => status::main(&paths, &opts),
+        Command::Keygen => keygen(),
+        Command::Pubkey(config) => pubkey(&config),
+        Command::Run(paths) => crate::daemon::run(paths),
+        Command::Teardown(paths) => teardown(&paths),
+        Command::Status(paths, opts) => status::main(&paths, &opts),
+        Command::Completions(shell) => {
+            use clap::CommandFactory;
+            // Into memory first: clap_complete panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "encryptd", &mut script);
+            let mut out = std::io::stdout().lock();
+            match out.write_all(&script).and_then(|()| out.flush()) {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("encryptd: completions: {e}");
+                    EXIT_FAIL
+                }
+            }
+        }
     }
 }
 
@@ -371,7 +288,10 @@ mod tests {
     use super::*;
 
     fn p(args: &[&str]) -> Result<Command, String> {
-        parse(args.iter().map(OsString::from).collect())
+        parse(args.iter().map(OsString::from).collect()).map_err(|e| {
+            // The first line of clap's message, without its styling.
+            e.to_string().lines().next().unwrap_or("").to_string()
+        })
     }
 
     #[test]
@@ -386,6 +306,10 @@ mod tests {
         };
         assert_eq!(paths.config, PathBuf::from(DEFAULT_CONFIG));
         assert_eq!(paths.inventory, Some(PathBuf::from("/tmp/x")));
+        let Command::Check(paths) = p(&["check", "--preshared-key", "psk"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(paths.preshared_key, Some(PathBuf::from("psk")));
     }
 
     #[test]
@@ -409,13 +333,15 @@ mod tests {
                 peer: Some("n7".into())
             }
         );
-        assert_eq!(
-            p(&["status", "--peer"]).unwrap_err(),
-            "status: --peer needs a name"
+        assert!(
+            p(&["status", "--peer"])
+                .unwrap_err()
+                .contains("'--peer <NAME>'")
         );
-        assert_eq!(
-            p(&["status", "--peer", "a", "--peer", "b"]).unwrap_err(),
-            "status: --peer given twice"
+        assert!(
+            p(&["status", "--peer", "a", "--peer", "b"])
+                .unwrap_err()
+                .contains("cannot be used multiple times")
         );
     }
 
@@ -425,9 +351,10 @@ mod tests {
             p(&["check", "--configured", "--config", "x.toml"]).unwrap(),
             Command::Configured(PathBuf::from("x.toml"))
         );
-        assert_eq!(
-            p(&["check", "--configured", "--inventory", "n.toml"]).unwrap_err(),
-            "check: --configured takes only --config"
+        assert!(
+            p(&["check", "--configured", "--inventory", "n.toml"])
+                .unwrap_err()
+                .contains("cannot be used with")
         );
     }
 
@@ -442,38 +369,94 @@ mod tests {
             p(&["pubkey", "--config", "x.toml"]).unwrap(),
             Command::Pubkey(PathBuf::from("x.toml"))
         );
-        assert_eq!(
-            p(&["keygen", "--config", "x"]).unwrap_err(),
-            "keygen: unknown option --config"
+        assert!(
+            p(&["keygen", "--config", "x"])
+                .unwrap_err()
+                .contains("unexpected argument '--config'")
         );
-        assert_eq!(
-            p(&["pubkey", "x"]).unwrap_err(),
-            "pubkey: unexpected argument \"x\""
+        assert!(
+            p(&["pubkey", "x"])
+                .unwrap_err()
+                .contains("unexpected argument 'x'")
         );
     }
 
     #[test]
     fn usage_errors() {
-        assert_eq!(p(&[]).unwrap_err(), "missing command");
-        assert_eq!(
-            p(&["frobnicate"]).unwrap_err(),
-            "unknown command \"frobnicate\""
+        assert!(
+            p(&["frobnicate"])
+                .unwrap_err()
+                .contains("unrecognized subcommand 'frobnicate'")
         );
-        assert_eq!(
-            p(&["run", "--keys", "x"]).unwrap_err(),
-            "run: unknown option --keys"
+        assert!(
+            p(&["run", "--keys", "x"])
+                .unwrap_err()
+                .contains("unexpected argument '--keys'")
         );
-        assert_eq!(
-            p(&["check", "--config"]).unwrap_err(),
-            "check: --config needs a path"
+        assert!(
+            p(&["check", "--config"])
+                .unwrap_err()
+                .contains("a value is required for '--config <PATH>'")
         );
-        assert_eq!(
-            p(&["run", "x"]).unwrap_err(),
-            "run: unexpected argument \"x\""
+        assert!(
+            p(&["check", "--config", "a", "b"])
+                .unwrap_err()
+                .contains("cannot be used with")
         );
+        assert!(
+            p(&["chek"])
+                .unwrap_err()
+                .contains("unrecognized subcommand")
+        );
+    }
+
+    #[test]
+    fn help_and_version_are_not_errors() {
+        for args in [
+            &["--help"][..],
+            &["status", "--help"],
+            &["-V"],
+            &["help", "check"],
+        ] {
+            let e = parse(args.iter().map(OsString::from).collect()).unwrap_err();
+            assert!(!e.use_stderr(), "{args:?}: {e}");
+        }
+        let e = parse(vec!["--version".into()]).unwrap_err();
         assert_eq!(
-            p(&["check", "--config", "a", "--config", "b"]).unwrap_err(),
-            "check: --config given twice"
+            e.to_string().trim(),
+            format!("encryptd {} (commit {})", crate::VERSION, crate::COMMIT)
+        );
+    }
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    /// docs/man/encryptd.8's SYNOPSIS is clap_mangen's rendering of the grammar.
+    /// `ENCRYPTD_BLESS=1 cargo test --lib man_page_synopsis` rewrites it.
+    #[test]
+    fn man_page_synopsis_is_the_grammar() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/man/encryptd.8");
+        let page = std::fs::read_to_string(path).unwrap();
+        let (begin, end) = (".SH SYNOPSIS\n", "\n.SH DESCRIPTION");
+        let a = page.find(begin).expect("a SYNOPSIS section") + begin.len();
+        let b = page[a..].find(end).expect("DESCRIPTION after it") + a;
+        let want = args::man_synopsis();
+        if std::env::var_os("ENCRYPTD_BLESS").is_some() {
+            std::fs::write(
+                path,
+                format!("{}{}{}", &page[..a], want.trim_end(), &page[b..]),
+            )
+            .unwrap();
+            return;
+        }
+        assert_eq!(
+            page[a..b].trim_end(),
+            want.trim_end(),
+            "docs/man/encryptd.8 SYNOPSIS differs from the command line; rewrite it with \
+             ENCRYPTD_BLESS=1 cargo test --lib man_page_synopsis"
         );
     }
 }
