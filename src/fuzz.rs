@@ -1,6 +1,6 @@
 //! Entry points for fuzzing every parser that reads what others wrote: the hello datagram,
 //! `ipsec.keys`, `nodes.toml`, `encryptd.toml`, the WireGuard key files, the UAPI
-//! answer and the kernel's XFRM dump replies. The libFuzzer targets under `fuzz/` call them, and `tests/fuzz_smoke.rs` runs
+//! answer, the kernel's XFRM dump replies and `nft -j`'s listing. The libFuzzer targets under `fuzz/` call them, and `tests/fuzz_smoke.rs` runs
 //! the committed corpus and a few seconds of mutations through them on every suite run
 //! (docs/fuzzing.md). Each takes arbitrary bytes and must neither panic nor hang; what it
 //! returns is thrown away, but every diagnostic is rendered, as `encryptd check` would.
@@ -24,6 +24,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wireguard_key", wireguard_key),
     ("uapi_get", uapi_get),
     ("xfrm_dump", xfrm_dump),
+    ("nft_listing", nft_listing),
 ];
 
 pub fn hello_datagram(data: &[u8]) {
@@ -88,4 +89,12 @@ pub fn uapi_get(data: &[u8]) {
 
 pub fn xfrm_dump(data: &[u8]) {
     crate::kernel::xfrm::parse_dump_reply(data);
+}
+
+pub fn nft_listing(data: &[u8]) {
+    if let Ok(l) = crate::kernel::nft::Listing::parse(&text(data)) {
+        let _ = l.counters();
+        let _ = l.canonical();
+        let _ = l.holds("table inet encryptd {\n\tchain out {\n\t\tx drop\n\t}\n}\n");
+    }
 }

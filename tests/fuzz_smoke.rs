@@ -227,3 +227,8 @@ fn uapi_get() {
 fn xfrm_dump() {
     smoke("xfrm_dump");
 }
+
+#[test]
+fn nft_listing() {
+    smoke("nft_listing");
+}

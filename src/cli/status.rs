@@ -929,7 +929,7 @@ fn strict_in_kernel(
     let drops = listed
         .ok()
         .flatten()
-        .and_then(|text| crate::kernel::nft::parse_counters(&text).ok())
+        .and_then(|listing| listing.counters().ok())
         .unwrap_or_default()
         .into_iter()
         .filter_map(|c| {

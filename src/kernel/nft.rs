@@ -50,7 +50,7 @@ pub enum NftError {
     },
     #[error("refusing a ruleset that touches more than `table inet encryptd`: {statement:?}")]
     Foreign { statement: String },
-    #[error("unexpected `nft list table inet encryptd` output: {0}")]
+    #[error("unexpected `nft -j list table inet encryptd` output: {0}")]
     Parse(#[from] ParseError),
 }
 
@@ -186,49 +186,137 @@ impl std::os::fd::AsRawFd for Monitor {
     }
 }
 
-/// A listing with what the kernel changes on its own taken out (the counters' values,
-/// which packets move; blank lines): two canonical listings of one table differ only
-/// when someone changed a rule, a chain or a set's elements.
-pub fn canonical(listing: &str) -> String {
-    let mut out = String::with_capacity(listing.len());
-    for line in listing.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let mut words = line.split_whitespace().peekable();
-        let mut first = true;
-        while let Some(w) = words.next() {
-            if !first {
-                out.push(' ');
-            }
-            first = false;
-            out.push_str(w);
-            // `counter packets N bytes M` -> `counter`
-            if w == "counter" && words.peek() == Some(&"packets") {
-                for _ in 0..4 {
-                    words.next();
-                }
-            }
-        }
-        out.push('\n');
-    }
-    out
+/// `nft -j list table inet encryptd`, parsed: the table's objects (table, sets,
+/// chains, rules, ...) in listing order, each `{"kind": {...}}` as nft's JSON schema
+/// has it. JSON rather than the text listing: the schema is nft's interface for
+/// programs, and no quoting, multi-line set or `# handle` comment can mislead a reader.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listing {
+    objects: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Whether `listing` (`nft list table inet encryptd`) still holds what `table_text`
-/// installed: every chain, and as many drop rules. Another program may have deleted
-/// a chain or a rule without removing the table. Coarse: it is the check for a table
-/// whose own listing was not taken when it was installed; [`canonical`] listings
-/// compare everything.
-pub fn holds(listing: &str, table_text: &str) -> bool {
-    let chains = |t: &str| {
-        let mut v: Vec<String> = t
+#[derive(serde::Deserialize)]
+struct ListingDoc {
+    nftables: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Listing {
+    pub fn parse(json: &str) -> Result<Listing, ParseError> {
+        let doc: ListingDoc = serde_json::from_str(json).map_err(|e| ParseError {
+            line: e.line(),
+            message: e.to_string(),
+        })?;
+        let mut objects = Vec::with_capacity(doc.nftables.len());
+        for (i, o) in doc.nftables.into_iter().enumerate() {
+            if o.len() != 1 {
+                return Err(ParseError {
+                    line: 1,
+                    message: format!("object {i} has {} kinds, not one", o.len()),
+                });
+            }
+            // metainfo: nft's version, not the table's content.
+            if !o.contains_key("metainfo") {
+                objects.push(o);
+            }
+        }
+        Ok(Listing { objects })
+    }
+
+    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a serde_json::Value> {
+        self.objects.iter().filter_map(move |o| o.get(kind))
+    }
+
+    /// Every rule with an inline `counter`, with its chain and comment, in listing order.
+    /// A malformed counter is an error: the drop counts in status and metrics must not
+    /// silently read 0.
+    pub fn counters(&self) -> Result<Vec<RuleCounter>, ParseError> {
+        let mut out = Vec::new();
+        for (i, rule) in self.of_kind("rule").enumerate() {
+            let bad = |what: &str| ParseError {
+                line: 1,
+                message: format!("rule {i}: {what}"),
+            };
+            let chain = rule["chain"].as_str().ok_or_else(|| bad("no chain"))?;
+            let exprs = rule["expr"].as_array().ok_or_else(|| bad("no expr list"))?;
+            // `{"counter": "name"}` refers to a named counter object: not a rule's own.
+            let Some(c) = exprs.iter().find_map(|e| e.get("counter")?.as_object()) else {
+                continue;
+            };
+            let num = |k: &str| c.get(k).and_then(serde_json::Value::as_u64);
+            let (Some(packets), Some(bytes)) = (num("packets"), num("bytes")) else {
+                return Err(bad("bad counter"));
+            };
+            out.push(RuleCounter {
+                chain: chain.to_string(),
+                comment: rule["comment"].as_str().map(str::to_string),
+                packets,
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The listing with what the kernel changes on its own taken out (the counters'
+    /// values, which packets move): two canonical listings of one table differ only when
+    /// someone changed a rule, a chain or a set's elements. One object per line, keys
+    /// sorted (serde_json's map is ordered).
+    pub fn canonical(&self) -> String {
+        let mut out = String::new();
+        for o in &self.objects {
+            let mut o = serde_json::Value::Object(o.clone());
+            if let Some(exprs) = o
+                .get_mut("rule")
+                .and_then(|r| r.get_mut("expr"))
+                .and_then(|e| e.as_array_mut())
+            {
+                for c in exprs.iter_mut().filter_map(|e| e.get_mut("counter")) {
+                    if let Some(c) = c.as_object_mut() {
+                        c.insert("packets".into(), 0.into());
+                        c.insert("bytes".into(), 0.into());
+                    }
+                }
+            }
+            out.push_str(&o.to_string());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Whether the listing still holds what `table_text` installed: every chain, and as
+    /// many drops (rules and chain policies). Another program may have deleted a chain
+    /// or a rule without removing the table. Coarse: it is the check for a table whose
+    /// own listing was not taken when it was installed; [`Listing::canonical`] listings
+    /// compare everything.
+    pub fn holds(&self, table_text: &str) -> bool {
+        let mut listed: Vec<&str> = self
+            .of_kind("chain")
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        listed.sort_unstable();
+        let mut wanted: Vec<&str> = table_text
             .lines()
             .filter_map(|l| l.trim().strip_prefix("chain "))
-            .map(|c| c.trim_end_matches(['{', ' ']).to_string())
+            .map(|c| c.trim_end_matches(['{', ' ']))
             .collect();
-        v.sort();
-        v
-    };
-    let drops = |t: &str| t.lines().filter(|l| l.trim_end().contains(" drop")).count();
-    chains(listing) == chains(table_text) && drops(listing) == drops(table_text)
+        wanted.sort_unstable();
+        let drop_rules = self
+            .of_kind("rule")
+            .filter(|r| {
+                r["expr"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().any(|x| x.get("drop").is_some()))
+            })
+            .count();
+        let drop_policies = self
+            .of_kind("chain")
+            .filter(|c| c["policy"] == "drop")
+            .count();
+        let text_drops = table_text
+            .lines()
+            .filter(|l| l.trim_end().contains(" drop"))
+            .count();
+        listed == wanted && drop_rules + drop_policies == text_drops
+    }
 }
 
 /// The `nft` program; [`Nft::default`] finds it on `PATH`.
@@ -272,10 +360,10 @@ impl Nft {
         self.run(&["-f", "-"], Some(REPLACE_PRELUDE)).map(drop)
     }
 
-    /// `nft list table inet encryptd`, or `None` when the table does not exist.
-    pub fn list(&self) -> Result<Option<String>, NftError> {
-        match self.run(&["list", "table", "inet", "encryptd"], None) {
-            Ok(out) => Ok(Some(out)),
+    /// `nft -j list table inet encryptd`, or `None` when the table does not exist.
+    pub fn list(&self) -> Result<Option<Listing>, NftError> {
+        match self.run(&["-j", "list", "table", "inet", "encryptd"], None) {
+            Ok(out) => Ok(Some(Listing::parse(&out)?)),
             Err(NftError::Failed { stderr, .. })
                 if stderr.contains("No such file or directory") =>
             {
@@ -289,7 +377,7 @@ impl Nft {
     /// empty when the table does not exist.
     pub fn counters(&self) -> Result<Vec<RuleCounter>, NftError> {
         match self.list()? {
-            Some(text) => Ok(parse_counters(&text)?),
+            Some(listing) => Ok(listing.counters()?),
             None => Ok(Vec::new()),
         }
     }
@@ -377,8 +465,8 @@ fn memfd_with(text: &str) -> io::Result<OwnedFd> {
 /// a rendering bug must not flush or replace someone else's firewall.
 fn check_scope(text: &str) -> Result<(), NftError> {
     for stmt in top_level_statements(text) {
-        let toks: Vec<Token> = tokens(&stmt);
-        let words: Vec<&str> = toks.iter().map(|t| t.text.as_str()).collect();
+        let toks = tokens(&stmt);
+        let words: Vec<&str> = toks.iter().map(String::as_str).collect();
         let ok = match words.as_slice() {
             ["define", ..] => true,
             [verb, _object, family, table, ..]
@@ -453,13 +541,8 @@ fn strip_comment(line: &str) -> (&str, bool) {
     (line, quoted)
 }
 
-struct Token {
-    text: String,
-    quoted: bool,
-}
-
 /// Whitespace-separated words; a `"quoted string"` is one word, without its quotes.
-fn tokens(s: &str) -> Vec<Token> {
+fn tokens(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
     while let Some(&c) = chars.peek() {
@@ -468,7 +551,7 @@ fn tokens(s: &str) -> Vec<Token> {
         } else if c == '"' {
             chars.next();
             let text: String = chars.by_ref().take_while(|&c| c != '"').collect();
-            out.push(Token { text, quoted: true });
+            out.push(text);
         } else {
             let mut text = String::new();
             while let Some(&c) = chars.peek() {
@@ -478,136 +561,10 @@ fn tokens(s: &str) -> Vec<Token> {
                 text.push(c);
                 chars.next();
             }
-            out.push(Token {
-                text,
-                quoted: false,
-            });
+            out.push(text);
         }
     }
     out
-}
-
-/// The counters in the output of `nft list table inet encryptd` (also with `-a`): every
-/// rule with `counter packets N bytes M`, with its chain and comment. Sets, maps and other
-/// blocks are skipped, also when they span several lines. Long on purpose: one
-/// line-by-line state machine (which block, which chain) reads best in one piece.
-pub fn parse_counters(listing: &str) -> Result<Vec<RuleCounter>, ParseError> {
-    let mut out = Vec::new();
-    let mut depth = 0usize;
-    let mut chain: Option<String> = None;
-    // a statement being read: its first line, the depth it started at, its text
-    let mut pending: Option<(usize, usize, String)> = None;
-    for (i, raw) in listing.lines().enumerate() {
-        let lineno = i + 1;
-        let err = |message: &str| ParseError {
-            line: lineno,
-            message: message.to_string(),
-        };
-        let (code, open_quote) = strip_comment(raw);
-        if open_quote {
-            return Err(err("unterminated string"));
-        }
-        if code.trim().is_empty() && pending.is_none() {
-            continue;
-        }
-        let (first, start, mut stmt) = pending.take().unwrap_or((lineno, depth, String::new()));
-        if !stmt.is_empty() {
-            stmt.push(' ');
-        }
-        stmt.push_str(code.trim());
-        let mut quoted = false;
-        for c in code.chars() {
-            match c {
-                '"' => quoted = !quoted,
-                '{' if !quoted => depth += 1,
-                '}' if !quoted => {
-                    depth = depth.checked_sub(1).ok_or_else(|| err("unbalanced `}`"))?;
-                }
-                _ => {}
-            }
-        }
-        if depth > start {
-            if start < 2 && depth == start + 1 && stmt.ends_with('{') {
-                // a block header: `table ... {`, `chain NAME {`, `set NAME {`, ...
-                let toks = tokens(&stmt);
-                chain = match (start, toks.first().map(|t| t.text.as_str())) {
-                    (1, Some("chain")) => Some(
-                        toks.get(1)
-                            .map(|t| t.text.clone())
-                            .ok_or_else(|| err("chain without a name"))?,
-                    ),
-                    _ => None,
-                };
-            } else {
-                pending = Some((first, start, stmt)); // a statement spanning lines
-            }
-            continue;
-        }
-        if depth < start {
-            if depth < 2 {
-                chain = None;
-            }
-            continue;
-        }
-        if let (2, Some(chain)) = (start, &chain) {
-            let found = rule_counter(&stmt).map_err(|message| ParseError {
-                line: first,
-                message,
-            })?;
-            if let Some(c) = found {
-                out.push(RuleCounter {
-                    chain: chain.clone(),
-                    ..c
-                });
-            }
-        }
-    }
-    if let Some((first, _, _)) = pending {
-        return Err(ParseError {
-            line: first,
-            message: "statement not closed by the end of the listing".into(),
-        });
-    }
-    if depth != 0 {
-        return Err(ParseError {
-            line: listing.lines().count(),
-            message: "block not closed by the end of the listing".into(),
-        });
-    }
-    Ok(out)
-}
-
-/// The counter and comment of one rule, if it has a counter.
-fn rule_counter(rule: &str) -> Result<Option<RuleCounter>, String> {
-    let toks = tokens(rule);
-    let word = |i: usize| toks.get(i).filter(|t| !t.quoted).map(|t| t.text.as_str());
-    let num = |i: usize| -> Result<u64, String> {
-        word(i)
-            .and_then(|w| w.parse().ok())
-            .ok_or_else(|| format!("bad counter in rule `{rule}`"))
-    };
-    let mut counter = None;
-    let mut comment = None;
-    for i in 0..toks.len() {
-        match word(i) {
-            Some("counter") if counter.is_none() && word(i + 1) == Some("packets") => {
-                if word(i + 3) != Some("bytes") {
-                    return Err(format!("bad counter in rule `{rule}`"));
-                }
-                counter = Some((num(i + 2)?, num(i + 4)?));
-            }
-            Some("comment") => {
-                comment = toks.get(i + 1).filter(|t| t.quoted).map(|t| t.text.clone());
-            }
-            _ => {}
-        }
-    }
-    Ok(counter.map(|(packets, bytes)| RuleCounter {
-        chain: String::new(),
-        comment,
-        packets,
-        bytes,
-    }))
 }
 
 #[cfg(test)]
@@ -659,44 +616,12 @@ mod tests {
         assert!(ours(&bad));
     }
 
-    #[test]
-    fn canonical_ignores_counters_and_sees_everything_else() {
-        let a = "table inet encryptd {\n\tset protected4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.0.0.0/8 }\n\t}\n\n\tchain output {\n\t\tip daddr @protected4 rt ipsec missing counter packets 0 bytes 0 drop comment \"egress\"\n\t}\n}\n";
-        let moved = a.replace("packets 0 bytes 0", "packets 12 bytes 1008");
-        assert_eq!(super::canonical(a), super::canonical(&moved));
-        assert!(super::canonical(a).contains("counter drop comment"));
-        // a flushed set, an inserted accept: both seen
-        let flushed = a.replace("\t\telements = { 10.0.0.0/8 }\n", "");
-        assert_ne!(super::canonical(a), super::canonical(&flushed));
-        let opened = a.replace("\tchain output {\n", "\tchain output {\n\t\taccept\n");
-        assert_ne!(super::canonical(a), super::canonical(&opened));
-        // what the coarse check misses
-        assert!(super::holds(&flushed, a) && super::holds(&opened, a));
-    }
-
     use super::*;
 
-    /// Verbatim `nft list table inet encryptd` output of nftables 1.0.6 (Debian 12).
-    const LISTING: &str = r#"table inet encryptd {
-	set prot4 {
-		type ipv4_addr
-		flags interval
-		elements = { 10.0.0.0/8, 192.168.0.0/16 }
-	}
-
-	chain out {
-		type filter hook output priority filter; policy accept;
-		ip daddr @prot4 ip protocol != esp rt ipsec missing counter packets 2 bytes 168 drop comment "strict-out-v4"
-		ip daddr { 10.1.0.0-10.13.255.255 } tcp dport 22 counter packets 0 bytes 0 accept comment "exc-ssh"
-		meta l4proto icmp counter packets 0 bytes 0 comment "icmp"
-		ip6 daddr fd00::/8 counter packets 5 bytes 100 drop comment "with { brace"
-	}
-
-	chain in {
-		type filter hook input priority filter; policy accept;
-	}
-}
-"#;
+    /// Verbatim `nft -j list table inet encryptd` output of nftables 1.0.6 (Debian 12)
+    /// for a table with a set, two chains, rules with and without drops and a comment
+    /// with a brace in it.
+    const LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "encryptd", "handle": 1}}, {"set": {"family": "inet", "name": "prot4", "table": "encryptd", "type": "ipv4_addr", "handle": 3, "flags": ["interval"], "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, {"prefix": {"addr": "192.168.0.0", "len": 16}}]}}, {"chain": {"family": "inet", "table": "encryptd", "name": "out", "handle": 1, "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}}, {"chain": {"family": "inet", "table": "encryptd", "name": "in", "handle": 2, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}, {"rule": {"family": "inet", "table": "encryptd", "chain": "out", "handle": 4, "comment": "strict-out-v4", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@prot4"}}, {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "protocol"}}, "right": "esp"}}, {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": false}}, {"counter": {"packets": 2, "bytes": 168}}, {"drop": null}]}}, {"rule": {"family": "inet", "table": "encryptd", "chain": "out", "handle": 5, "comment": "exc-ssh", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": {"range": ["10.1.0.0", "10.13.255.255"]}}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 22}}, {"counter": {"packets": 0, "bytes": 0}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "encryptd", "chain": "out", "handle": 6, "comment": "icmp", "expr": [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "icmp"}}, {"counter": {"packets": 0, "bytes": 0}}]}}, {"rule": {"family": "inet", "table": "encryptd", "chain": "out", "handle": 7, "comment": "with { brace", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": {"prefix": {"addr": "fd00::", "len": 8}}}}, {"counter": {"packets": 5, "bytes": 100}}, {"drop": null}]}}]}"#;
 
     fn rc(chain: &str, comment: Option<&str>, packets: u64, bytes: u64) -> RuleCounter {
         RuleCounter {
@@ -710,7 +635,7 @@ mod tests {
     #[test]
     fn counters_of_a_real_listing() {
         assert_eq!(
-            parse_counters(LISTING).unwrap(),
+            Listing::parse(LISTING).unwrap().counters().unwrap(),
             vec![
                 rc("out", Some("strict-out-v4"), 2, 168),
                 rc("out", Some("exc-ssh"), 0, 0),
@@ -721,70 +646,73 @@ mod tests {
     }
 
     #[test]
-    fn counters_with_handles() {
-        // `nft -a list table` appends `# handle N` to blocks and rules
-        let text = r#"table inet encryptd { # handle 2
-	chain in { # handle 2
-		type filter hook input priority filter; policy accept;
-		ip saddr 10.0.0.0/8 meta ipsec missing counter packets 7 bytes 588 drop comment "strict-in-v4" # handle 4
-		counter packets 1 bytes 2 # handle 5
-	}
-}
-"#;
+    fn rules_without_an_inline_counter_are_skipped() {
+        let doc = r#"{"nftables": [
+            {"rule": {"family": "inet", "table": "encryptd", "chain": "in", "handle": 4, "expr": [{"drop": null}]}},
+            {"rule": {"family": "inet", "table": "encryptd", "chain": "in", "handle": 5, "expr": [{"counter": "named"}, {"drop": null}]}},
+            {"rule": {"family": "inet", "table": "encryptd", "chain": "in", "handle": 6, "expr": [{"counter": {"packets": 7, "bytes": 588}}]}}]}"#;
         assert_eq!(
-            parse_counters(text).unwrap(),
-            vec![rc("in", Some("strict-in-v4"), 7, 588), rc("in", None, 1, 2)]
-        );
-    }
-
-    #[test]
-    fn multi_line_sets_and_other_blocks_are_skipped() {
-        let text = r#"table inet encryptd {
-	set nodes {
-		type ipv4_addr
-		counter
-		elements = { 10.0.0.1 counter packets 3 bytes 4,
-			     10.0.0.2 counter packets 5 bytes 6 }
-	}
-
-	counter named {
-		packets 9 bytes 9
-	}
-
-	chain out {
-		type filter hook output priority filter; policy accept;
-		ip daddr {
-			10.1.0.0/16,
-			10.2.0.0/16 } counter packets 11 bytes 12 drop comment "multi # line"
-		ip daddr 10.3.0.0/16 drop comment "no counter"
-	}
-}
-"#;
-        assert_eq!(
-            parse_counters(text).unwrap(),
-            vec![rc("out", Some("multi # line"), 11, 12)]
+            Listing::parse(doc).unwrap().counters().unwrap(),
+            vec![rc("in", None, 7, 588)]
         );
     }
 
     #[test]
     fn empty_and_garbage_listings() {
-        assert_eq!(parse_counters("").unwrap(), vec![]);
-        assert_eq!(
-            parse_counters("table inet encryptd {\n}\n").unwrap(),
-            vec![]
+        let empty = Listing::parse(r#"{"nftables": []}"#).unwrap();
+        assert_eq!(empty.counters().unwrap(), vec![]);
+        assert_eq!(empty.canonical(), "");
+        for bad in [
+            "",
+            "table inet encryptd {\n}\n",
+            r#"{"nftables": {}}"#,
+            r#"{"nftables": [{"rule": {}, "chain": {}}]}"#,
+        ] {
+            assert!(Listing::parse(bad).is_err(), "{bad:?}");
+        }
+        let bad_counter = r#"{"nftables": [{"rule": {"chain": "x", "expr": [{"counter": {"packets": -1, "bytes": 1}}]}}]}"#;
+        let e = Listing::parse(bad_counter).unwrap().counters().unwrap_err();
+        assert!(e.message.contains("bad counter"), "{e}");
+        let no_chain = r#"{"nftables": [{"rule": {"expr": []}}]}"#;
+        assert!(Listing::parse(no_chain).unwrap().counters().is_err());
+    }
+
+    #[test]
+    fn canonical_ignores_counters_and_sees_everything_else() {
+        let canon = |j: &str| Listing::parse(j).unwrap().canonical();
+        let a = canon(LISTING);
+        assert!(!a.contains("metainfo"), "nft's version is not the table's");
+        let moved = LISTING.replace(
+            r#""packets": 2, "bytes": 168"#,
+            r#""packets": 9, "bytes": 900"#,
         );
-        let e = parse_counters("table inet encryptd {\n\tchain x {\n").unwrap_err();
-        assert!(e.message.contains("not closed"), "{e}");
-        let e = parse_counters("}\n").unwrap_err();
-        assert_eq!(e.line, 1);
-        let e = parse_counters(
-            "table inet encryptd {\n chain x {\n  counter packets many bytes 1\n }\n}\n",
-        )
-        .unwrap_err();
-        assert_eq!((e.line, e.message.contains("bad counter")), (3, true));
-        let e =
-            parse_counters("table inet encryptd {\n chain x {\n  comment \"open\n").unwrap_err();
-        assert!(e.message.contains("unterminated"), "{e}");
+        assert_ne!(moved, LISTING);
+        assert_eq!(canon(&moved), a);
+        // a flushed set, an inserted accept, a rule's verdict turned: all seen
+        let flushed = LISTING.replace(
+            r#", "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, {"prefix": {"addr": "192.168.0.0", "len": 16}}]"#,
+            "",
+        );
+        let opened = LISTING.replace(
+            r#"{"rule": {"family": "inet", "table": "encryptd", "chain": "out", "handle": 4,"#,
+            r#"{"rule": {"family": "inet", "table": "encryptd", "chain": "out", "handle": 9, "expr": [{"accept": null}]}}, {"rule": {"family": "inet", "table": "encryptd", "chain": "out", "handle": 4,"#,
+        );
+        let turned = LISTING.replacen(r#"{"drop": null}"#, r#"{"accept": null}"#, 1);
+        for (what, changed) in [
+            ("flushed", &flushed),
+            ("opened", &opened),
+            ("turned", &turned),
+        ] {
+            assert_ne!(changed.as_str(), LISTING, "{what}: the fixture changed");
+            assert_ne!(canon(changed), a, "{what}");
+        }
+        // what the coarse check misses, and what it sees
+        let text = "table inet encryptd {\n\tchain out {\n\t\tx drop\n\t\ty drop\n\t}\n\tchain in {\n\t}\n}\n";
+        let l = |j: &str| Listing::parse(j).unwrap();
+        assert!(l(LISTING).holds(text));
+        assert!(l(&flushed).holds(text) && l(&opened).holds(text));
+        assert!(!l(&turned).holds(text), "a drop less");
+        assert!(!l(LISTING).holds(&text.replace("chain in", "chain input")));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use log::{error, info, warn};
 
-use crate::kernel::nft::{Nft, NftError, canonical, holds, replace_script};
+use crate::kernel::nft::{Listing, Nft, NftError, replace_script};
 
 /// The file, in `state_dir`, holding the rules in force as an nft script, which
 /// `encryptd-strict.service` installs at boot before the network comes up: without it
@@ -46,7 +46,7 @@ pub struct Strict {
     listing: Option<String>,
     /// The listing the last check found as applied, counters included: the metrics
     /// read the drop counters from it instead of listing the table again.
-    seen: Option<String>,
+    seen: Option<Listing>,
 }
 
 impl Strict {
@@ -66,8 +66,8 @@ impl Strict {
     /// first check, or right after a reinstall).
     pub fn counters(&self) -> Vec<crate::kernel::nft::RuleCounter> {
         self.seen
-            .as_deref()
-            .and_then(|l| crate::kernel::nft::parse_counters(l).ok())
+            .as_ref()
+            .and_then(|l| l.counters().ok())
             .unwrap_or_default()
     }
 
@@ -117,8 +117,8 @@ impl Strict {
             Ok(None) => "was removed from the kernel",
             Ok(Some(listing))
                 if !match &self.listing {
-                    Some(canon) => canonical(&listing) == *canon,
-                    None => holds(&listing, &want),
+                    Some(canon) => listing.canonical() == *canon,
+                    None => listing.holds(&want),
                 } =>
             {
                 "was changed by another program (a rule, a chain or a set's elements)"
@@ -185,7 +185,7 @@ fn keep(dir: &Path, script: Option<&str>) {
 /// next check then falls back to the coarse comparison with the applied text).
 fn listed(nft: &Nft) -> Option<String> {
     match nft.list() {
-        Ok(l) => l.map(|l| canonical(&l)),
+        Ok(l) => l.map(|l| l.canonical()),
         Err(e) => {
             warn!("strict mode: cannot list table inet encryptd after installing it: {e}");
             None

@@ -97,15 +97,17 @@ fn replace_is_atomic() -> Result<(), String> {
     let (v1, v2) = (strict_table("out", "v1"), strict_table("egress", "v2"));
     nft_in(a, |n| n.apply(&v1)).map_err(s)?;
     nft_in(a, |n| n.apply(&v2)).map_err(s)?;
+    // The JSON listing, one object per line (chains as `"name":"egress"`).
     let listing = nft_in(a, |n| n.list())
         .map_err(s)?
-        .ok_or("table gone after v2")?;
+        .ok_or("table gone after v2")?
+        .canonical();
     ensure(
-        listing.contains("\"v2-v4\"") && listing.contains("chain egress"),
+        listing.contains("\"v2-v4\"") && listing.contains("\"name\":\"egress\""),
         format!("v2 not in the listing:\n{listing}"),
     )?;
     ensure(
-        !listing.contains("\"v1-") && !listing.contains("chain out"),
+        !listing.contains("\"v1-") && !listing.contains("\"name\":\"out\""),
         format!("v1 left over after the replace:\n{listing}"),
     )?;
 
@@ -236,7 +238,8 @@ fn rejected_ruleset_keeps_the_previous_one() -> Result<(), String> {
 
     let listing = nft_in(a, |n| n.list())
         .map_err(s)?
-        .ok_or("the table is gone")?;
+        .ok_or("the table is gone")?
+        .canonical();
     ensure(
         listing.contains("\"v1-v4\"") && !listing.contains("\"v2-") && !listing.contains("nosuch"),
         format!("not exactly v1 after the failures and the check:\n{listing}"),
