@@ -168,7 +168,7 @@ fn wrong_types_and_values() {
             "encryptd.toml:12:8: `mode` must be \"ipsec\" or \"wireguard\", not \"ipsek\"",
             "encryptd.toml:39:25: `key_rotation_duration` \"5 minutes\" is not a duration such as \"30s\", \"5m\" or \"1h\"",
             "encryptd.toml:43:17: `replay_window` must be between 1 and 4096",
-            "encryptd.toml:84:11: `ingress` must be true or false, not a string",
+            "encryptd.toml:87:11: `ingress` must be true or false, not a string",
         ]);
 }
 
@@ -181,7 +181,7 @@ fn bad_addresses_and_cidrs() {
         .edit("nodes.toml", "\"fd00:2::/64\"", "\"fd00:2::1/64\"")
         .edit("encryptd.toml", "\"10.0.0.0/8\"", "\"10.0.0.0/40\"")
         .fails_with(&[
-            "encryptd.toml:81:10: strict.cidrs: '40' is not a prefix length (0..=32)",
+            "encryptd.toml:84:10: strict.cidrs: '40' is not a prefix length (0..=32)",
             "nodes.toml:18:14: \"192.0.2.300\" is not an IPv4 or IPv6 address",
             "nodes.toml:19:12: subnet 10.1.1.7/24 has host bits set; did you mean 10.1.1.0/24?",
             "nodes.toml:19:27: subnet fd00:2::1/64 has host bits set; did you mean fd00:2::/64?",
@@ -326,7 +326,7 @@ fn strict_range_containing_own_address_needs_an_exception() {
         .edit("encryptd.toml", "cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "cidrs = [\"10.0.0.0/8\", \"192.0.2.0/24\"]")
         .edit("encryptd.toml", "exceptions = [{ proto = \"tcp\", port = 22 }]", "exceptions = []")
         .fails_with(&[
-            "encryptd.toml:81:24: protected range 192.0.2.0/24 contains this node's address 192.0.2.10, and no exception keeps it reachable: add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }] (or the port you manage it by)",
+            "encryptd.toml:84:24: protected range 192.0.2.0/24 contains this node's address 192.0.2.10, and no exception keeps it reachable: add to [strict] exceptions = [{ proto = \"tcp\", port = 22 }] (or the port you manage it by)",
         ]);
     // With the exception it is valid.
     let f = Fixture::new();
@@ -470,7 +470,7 @@ fn wireguard_preshared_key_file() {
         "userspace = \"/nonexistent/wireguard-go\"",
     );
     f.fails_with(&[
-        "encryptd.toml:73:13: `userspace` /nonexistent/wireguard-go is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
+        "encryptd.toml:76:13: `userspace` /nonexistent/wireguard-go is not a file (a userspace WireGuard such as /usr/bin/wireguard-go, package wireguard-go)",
     ]);
     f.edit(
         "encryptd.toml",
@@ -504,7 +504,7 @@ fn interface_names_are_linux_names_that_need_no_quoting() {
             "interface = \"wg0\\\" accept\"",
         )
         .fails_with(&[
-            "encryptd.toml:56:13: `interface` must be a Linux interface name: 1 to 15 of the characters A-Z a-z 0-9 - _ . (not \".\" or \"..\")",
+            "encryptd.toml:59:13: `interface` must be a Linux interface name: 1 to 15 of the characters A-Z a-z 0-9 - _ . (not \".\" or \"..\")",
         ]);
 }
 

@@ -151,6 +151,11 @@ pub struct Snapshot {
     /// IPsec: SAs re-keyed at their soft limit (age or packets) since the daemon started.
     #[serde(default)]
     pub sa_rekeys: u64,
+    /// IPsec: dumps of the kernel's XFRM policies or states since the daemon started
+    /// (an idle daemon reads the counters every 30 s and everything every
+    /// `resync_interval`; notifications say when to read more).
+    #[serde(default)]
+    pub xfrm_dumps: u64,
     #[serde(default)]
     pub max_seq: u64,
 }

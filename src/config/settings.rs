@@ -32,6 +32,9 @@ pub struct Ipsec {
     /// `ipsec::plan::lifetime`).
     pub sa_lifetime: Duration,
     pub sa_packets: u64,
+    /// How often the kernel's SAs and policies are read in full whatever its
+    /// notifications said (they say when to read at all).
+    pub resync_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,6 +251,9 @@ fn path(t: &Table, base: &Path, key: &'static str, default: &str) -> PathBuf {
 /// SA limits unless set: a day, and 2^32 less a margin (about 2^26 packets, minutes
 /// at line rate, to re-key in).
 pub const DEFAULT_SA_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(300);
+const MIN_RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+const MAX_RESYNC_INTERVAL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_SA_PACKETS: u64 = (1 << 32) - (1 << 26);
 /// Shorter would re-key faster than a hello round trip can be relied on.
 const MIN_SA_LIFETIME: Duration = Duration::from_secs(10);
@@ -291,6 +297,21 @@ fn read_ipsec(t: &Table, base: &Path) -> Ipsec {
         sa_packets: t
             .integer("sa_packets", 100..(1 << 32))
             .map_or(DEFAULT_SA_PACKETS, |n| n.value as u64),
+        resync_interval: match t.string("resync_interval") {
+            None => DEFAULT_RESYNC_INTERVAL,
+            Some(At { value, span }) => match parse_duration(&value) {
+                Some(d) if (MIN_RESYNC_INTERVAL..=MAX_RESYNC_INTERVAL).contains(&d) => d,
+                _ => {
+                    t.error(
+                        span,
+                        format!(
+                            "`resync_interval` \"{value}\" is not a duration from 10s to 1h, such as \"5m\""
+                        ),
+                    );
+                    DEFAULT_RESYNC_INTERVAL
+                }
+            },
+        },
     };
     // It once claimed to name "the link whose traffic is encrypted", which nothing read:
     // XFRM encrypts by policy whatever link a packet takes, and decrypts on whichever link

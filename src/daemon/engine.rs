@@ -93,6 +93,14 @@ impl Engine {
         }
     }
 
+    /// Full reads (dumps) of the kernel's XFRM policies or states (IPsec mode only).
+    pub fn xfrm_dumps(&self) -> u64 {
+        match self {
+            Engine::Ipsec(e) => e.dumps,
+            Engine::Wireguard(_) => 0,
+        }
+    }
+
     /// SAs re-keyed at their soft limit (IPsec mode only).
     pub fn rekeys(&self) -> u64 {
         match self {

@@ -137,6 +137,12 @@ pub fn metrics(s: &Snapshot, k: &KernelCounters, per_peer: bool) -> String {
             &one(s.sa_rekeys),
         );
         metric(
+            "xfrm_dumps_total",
+            "Dumps of the kernel's XFRM policies or states since the daemon started (notifications say when; resync_interval bounds the wait).",
+            "counter",
+            &one(s.xfrm_dumps),
+        );
+        metric(
             "sequence_number_max",
             "Highest ESP sequence number sent on any SA (the limit is 2^64 - 1, ESN).",
             "gauge",

@@ -469,6 +469,7 @@ impl Daemon {
                 .unwrap_or_default(),
             keys_in_use,
             sa_rekeys: self.engine.as_ref().map_or(0, |e| e.rekeys()),
+            xfrm_dumps: self.engine.as_ref().map_or(0, |e| e.xfrm_dumps()),
             hello_socket_overflows: self.engine.as_ref().map_or(0, |e| e.socket_overflows(c)),
             max_seq,
         };

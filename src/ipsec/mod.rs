@@ -26,7 +26,7 @@ use self::hello::Family;
 use self::ledger::{SpiLedger, Start};
 use self::peer::{Local, Peer, Slot};
 use crate::config::Config;
-use crate::kernel::xfrm::{ExpireWatch, Xfrm, XfrmError};
+use crate::kernel::xfrm::{Xfrm, XfrmError, XfrmWatch};
 use crate::objects::xfrm::StateId;
 
 /// Hello interval while a peer is not up, and once it is.
@@ -34,8 +34,9 @@ const HELLO_FAST: Duration = Duration::from_secs(1);
 const HELLO_SLOW: Duration = Duration::from_secs(10);
 /// A peer that was up and has been silent this long is `stale` (its SAs stay).
 const STALE_AFTER: Duration = Duration::from_secs(35);
-/// How often the kernel is re-read to notice SAs deleted from under us.
-const RESCAN: Duration = Duration::from_secs(5);
+/// How often the byte and packet counters of our SAs are read (status, metrics), which
+/// also finds SAs past their soft limit whose expiry notice was lost.
+const COUNTERS_EVERY: Duration = Duration::from_secs(30);
 /// At most this many SA ids are remembered as used (see `Engine::installed`).
 const MAX_INSTALLED_MEMORY: usize = 1 << 16;
 /// Datagrams read per socket per wake-up: a flood waits its turn behind the timers
@@ -57,8 +58,8 @@ pub enum Error {
     BootId { path: String, reason: String },
     #[error("hello socket on port {port}: {source}")]
     Socket { port: u16, source: io::Error },
-    #[error("XFRM expiry notices: {0}")]
-    Expire(io::Error),
+    #[error("XFRM notifications: {0}")]
+    Watch(io::Error),
     #[error(transparent)]
     Xfrm(#[from] XfrmError),
 }
@@ -68,8 +69,19 @@ pub struct Engine {
     xfrm: Xfrm,
     /// The hello sockets: IPv4, and IPv6 where the host has it.
     sockets: Vec<UdpSocket>,
-    /// SA expiry notices: when to look for SAs to re-key.
-    expire: ExpireWatch,
+    /// The kernel's XFRM notifications: expiries (when to re-key) and other programs'
+    /// changes (when to read the kernel again).
+    watch: XfrmWatch,
+    /// The kernel holds what the last apply left, as far as its notifications tell:
+    /// nothing expired, nobody else changed an SA or a policy, none was lost. While it
+    /// does, an apply whose plan is the one applied last reads nothing from the kernel.
+    in_sync: bool,
+    /// A fingerprint of the plan (policies and states, keys included) the last apply
+    /// made the kernel hold; keyed per process, so it says nothing about the keys.
+    applied: Option<u64>,
+    fingerprint_key: std::collections::hash_map::RandomState,
+    /// Dumps of the kernel's policies and states sent since the start.
+    pub dumps: u64,
     /// Every peer's hello keys, derived once per configuration.
     hello_keys: drops::HelloKeys,
     /// A socket still had datagrams when its read budget ran out: read on at once, after
@@ -83,7 +95,10 @@ pub struct Engine {
     next_hello: BTreeMap<String, Instant>,
     /// Old key slots to delete at a time (key rotation).
     retire: BTreeMap<String, (Instant, Vec<Slot>)>,
-    next_rescan: Instant,
+    /// The next full read of the kernel regardless of notifications (`resync_interval`),
+    /// and the next read of the SA counters.
+    next_resync: Instant,
+    next_counters: Instant,
     /// Our SAs this process has seen in the kernel, deleted ones included: an SA that
     /// vanishes, or that the hello exchange would bring back, is re-keyed under a new SPI,
     /// never installed again under one it used (same key, sequence numbers from 1).
@@ -184,13 +199,17 @@ impl Engine {
         let boot = read_boot(cfg)?;
         let xfrm = Xfrm::open()?;
         let sockets = bind(cfg.settings.ipsec.hello_port)?;
-        let expire = ExpireWatch::open().map_err(Error::Expire)?;
+        let watch = XfrmWatch::open(xfrm.port()).map_err(Error::Watch)?;
         let ledger_path = cfg.settings.state_dir.join(LEDGER_FILE);
         let mut e = Engine {
             boot,
             xfrm,
             sockets,
-            expire,
+            watch,
+            in_sync: false,
+            applied: None,
+            fingerprint_key: std::collections::hash_map::RandomState::new(),
+            dumps: 0,
             hello_keys: drops::HelloKeys::default(),
             backlog: false,
             last_hello: BTreeMap::new(),
@@ -198,7 +217,8 @@ impl Engine {
             peers: BTreeMap::new(),
             next_hello: BTreeMap::new(),
             retire: BTreeMap::new(),
-            next_rescan: Instant::now() + RESCAN,
+            next_resync: Instant::now() + cfg.settings.ipsec.resync_interval,
+            next_counters: Instant::now() + COUNTERS_EVERY,
             installed: BTreeSet::new(),
             // Opened below, once the adopted SAs are known.
             ledger: SpiLedger::unopened(),
@@ -267,6 +287,7 @@ impl Engine {
     /// keeps the kernel's SAs and their sequence numbers).
     fn adopt(&mut self, cfg: &Config) -> Result<usize, Error> {
         let mut n = 0;
+        self.dumps += 1;
         for d in self.xfrm.dump_states()?.into_iter().filter(|d| d.is_ours()) {
             let Some((peer, slot, outbound)) = plan::slot_of(cfg, &d.id()) else {
                 continue;
@@ -334,8 +355,66 @@ impl Engine {
         }
     }
 
-    /// Make the kernel match the plan. Returns the number of objects changed.
+    /// Make the kernel match the plan. Returns the number of objects changed. While the
+    /// kernel is in sync (see the field) and the plan is the one applied last, nothing
+    /// is read from the kernel: an idle daemon's passes cost a plan, not two dumps.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
+        if self.in_sync {
+            let print = self.fingerprint(
+                &plan::policies(cfg),
+                &plan::states(cfg, &self.boot, &self.peers),
+            );
+            if self.applied == Some(print) {
+                self.note_rotations(cfg);
+                return Ok(0);
+            }
+        }
+        // Out of sync until this pass has made the kernel match.
+        self.in_sync = false;
+        let r = self.apply_read(cfg);
+        if r.is_err() {
+            self.applied = None;
+        }
+        r
+    }
+
+    fn fingerprint(
+        &self,
+        policies: &[crate::objects::xfrm::XfrmPolicy],
+        states: &plan::DesiredStates,
+    ) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.fingerprint_key.build_hasher();
+        policies.hash(&mut h);
+        states.hash(&mut h);
+        h.finish()
+    }
+
+    /// The kernel's SA counters, for status and metrics; SAs past their soft limit
+    /// whose notice was lost make the next pass a full one.
+    fn read_counters(&mut self, cfg: &Config) -> Result<(), Error> {
+        self.dumps += 1;
+        let ks = self.xfrm.dump_states()?;
+        self.note_counters(cfg, &ks);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if !plan::due_for_rekey(cfg, &self.peers, &ks, now).is_empty() {
+            self.in_sync = false;
+        }
+        Ok(())
+    }
+
+    fn note_counters(&mut self, cfg: &Config, ks: &[crate::objects::xfrm::DumpedState]) {
+        self.traffic = plan::traffic(cfg, ks.iter().filter(|s| s.is_ours()));
+        let ours = ks.iter().filter(|s| s.is_ours());
+        let max_seq = ours.clone().map(|s| s.counters.oseq).max();
+        self.sa_summary = (ours.count() as u64, max_seq.unwrap_or(0));
+    }
+
+    /// The full pass: read the kernel, re-key what is due, diff, apply.
+    fn apply_read(&mut self, cfg: &Config) -> Result<usize, Error> {
+        self.dumps += 2;
         let kp = self.xfrm.dump_policies()?;
         let ks = self.xfrm.dump_states()?;
         self.rekey_due(cfg, &ks);
@@ -343,13 +422,7 @@ impl Engine {
         let states = plan::states(cfg, &self.boot, &self.peers);
         let in_kernel: BTreeSet<StateId> =
             ks.iter().filter(|s| s.is_ours()).map(|s| s.id()).collect();
-        self.traffic = plan::traffic(cfg, ks.iter().filter(|s| s.is_ours()));
-        let max_seq = ks
-            .iter()
-            .filter(|s| s.is_ours())
-            .map(|s| s.counters.oseq)
-            .max();
-        self.sa_summary = (in_kernel.len() as u64, max_seq.unwrap_or(0));
+        self.note_counters(cfg, &ks);
         self.installed.extend(in_kernel.iter().copied());
         self.note_rotations(cfg);
         let ops = reconcile::diff(&policies, &states, &kp, &ks, &self.installed);
@@ -360,13 +433,20 @@ impl Engine {
             self.installed
                 .retain(|id| states.contains_key(id) || in_kernel.contains(id));
         }
+        let print = self.fingerprint(&policies, &states);
         if ops.is_empty() {
+            self.applied = Some(print);
+            self.in_sync = true;
             return Ok(0);
         }
         // Remembered before they are sent: an SA whose add failed half-way is re-keyed
         // under a new SPI, never re-sent under this one.
         self.installed.extend(ops.add_states.iter().map(|s| s.id()));
         apply::apply(&mut self.xfrm, &ops)?;
+        // What a gap changed (a re-key under a new SPI) is a new plan: the next pass
+        // applies it, reading the kernel again.
+        self.applied = Some(print);
+        self.in_sync = true;
         debug!(
             "xfrm: +{} ~{} -{} policies, +{} ~{} -{} states",
             ops.add_policies.len(),
@@ -437,7 +517,7 @@ impl Engine {
             .chain(drained)
             .chain(self.backlog.then(Instant::now))
             .chain(self.drop_report_at)
-            .chain(std::iter::once(self.next_rescan))
+            .chain([self.next_resync, self.next_counters])
             .min()
     }
 
@@ -491,15 +571,19 @@ impl Engine {
 
     /// Read every pending datagram. Returns whether the plan may have changed.
     pub fn on_readable(&mut self, cfg: &Config) -> bool {
-        let (soft, hard, lost) = self.expire.drain();
-        if soft + hard > 0 || lost {
+        let ev = self.watch.drain();
+        if ev.any() {
             debug!(
-                "xfrm: {soft} soft and {hard} hard SA expiries{}",
-                if lost { ", some lost" } else { "" }
+                "xfrm: {} soft and {} hard SA expiries, {} changes by other programs{}",
+                ev.soft,
+                ev.hard,
+                ev.foreign,
+                if ev.lost { ", some notices lost" } else { "" }
             );
+            self.in_sync = false;
         }
         // The reconcile the caller runs re-keys what is due and notices what is gone.
-        let mut changed = soft + hard > 0 || lost;
+        let mut changed = ev.any();
         let mut buf = [0u8; hello::MAX_LEN + 1];
         self.backlog = false;
         for i in 0..self.sockets.len() {
@@ -721,11 +805,21 @@ impl Engine {
         if backlog {
             changed |= self.on_readable(cfg);
         }
-        if changed || now >= self.next_rescan {
-            self.next_rescan = now + RESCAN;
-            if let Err(e) = self.apply(cfg) {
-                error!("reconcile: {e}");
+        if now >= self.next_resync {
+            // The safety net under the notifications: read everything now and then.
+            self.next_resync = now + cfg.settings.ipsec.resync_interval;
+            self.in_sync = false;
+            changed = true;
+        }
+        if now >= self.next_counters {
+            self.next_counters = now + COUNTERS_EVERY;
+            if let Err(e) = self.read_counters(cfg) {
+                error!("reading the SA counters: {e}");
             }
+            changed |= !self.in_sync;
+        }
+        if changed && let Err(e) = self.apply(cfg) {
+            error!("reconcile: {e}");
         }
         Ok(())
     }
@@ -806,7 +900,7 @@ impl Engine {
         self.sockets
             .iter()
             .map(AsRawFd::as_raw_fd)
-            .chain(std::iter::once(self.expire.as_raw_fd()))
+            .chain(std::iter::once(self.watch.as_raw_fd()))
             .collect()
     }
 }

@@ -188,6 +188,9 @@ pub struct NetlinkStats {
 pub struct NetlinkSocket<P: Protocol> {
     sock: Socket,
     protocol: isize,
+    /// The kernel-assigned port, stamped in every request's header: the kernel copies
+    /// it into the notifications a change causes, which tells ours from other programs'.
+    port: u32,
     seq: u32,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
@@ -226,7 +229,7 @@ impl<P: Protocol> NetlinkSocket<P> {
         let protocol = P::NUMBER;
         let err = |source| NetlinkError::Open { protocol, source };
         let mut sock = Socket::new(protocol).map_err(err)?;
-        sock.bind_auto().map_err(err)?;
+        let port = sock.bind_auto().map_err(err)?.port_number();
         sock.connect(&SocketAddr::new(0, 0)).map_err(err)?;
         // Best effort: old kernels lack these; errors then simply carry less detail.
         let _ = sock.set_ext_ack(true);
@@ -256,6 +259,7 @@ impl<P: Protocol> NetlinkSocket<P> {
         Ok(NetlinkSocket {
             sock,
             protocol,
+            port,
             seq: 0,
             send_buf: Vec::with_capacity(MAX_BATCH_BYTES),
             recv_buf: vec![0; RECV_BUF_LEN],
@@ -266,6 +270,11 @@ impl<P: Protocol> NetlinkSocket<P> {
 
     pub fn protocol(&self) -> isize {
         self.protocol
+    }
+
+    /// The socket's netlink port (see the field).
+    pub fn port(&self) -> u32 {
+        self.port
     }
 
     pub fn stats(&self) -> NetlinkStats {
@@ -311,7 +320,7 @@ impl<P: Protocol> NetlinkSocket<P> {
                     &mut self.send_buf,
                     &requests[end],
                     NLM_F_REQUEST | flags,
-                    seq,
+                    (seq, self.port),
                 );
                 end += 1;
             }
@@ -386,7 +395,12 @@ impl<P: Protocol> NetlinkSocket<P> {
     ) -> Result<Option<Vec<P::Message>>, NetlinkError> {
         self.send_buf.clear();
         let seq = self.next_seq();
-        push_message(&mut self.send_buf, request, NLM_F_REQUEST | NLM_F_DUMP, seq);
+        push_message(
+            &mut self.send_buf,
+            request,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            (seq, self.port),
+        );
         let sent = self.send_chunk(what, 1);
         self.send_buf.zeroize();
         sent?;
@@ -547,13 +561,19 @@ fn align4(n: usize) -> usize {
 }
 
 /// Append header + payload of one message (padded to 4 bytes) to `buf`.
-fn push_message<M: NetlinkSerializable>(buf: &mut Vec<u8>, msg: &M, flags: u16, seq: u32) {
+fn push_message<M: NetlinkSerializable>(
+    buf: &mut Vec<u8>,
+    msg: &M,
+    flags: u16,
+    (seq, port): (u32, u32),
+) {
     let len = HDR_LEN + msg.buffer_len();
     let mut header = NetlinkHeader::default();
     header.length = len as u32;
     header.message_type = msg.message_type();
     header.flags = flags;
     header.sequence_number = seq;
+    header.port_number = port;
     let at = buf.len();
     buf.resize(at + align4(len), 0);
     header.emit(&mut buf[at..at + HDR_LEN]);

@@ -67,29 +67,54 @@ pub fn bypass_socket(fd: std::os::fd::RawFd, v6: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The kernel's SA expiry notices (`XFRMNLGRP_EXPIRE`): a soft limit reached (time to
-/// re-key) or a hard one (the SA is gone). Only a wake-up: what to do is read from a
-/// dump, which also covers notices lost to a full socket buffer (`ENOBUFS`).
-pub struct ExpireWatch {
-    sock: netlink_sys::Socket,
+/// What the kernel told about its XFRM objects since the last drain.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct XfrmEvents {
+    /// SA soft limits reached: time to re-key.
+    pub soft: usize,
+    /// SA hard limits reached: the kernel deleted the SA.
+    pub hard: usize,
+    /// SAs or policies added, changed, deleted or flushed by another program (or
+    /// another socket of ours): what the daemon last applied may no longer be there.
+    pub foreign: usize,
+    /// Notices lost to a full socket buffer (`ENOBUFS`), or one that did not parse.
+    pub lost: bool,
 }
 
-impl ExpireWatch {
-    pub fn open() -> std::io::Result<ExpireWatch> {
+impl XfrmEvents {
+    /// Whether the kernel's XFRM objects must be read again.
+    pub fn any(&self) -> bool {
+        self.soft + self.hard + self.foreign > 0 || self.lost
+    }
+}
+
+/// The kernel's XFRM notifications: SA expiry (`XFRMNLGRP_EXPIRE`, a soft limit reached
+/// or a hard one) and every change of an SA or a policy (`XFRMNLGRP_SA`,
+/// `XFRMNLGRP_POLICY`). The daemon learns from them when to read the kernel again, so an
+/// idle daemon does not have to. Only a wake-up: what changed is read from a dump, which
+/// also covers notices lost to a full socket buffer (`ENOBUFS`). Changes made through the
+/// socket whose port is `ours` carry that port (the kernel copies the request header's
+/// `nlmsg_pid`) and are not foreign.
+pub struct XfrmWatch {
+    sock: netlink_sys::Socket,
+    ours: u32,
+}
+
+impl XfrmWatch {
+    pub fn open(ours: u32) -> std::io::Result<XfrmWatch> {
         let mut sock = netlink_sys::Socket::new(super::netlink::NETLINK_XFRM)?;
-        sock.bind(&netlink_sys::SocketAddr::new(
-            0,
-            1 << (nx::XFRMNLGRP_EXPIRE - 1),
-        ))?;
+        let groups = [nx::XFRMNLGRP_EXPIRE, nx::XFRMNLGRP_SA, nx::XFRMNLGRP_POLICY]
+            .iter()
+            .fold(0u32, |m, g| m | 1 << (g - 1));
+        sock.bind(&netlink_sys::SocketAddr::new(0, groups))?;
         sock.set_non_blocking(true)?;
-        Ok(ExpireWatch { sock })
+        Ok(XfrmWatch { sock, ours })
     }
 
-    /// Read every pending notice. Returns how many were soft and hard, and whether some
-    /// were lost (the caller then looks at every SA).
-    pub fn drain(&mut self) -> (usize, usize, bool) {
-        let mut buf = [0u8; 8192];
-        let (mut soft, mut hard, mut lost) = (0, 0, false);
+    /// Read every pending notification.
+    pub fn drain(&mut self) -> XfrmEvents {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut ev = XfrmEvents::default();
         loop {
             // SAFETY: recv into a buffer of the length given, on our own socket.
             let n = unsafe {
@@ -103,37 +128,55 @@ impl ExpireWatch {
             if n < 0 {
                 match std::io::Error::last_os_error().raw_os_error() {
                     Some(libc::ENOBUFS) => {
-                        lost = true;
+                        ev.lost = true;
                         continue;
                     }
                     Some(libc::EINTR) => continue,
                     _ => break,
                 }
             }
-            let mut at = &buf[..n as usize];
-            // Walk the messages: type XFRM_MSG_EXPIRE, payload xfrm_user_expire
-            // (xfrm_usersa_info, then the `hard` byte).
-            while at.len() >= 16 {
-                let len = u32::from_ne_bytes(at[0..4].try_into().expect("4 bytes")) as usize;
-                let ty = u16::from_ne_bytes(at[4..6].try_into().expect("2 bytes"));
-                if len < 16 || len > at.len() {
-                    break;
-                }
-                if ty == nx::XFRM_MSG_EXPIRE {
-                    match nx::UserExpire::parse(&at[16..len]) {
-                        Ok(e) if e.hard != 0 => hard += 1,
-                        Ok(_) => soft += 1,
-                        Err(_) => lost = true,
-                    }
-                }
-                at = at.get(len.next_multiple_of(4)..).unwrap_or(&[]);
-            }
+            tally(&buf[..n as usize], self.ours, &mut ev);
         }
-        (soft, hard, lost)
+        ev
     }
 }
 
-impl std::os::fd::AsRawFd for ExpireWatch {
+/// Count the notifications of one datagram into `ev`.
+fn tally(mut at: &[u8], ours: u32, ev: &mut XfrmEvents) {
+    while at.len() >= 16 {
+        let len = u32::from_ne_bytes(at[0..4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes(at[4..6].try_into().expect("2 bytes"));
+        let pid = u32::from_ne_bytes(at[12..16].try_into().expect("4 bytes"));
+        if len < 16 || len > at.len() {
+            ev.lost = true;
+            break;
+        }
+        match ty {
+            // payload xfrm_user_expire: xfrm_usersa_info, then the `hard` byte
+            nx::XFRM_MSG_EXPIRE => match nx::UserExpire::parse(&at[16..len]) {
+                Ok(e) if e.hard != 0 => ev.hard += 1,
+                Ok(_) => ev.soft += 1,
+                Err(_) => ev.lost = true,
+            },
+            nx::XFRM_MSG_NEWSA
+            | nx::XFRM_MSG_DELSA
+            | nx::XFRM_MSG_UPDSA
+            | nx::XFRM_MSG_FLUSHSA
+            | nx::XFRM_MSG_NEWPOLICY
+            | nx::XFRM_MSG_DELPOLICY
+            | nx::XFRM_MSG_UPDPOLICY
+            | nx::XFRM_MSG_FLUSHPOLICY
+                if pid != ours =>
+            {
+                ev.foreign += 1
+            }
+            _ => {}
+        }
+        at = at.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+    }
+}
+
+impl std::os::fd::AsRawFd for XfrmWatch {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.sock)
     }
@@ -363,6 +406,12 @@ impl Xfrm {
             source,
         })?;
         Ok(Xfrm { sock })
+    }
+
+    /// The command socket's netlink port, which the notifications of its changes carry
+    /// (see [`XfrmWatch`]).
+    pub fn port(&self) -> u32 {
+        self.sock.port()
     }
 
     /// Messages / `sendmsg` / `recv` counts of the socket.
@@ -617,6 +666,51 @@ mod tests {
     use zeroize::Zeroizing;
 
     use super::*;
+
+    fn notice(ty: u16, pid: u32, payload: &[u8]) -> Vec<u8> {
+        let len = 16 + payload.len();
+        let mut m = Vec::new();
+        m.extend((len as u32).to_ne_bytes());
+        m.extend(ty.to_ne_bytes());
+        m.extend(0u16.to_ne_bytes());
+        m.extend(7u32.to_ne_bytes());
+        m.extend(pid.to_ne_bytes());
+        m.extend(payload);
+        m.resize(len.next_multiple_of(4), 0);
+        m
+    }
+
+    #[test]
+    fn only_other_programs_changes_are_foreign() {
+        const OURS: u32 = 4242;
+        let count = |bytes: &[u8]| {
+            let mut ev = XfrmEvents::default();
+            tally(bytes, OURS, &mut ev);
+            ev
+        };
+        let ours = [
+            notice(nx::XFRM_MSG_NEWSA, OURS, &[0; 224]),
+            notice(nx::XFRM_MSG_DELPOLICY, OURS, &[0; 64]),
+        ]
+        .concat();
+        assert_eq!(count(&ours), XfrmEvents::default());
+        assert!(!count(&ours).any(), "our own changes wake nothing");
+        // `ip xfrm state flush` (pid 0), another daemon's policy, a deleted SA
+        let theirs = [
+            notice(nx::XFRM_MSG_FLUSHSA, 0, &[50, 0, 0, 0]),
+            notice(nx::XFRM_MSG_NEWPOLICY, 77, &[0; 168]),
+            notice(nx::XFRM_MSG_DELSA, 0, &[0; 24]),
+            notice(nx::XFRM_MSG_NEWAE, 0, &[0; 24]),
+        ]
+        .concat();
+        let ev = count(&theirs);
+        assert_eq!((ev.foreign, ev.lost), (3, false), "{ev:?}");
+        assert!(ev.any());
+        // a cut message, an expiry that does not parse: lost, so the caller re-reads
+        let cut = &theirs[..40];
+        assert!(count(cut).lost);
+        assert!(count(&notice(nx::XFRM_MSG_EXPIRE, 0, &[1, 2, 3])).lost);
+    }
     use crate::net::Cidr;
 
     /// objects::xfrm states the kernel's limit as a number, without netlink.
