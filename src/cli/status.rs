@@ -152,7 +152,7 @@ pub struct Snapshot {
     #[serde(default)]
     pub sa_rekeys: u64,
     /// IPsec: dumps of the kernel's XFRM policies or states since the daemon started
-    /// (an idle daemon reads the counters every 30 s and everything every
+    /// (an idle daemon reads the counters every 60 s and everything every
     /// `resync_interval`; notifications say when to read more).
     #[serde(default)]
     pub xfrm_dumps: u64,

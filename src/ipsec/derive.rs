@@ -68,7 +68,7 @@ pub struct SaContext<'a> {
 }
 
 /// Key bytes for one SA, laid out as XFRM wants them for the entry's algorithm.
-#[derive(PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum SaKey {
     /// AES key followed by the 4-byte salt.
     Gcm {

@@ -36,7 +36,10 @@ const HELLO_SLOW: Duration = Duration::from_secs(10);
 const STALE_AFTER: Duration = Duration::from_secs(35);
 /// How often the byte and packet counters of our SAs are read (status, metrics), which
 /// also finds SAs past their soft limit whose expiry notice was lost.
-const COUNTERS_EVERY: Duration = Duration::from_secs(30);
+/// A minute: at 10,000 peers a dump of the SAs is 0.7 s of a TCG guest's CPU (see
+/// docs/benchmarks.md), so an idle daemon's reads stay under 1/20 of what the 5 s rescan
+/// cost.
+const COUNTERS_EVERY: Duration = Duration::from_secs(60);
 /// At most this many SA ids are remembered as used (see `Engine::installed`).
 const MAX_INSTALLED_MEMORY: usize = 1 << 16;
 /// Datagrams read per socket per wake-up: a flood waits its turn behind the timers
@@ -82,6 +85,8 @@ pub struct Engine {
     fingerprint_key: std::collections::hash_map::RandomState,
     /// Dumps of the kernel's policies and states sent since the start.
     pub dumps: u64,
+    /// The SA keys of the plan, each derived once (emptied by a new configuration).
+    pub key_cache: plan::KeyCache,
     /// Every peer's hello keys, derived once per configuration.
     hello_keys: drops::HelloKeys,
     /// A socket still had datagrams when its read budget ran out: read on at once, after
@@ -210,6 +215,7 @@ impl Engine {
             applied: None,
             fingerprint_key: std::collections::hash_map::RandomState::new(),
             dumps: 0,
+            key_cache: plan::KeyCache::default(),
             hello_keys: drops::HelloKeys::default(),
             backlog: false,
             last_hello: BTreeMap::new(),
@@ -360,10 +366,8 @@ impl Engine {
     /// is read from the kernel: an idle daemon's passes cost a plan, not two dumps.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
         if self.in_sync {
-            let print = self.fingerprint(
-                &plan::policies(cfg),
-                &plan::states(cfg, &self.boot, &self.peers),
-            );
+            let states = plan::states_cached(cfg, &self.boot, &self.peers, &mut self.key_cache);
+            let print = self.fingerprint(&plan::policies(cfg), &states);
             if self.applied == Some(print) {
                 self.note_rotations(cfg);
                 return Ok(0);
@@ -419,7 +423,7 @@ impl Engine {
         let ks = self.xfrm.dump_states()?;
         self.rekey_due(cfg, &ks);
         let policies = plan::policies(cfg);
-        let states = plan::states(cfg, &self.boot, &self.peers);
+        let states = plan::states_cached(cfg, &self.boot, &self.peers, &mut self.key_cache);
         let in_kernel: BTreeSet<StateId> =
             ks.iter().filter(|s| s.is_ours()).map(|s| s.id()).collect();
         self.note_counters(cfg, &ks);
@@ -826,6 +830,8 @@ impl Engine {
 
     /// A new configuration: new or removed peers, keys, policies.
     pub fn reconfigure(&mut self, cfg: &Config) -> Result<usize, Error> {
+        // The keys file or a node's name may have changed: derive every key again.
+        self.key_cache.clear();
         self.sync_peers(cfg);
         for p in self.next_hello.values_mut() {
             *p = Instant::now();

@@ -225,8 +225,46 @@ pub type DesiredStates = BTreeMap<StateId, Option<XfrmState>>;
 /// The boot ID of an adopted SA's peer until the peer's first fresh hello tells it.
 const UNKNOWN_BOOT: BootId = [0; 16];
 
-/// SAs for every peer's agreed slots.
+/// SA keys already derived, by what each is derived from besides the configuration: the
+/// SA (addresses, SPI), its key-id and both boot IDs. The node names and the PSKs are the
+/// configuration's: a new configuration starts an empty cache. A key not planned in a
+/// pass is dropped after it, so the cache holds the plan's keys and no others.
+#[derive(Default)]
+pub struct KeyCache {
+    keys: std::collections::HashMap<(StateId, u8, BootId, BootId), (SaKey, u64)>,
+    pass: u64,
+    /// Keys derived (HKDF) since the start, for the benchmarks.
+    pub derived: u64,
+}
+
+impl KeyCache {
+    pub fn clear(&mut self) {
+        self.keys.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// SAs for every peer's agreed slots (keys derived afresh; see [`states_cached`]).
 pub fn states(cfg: &Config, boot: &BootId, peers: &BTreeMap<String, Peer>) -> DesiredStates {
+    states_cached(cfg, boot, peers, &mut KeyCache::default())
+}
+
+/// SAs for every peer's agreed slots, each key derived once and then taken from `cache`.
+pub fn states_cached(
+    cfg: &Config,
+    boot: &BootId,
+    peers: &BTreeMap<String, Peer>,
+    cache: &mut KeyCache,
+) -> DesiredStates {
+    cache.pass += 1;
+    let pass = cache.pass;
     let me = cfg.me();
     let mut out = DesiredStates::new();
     for peer_node in cfg.inventory.peers(&me.name) {
@@ -268,18 +306,24 @@ pub fn states(cfg: &Config, boot: &BootId, peers: &BTreeMap<String, Peer>) -> De
                     .and_then(|k| k.get(key_id))
                     .filter(|_| peer_boot != UNKNOWN_BOOT);
                 let state = entry.map(|e| {
-                    let key = sa_key(
-                        e,
-                        &SaContext {
-                            sender,
-                            receiver,
-                            src,
-                            dst,
-                            sender_boot: sb,
-                            receiver_boot: rb,
-                            spi,
-                        },
-                    );
+                    let slot = cache.keys.entry((id, e.id, *sb, *rb)).or_insert_with(|| {
+                        cache.derived += 1;
+                        let key = sa_key(
+                            e,
+                            &SaContext {
+                                sender,
+                                receiver,
+                                src,
+                                dst,
+                                sender_boot: sb,
+                                receiver_boot: rb,
+                                spi,
+                            },
+                        );
+                        (key, pass)
+                    });
+                    slot.1 = pass;
+                    let key = slot.0.clone();
                     let mut s = XfrmState::tunnel(src, dst, spi, REQID, algorithm(key));
                     s.replay_window = cfg.settings.ipsec.replay_window;
                     s.lifetime = lifetime(&cfg.settings.ipsec, spi);
@@ -289,6 +333,7 @@ pub fn states(cfg: &Config, boot: &BootId, peers: &BTreeMap<String, Peer>) -> De
             }
         }
     }
+    cache.keys.retain(|_, (_, used)| *used == pass);
     out
 }
 
@@ -554,9 +599,8 @@ pub(crate) mod tests {
         assert_eq!(ids.len(), p.len(), "no duplicate policy");
     }
 
-    #[test]
-    fn states_follow_the_peers_slots_with_per_direction_keys() {
-        let cfg = mesh();
+    /// Peer b of `mesh()` with one agreed slot, key-id 1, IPv4.
+    fn agreed_peers() -> BTreeMap<String, Peer> {
         let mut peers = BTreeMap::new();
         let mut b = Peer::new("b", [1; 16]);
         b.inbound.insert(
@@ -576,6 +620,13 @@ pub(crate) mod tests {
             },
         );
         peers.insert("b".to_string(), b);
+        peers
+    }
+
+    #[test]
+    fn states_follow_the_peers_slots_with_per_direction_keys() {
+        let cfg = mesh();
+        let peers = agreed_peers();
         let s = states(&cfg, &[1; 16], &peers);
         assert_eq!(s.len(), 2);
         let sas: Vec<&XfrmState> = s.values().map(|v| v.as_ref().unwrap()).collect();
@@ -645,6 +696,36 @@ pub(crate) mod tests {
             })
             .collect();
         assert!(softs.len() > 150, "not spread: {} distinct", softs.len());
+    }
+
+    #[test]
+    fn keys_are_derived_once_and_the_cache_holds_only_the_plans() {
+        let cfg = mesh();
+        let mut peers = agreed_peers();
+        let mut cache = KeyCache::default();
+        let first = states_cached(&cfg, &[1; 16], &peers, &mut cache);
+        let n = first.values().filter(|s| s.is_some()).count() as u64;
+        assert!(n > 0);
+        assert_eq!(cache.derived, n);
+        assert_eq!(
+            first,
+            states(&cfg, &[1; 16], &peers),
+            "the same keys as derived afresh"
+        );
+        assert_eq!(states_cached(&cfg, &[1; 16], &peers, &mut cache), first);
+        assert_eq!(cache.derived, n, "nothing derived again");
+        // A new SPI for one slot: one key derived, the old one dropped.
+        let p = peers.values_mut().next().unwrap();
+        let sa = p.inbound.values_mut().next().unwrap();
+        sa.spi += 0x10;
+        let moved = states_cached(&cfg, &[1; 16], &peers, &mut cache);
+        assert_eq!(cache.derived, n + 1);
+        assert_eq!(cache.len() as u64, n);
+        assert_eq!(moved, states(&cfg, &[1; 16], &peers));
+        // Our reboot: every key is new.
+        let rebooted = states_cached(&cfg, &[2; 16], &peers, &mut cache);
+        assert_eq!(cache.derived, 2 * n + 1);
+        assert_eq!(rebooted, states(&cfg, &[2; 16], &peers));
     }
 
     #[test]
