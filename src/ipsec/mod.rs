@@ -29,17 +29,24 @@ use crate::config::Config;
 use crate::kernel::xfrm::{Xfrm, XfrmError, XfrmWatch};
 use crate::objects::xfrm::StateId;
 
-/// Hello interval while a peer is not up, and once it is.
+/// Hello interval while a pair is not settled (not up, stale, or an SA draining), and the
+/// keepalive of a settled one. What changes (a boot, a rotation, an offer, a lost SA) is
+/// sent at once whatever the interval; the keepalive only says "still here", so it is
+/// slow: at 10,000 peers, 100 s is 200 datagrams a second each way (one per family).
+/// Spread ±10% by peer, so that a fleet started together does not send together.
 const HELLO_FAST: Duration = Duration::from_secs(1);
-const HELLO_SLOW: Duration = Duration::from_secs(10);
-/// A peer that was up and has been silent this long is `stale` (its SAs stay).
-const STALE_AFTER: Duration = Duration::from_secs(35);
+const HELLO_SLOW: Duration = Duration::from_secs(100);
+/// A peer that was up and has been silent this long, its SAs' receive counters still,
+/// is `stale` (its SAs stay): two keepalives and a half.
+const STALE_AFTER: Duration = Duration::from_secs(250);
 /// How often the byte and packet counters of our SAs are read (status, metrics), which
 /// also finds SAs past their soft limit whose expiry notice was lost.
 /// A minute: at 10,000 peers a dump of the SAs is 0.7 s of a TCG guest's CPU (see
 /// docs/benchmarks.md), so an idle daemon's reads stay under 1/20 of what the 5 s rescan
 /// cost.
 const COUNTERS_EVERY: Duration = Duration::from_secs(60);
+/// ... and this soon after an apply changed SAs (status and metrics count them).
+const COUNTERS_AFTER_CHANGE: Duration = Duration::from_secs(1);
 /// At most this many SA ids are remembered as used (see `Engine::installed`).
 const MAX_INSTALLED_MEMORY: usize = 1 << 16;
 /// Datagrams read per socket per wake-up: a flood waits its turn behind the timers
@@ -94,6 +101,13 @@ pub struct Engine {
     backlog: bool,
     /// When the last hello went to each peer (answers are spaced by `MIN_ANSWER_GAP`).
     last_hello: BTreeMap<String, Instant>,
+    /// When the counters last showed bytes from each peer (it is alive: no need to hear
+    /// its keepalive), and bytes to it (it sees us: no need to send ours).
+    rx_moved: BTreeMap<String, Instant>,
+    tx_moved: BTreeMap<String, Instant>,
+    /// The keepalive each settled peer's next hello was scheduled as: a hello brought
+    /// forward since (an answer, a change) is no keepalive and is always sent.
+    keepalive_at: BTreeMap<String, Instant>,
     /// SAs re-keyed at their soft limit since the start.
     pub rekeys: u64,
     pub peers: BTreeMap<String, Peer>,
@@ -219,6 +233,9 @@ impl Engine {
             hello_keys: drops::HelloKeys::default(),
             backlog: false,
             last_hello: BTreeMap::new(),
+            rx_moved: BTreeMap::new(),
+            tx_moved: BTreeMap::new(),
+            keepalive_at: BTreeMap::new(),
             rekeys: 0,
             peers: BTreeMap::new(),
             next_hello: BTreeMap::new(),
@@ -278,6 +295,9 @@ impl Engine {
         self.hello_keys = drops::HelloKeys::new(cfg);
         self.peers.retain(|n, _| names.contains(n));
         self.last_hello.retain(|n, _| names.contains(n));
+        self.rx_moved.retain(|n, _| names.contains(n));
+        self.tx_moved.retain(|n, _| names.contains(n));
+        self.keepalive_at.retain(|n, _| names.contains(n));
         self.next_hello.retain(|n, _| names.contains(n));
         self.retire.retain(|n, _| names.contains(n));
         let now = Instant::now();
@@ -410,7 +430,23 @@ impl Engine {
     }
 
     fn note_counters(&mut self, cfg: &Config, ks: &[crate::objects::xfrm::DumpedState]) {
-        self.traffic = plan::traffic(cfg, ks.iter().filter(|s| s.is_ours()));
+        let traffic = plan::traffic(cfg, ks.iter().filter(|s| s.is_ours()));
+        let now = Instant::now();
+        for (peer, (rx, tx)) in &traffic {
+            // Grown, not just changed: a re-keyed SA starts again from 0.
+            let (rx0, tx0) = self
+                .traffic
+                .get(peer)
+                .copied()
+                .unwrap_or((u64::MAX, u64::MAX));
+            if *rx > rx0 {
+                self.rx_moved.insert(peer.clone(), now);
+            }
+            if *tx > tx0 {
+                self.tx_moved.insert(peer.clone(), now);
+            }
+        }
+        self.traffic = traffic;
         let ours = ks.iter().filter(|s| s.is_ours());
         let max_seq = ours.clone().map(|s| s.counters.oseq).max();
         self.sa_summary = (ours.count() as u64, max_seq.unwrap_or(0));
@@ -447,6 +483,10 @@ impl Engine {
         // under a new SPI, never re-sent under this one.
         self.installed.extend(ops.add_states.iter().map(|s| s.id()));
         apply::apply(&mut self.xfrm, &ops)?;
+        // The counters (SAs in use, bytes) as they are after this change, soon.
+        self.next_counters = self
+            .next_counters
+            .min(Instant::now() + COUNTERS_AFTER_CHANGE);
         // What a gap changed (a re-key under a new SPI) is a new plan: the next pass
         // applies it, reading the kernel again.
         self.applied = Some(print);
@@ -509,6 +549,16 @@ impl Engine {
             }
             self.next_hello.insert(peer, Instant::now());
         }
+    }
+
+    /// Up once, and nothing heard from it since `STALE_AFTER`: no fresh hello, no bytes.
+    fn is_stale(&self, name: &str, p: &Peer, now: Instant) -> bool {
+        let heard = p
+            .last_fresh
+            .into_iter()
+            .chain(self.rx_moved.get(name).copied())
+            .max();
+        heard.is_some_and(|t| now.duration_since(t) > STALE_AFTER)
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -769,18 +819,35 @@ impl Engine {
             .map(|(n, _)| n.clone())
             .collect();
         for peer in due {
-            self.send_hello(cfg, &peer);
             let fams = Self::families(cfg, &peer);
             let p = &self.peers[&peer];
             let up = p.is_up(&fams);
-            let stale = p
-                .last_fresh
-                .is_some_and(|t| now.duration_since(t) > STALE_AFTER);
+            let stale = self.is_stale(&peer, p, now);
+            let settled =
+                up && !stale && p.draining.is_empty() && !self.rotating_since.contains_key(&peer);
+            // Only a keepalive may be left out: when our traffic has reached the peer
+            // since our last hello, it sees us in its counters, as we see it in ours.
+            let is_keepalive =
+                self.keepalive_at.remove(&peer) == self.next_hello.get(&peer).copied();
+            let seen = settled
+                && is_keepalive
+                && self
+                    .tx_moved
+                    .get(&peer)
+                    .is_some_and(|t| self.last_hello.get(&peer).is_none_or(|h| t > h));
+            if !seen {
+                self.send_hello(cfg, &peer);
+            }
             if stale {
                 self.note_up(&peer, false);
             }
-            let every = if up && !stale { HELLO_SLOW } else { HELLO_FAST };
-            self.next_hello.insert(peer, now + every);
+            if settled {
+                let at = now + keepalive(&peer);
+                self.keepalive_at.insert(peer.clone(), at);
+                self.next_hello.insert(peer, at);
+            } else {
+                self.next_hello.insert(peer, now + HELLO_FAST);
+            }
         }
         if self.drop_report_at.is_some_and(|t| t <= now) {
             self.report_drops(now);
@@ -855,9 +922,7 @@ impl Engine {
             .iter()
             .map(|(name, p)| {
                 let fams = Self::families(cfg, name);
-                let stale = p
-                    .last_fresh
-                    .is_some_and(|t| now.duration_since(t) > STALE_AFTER);
+                let stale = self.is_stale(name, p, now);
                 let state = if stale {
                     "stale"
                 } else if p.is_up(&fams) {
@@ -908,5 +973,43 @@ impl Engine {
             .map(AsRawFd::as_raw_fd)
             .chain(std::iter::once(self.watch.as_raw_fd()))
             .collect()
+    }
+}
+
+/// The keepalive interval towards `peer`: `HELLO_SLOW`, spread ±10% by the peer's name.
+fn keepalive(peer: &str) -> Duration {
+    let h = peer.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let spread = HELLO_SLOW.as_millis() as u64 / 5;
+    HELLO_SLOW - HELLO_SLOW / 10 + Duration::from_millis(h % spread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalives_are_slow_and_spread_by_peer() {
+        let all: BTreeSet<Duration> = (0..1000).map(|i| keepalive(&format!("node-{i}"))).collect();
+        assert!(
+            all.len() > 900,
+            "not spread: {} distinct of 1000",
+            all.len()
+        );
+        for d in &all {
+            assert!(
+                (Duration::from_secs(90)..Duration::from_secs(110)).contains(d),
+                "{d:?}"
+            );
+        }
+        assert_eq!(keepalive("n1"), keepalive("n1"), "the same at every hello");
+        // The budget the interval is for: 10,000 peers, a datagram per family.
+        let per_sec = 10_000.0 * 2.0 / all.iter().min().unwrap().as_secs_f64();
+        assert!(per_sec <= 225.0, "{per_sec}");
+        assert!(
+            STALE_AFTER > 2 * HELLO_SLOW,
+            "one lost keepalive is not a stale peer"
+        );
     }
 }
