@@ -55,6 +55,8 @@ const READ_BUDGET: usize = 128;
 /// Answers to one peer at most this often: a flood of authentic but stale hellos
 /// (recorded and replayed) earns at most 50 answers a second, not one each.
 const MIN_ANSWER_GAP: Duration = Duration::from_millis(20);
+/// See `on_datagram`: the answers to a peer in a hurry while we think the pair settled.
+const HURRY_ANSWER_GAP: Duration = Duration::from_secs(2);
 /// The SPI ledger's file in `state_dir`.
 const LEDGER_FILE: &str = "spi-ledger";
 /// Dropped hellos are reported in one log line per burst: this long after the first
@@ -701,6 +703,7 @@ impl Engine {
             return false;
         };
         let ids = Self::key_ids_for(cfg, p);
+        let heard_before = p.last_fresh;
         let local = Local {
             boot: &self.boot,
             key_ids: &ids,
@@ -732,8 +735,17 @@ impl Engine {
         // Answer at once whenever the exchange is not settled, so a pair converges in a
         // few round trips instead of a few intervals.
         let up = p.is_up(&fams);
-        if outcome.wants_answer() || !up {
-            let now = Instant::now();
+        // A peer sending faster than keepalives is not settled, whatever we think of the
+        // pair: it waits for something of ours, which our next keepalive would carry only
+        // in 100 s. Answered too, at most every `HURRY_ANSWER_GAP`, and only when we sent
+        // nothing in that time, so that two such answers never chase each other.
+        let now = Instant::now();
+        let in_a_hurry = heard_before.is_some_and(|t| now.duration_since(t) < HELLO_SLOW / 2)
+            && self
+                .last_hello
+                .get(&sender)
+                .is_none_or(|t| now.duration_since(*t) >= HURRY_ANSWER_GAP);
+        if outcome.wants_answer() || !up || in_a_hurry {
             let at = self
                 .last_hello
                 .get(&sender)
