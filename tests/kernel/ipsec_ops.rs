@@ -814,6 +814,20 @@ fn rekey_at_the_soft_limit_loses_no_packet() -> Result<(), String> {
     )
 }
 
+/// Delete n0's inbound SA `spi` from n1 (IPv4) by hand, as another program would.
+fn delete_sa_from_n1(f: &Fleet, spi: &str) -> Result<(), String> {
+    f.topo
+        .exec(
+            0,
+            &format!(
+                "ip xfrm state delete src {} dst {} proto esp spi {spi}",
+                v4(1),
+                v4(0)
+            ),
+        )
+        .map(drop)
+}
+
 /// n0's snapshot (`run/status.json`) as the daemon next rewrites it, and when.
 fn next_snapshot(f: &Fleet, i: usize) -> Result<(Instant, serde_json::Value), String> {
     let path = f.dirs[i].join("run/status.json");
@@ -870,14 +884,7 @@ fn idle_reads_nothing_and_hears_other_programs() -> Result<(), String> {
     };
     let x = spi_of(&sas(&f, 0)?).ok_or("n0 has no SA from n1")?;
     let t0 = Instant::now();
-    f.topo.exec(
-        0,
-        &format!(
-            "ip xfrm state delete src {} dst {} proto esp spi {x}",
-            v4(1),
-            v4(0)
-        ),
-    )?;
+    delete_sa_from_n1(&f, &x)?;
     let rekeyed = wait_for(Duration::from_secs(20), || {
         sas_quick(&f, 0).is_ok_and(|all| spi_of(&all).is_some_and(|s| s != x))
     });
@@ -1299,14 +1306,7 @@ fn replay_from_an_earlier_instance() -> Result<(), String> {
     f.start(0)?;
     wait_log_after(f.daemon(0), from, "peer n1 up", Duration::from_secs(20))?;
     // ...and loses its inbound SA from n1 (IPv4): it offers n1 a new SPI for it.
-    f.topo.exec(
-        0,
-        &format!(
-            "ip xfrm state delete src {} dst {} proto esp spi {x}",
-            v4(1),
-            v4(0)
-        ),
-    )?;
+    delete_sa_from_n1(&f, &x)?;
     let t0 = Instant::now();
     let rekeyed = wait_for(Duration::from_secs(40), || {
         sas_quick(&f, 1).is_ok_and(|all| {
