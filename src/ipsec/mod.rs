@@ -387,17 +387,19 @@ impl Engine {
     /// kernel is in sync (see the field) and the plan is the one applied last, nothing
     /// is read from the kernel: an idle daemon's passes cost a plan, not two dumps.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
+        let mut planned = None;
         if self.in_sync {
+            let policies = plan::policies(cfg);
             let states = plan::states_cached(cfg, &self.boot, &self.peers, &mut self.key_cache);
-            let print = self.fingerprint(&plan::policies(cfg), &states);
-            if self.applied == Some(print) {
+            if self.applied == Some(self.fingerprint(&policies, &states)) {
                 self.note_rotations(cfg);
                 return Ok(0);
             }
+            planned = Some((policies, states));
         }
         // Out of sync until this pass has made the kernel match.
         self.in_sync = false;
-        let r = self.apply_read(cfg);
+        let r = self.apply_read(cfg, planned);
         if r.is_err() {
             self.applied = None;
         }
@@ -454,14 +456,25 @@ impl Engine {
         self.sa_summary = (ours.count() as u64, max_seq.unwrap_or(0));
     }
 
-    /// The full pass: read the kernel, re-key what is due, diff, apply.
-    fn apply_read(&mut self, cfg: &Config) -> Result<usize, Error> {
+    /// The full pass: read the kernel, re-key what is due, diff, apply. `planned`: the
+    /// plan the caller already made, still good unless a re-key changes it.
+    fn apply_read(
+        &mut self,
+        cfg: &Config,
+        planned: Option<(Vec<crate::objects::xfrm::XfrmPolicy>, plan::DesiredStates)>,
+    ) -> Result<usize, Error> {
         self.dumps += 2;
         let kp = self.xfrm.dump_policies()?;
         let ks = self.xfrm.dump_states()?;
+        let rekeys = self.rekeys;
         self.rekey_due(cfg, &ks);
-        let policies = plan::policies(cfg);
-        let states = plan::states_cached(cfg, &self.boot, &self.peers, &mut self.key_cache);
+        let (policies, states) = match planned {
+            Some(p) if self.rekeys == rekeys => p,
+            _ => (
+                plan::policies(cfg),
+                plan::states_cached(cfg, &self.boot, &self.peers, &mut self.key_cache),
+            ),
+        };
         let in_kernel: BTreeSet<StateId> =
             ks.iter().filter(|s| s.is_ours()).map(|s| s.id()).collect();
         self.note_counters(cfg, &ks);

@@ -98,6 +98,8 @@ impl XfrmEvents {
 pub struct XfrmWatch {
     sock: netlink_sys::Socket,
     ours: u32,
+    /// Kept: drained at every wake-up of the poll loop, hellos' too.
+    buf: Vec<u8>,
 }
 
 impl XfrmWatch {
@@ -108,20 +110,23 @@ impl XfrmWatch {
             .fold(0u32, |m, g| m | 1 << (g - 1));
         sock.bind(&netlink_sys::SocketAddr::new(0, groups))?;
         sock.set_non_blocking(true)?;
-        Ok(XfrmWatch { sock, ours })
+        Ok(XfrmWatch {
+            sock,
+            ours,
+            buf: vec![0u8; 64 * 1024],
+        })
     }
 
     /// Read every pending notification.
     pub fn drain(&mut self) -> XfrmEvents {
-        let mut buf = vec![0u8; 64 * 1024];
         let mut ev = XfrmEvents::default();
         loop {
             // SAFETY: recv into a buffer of the length given, on our own socket.
             let n = unsafe {
                 libc::recv(
                     std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
                     0,
                 )
             };
@@ -135,7 +140,7 @@ impl XfrmWatch {
                     _ => break,
                 }
             }
-            tally(&buf[..n as usize], self.ours, &mut ev);
+            tally(&self.buf[..n as usize], self.ours, &mut ev);
         }
         ev
     }
