@@ -614,14 +614,17 @@ impl Engine {
             key_ids: &ids,
             families: &fams,
         };
-        let h = p.hello(&me.name, &local, bits);
+        let hellos = p.hellos(&me.name, &local, bits);
         let Some(refs) = self.hello_keys.tx(peer) else {
             return;
         };
-        let bytes = h.encode(&refs);
         self.last_hello.insert(peer.to_string(), Instant::now());
-        for f in fams {
-            if let Some(ip) = plan::endpoint(node, f) {
+        for h in hellos {
+            let bytes = h.encode(&refs);
+            for f in &fams {
+                let Some(ip) = plan::endpoint(node, *f) else {
+                    continue;
+                };
                 let to = SocketAddr::new(ip, cfg.settings.ipsec.hello_port);
                 let sock = self
                     .sockets

@@ -15,6 +15,9 @@ pub type Slot = (Family, u8);
 /// Earlier nonces of a peer remembered at most (restarts of its daemon while ours runs).
 const MAX_RETIRED: usize = 32;
 
+/// Peer nonces whose stale hellos we remember the newest sequence number of, at most.
+const MAX_STALE_SEEN: usize = 8;
+
 /// An SA this node receives on: SPI chosen here, offered to the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InSa {
@@ -105,6 +108,19 @@ pub struct Peer {
     /// from before our nonce last changed would, as a stale hello, turn our echo back to
     /// an instance that is gone. Kept across our own nonce changes for that reason.
     pub retired: Vec<[u8; 16]>,
+    /// Our nonce when the peer's current instance (`seq_in`) last proved itself fresh.
+    /// While it is still our nonce, the pair is live and a stale hello under another
+    /// nonce does not turn our echo: it is as likely a replay of an instance we never
+    /// heard fresh as a new instance (the wire carries no order among a peer's nonces).
+    /// It earns one answer echoing it (`answer_to`) instead, which is all a new instance
+    /// needs to prove itself.
+    pub fresh_under: Option<[u8; 16]>,
+    /// (boot, nonce) the next hello echoes once, instead of `heard_*`.
+    pub answer_to: Option<(BootId, [u8; 16])>,
+    /// Newest sequence number of a stale hello under each of a few peer nonces: a stale
+    /// hello repeated (a replay, or the other family's copy) earns neither an answer nor
+    /// a turn of the echo.
+    pub stale_seen: Vec<([u8; 16], u64)>,
     pub inbound: BTreeMap<Slot, InSa>,
     pub outbound: BTreeMap<Slot, OutSa>,
     /// Inbound SAs replaced by a re-key (make-before-break), still installed.
@@ -142,6 +158,9 @@ impl Peer {
             seq_in: None,
             seq_by_family: [0; 2],
             retired: Vec::new(),
+            fresh_under: None,
+            answer_to: None,
+            stale_seen: Vec::new(),
             inbound: BTreeMap::new(),
             outbound: BTreeMap::new(),
             draining: Vec::new(),
@@ -204,12 +223,32 @@ impl Peer {
             out.replayed = true;
             return Some(out);
         }
-        self.heard_boot = h.boot;
-        self.heard_nonce = h.nonce;
         if h.echo_nonce != self.nonce || h.echo_boot != *local.boot {
+            match self.stale_seen.iter_mut().find(|(n, _)| *n == h.nonce) {
+                Some((_, s)) if h.seq < *s => out.replayed = true,
+                Some((_, s)) if h.seq == *s => out.duplicate = true,
+                Some((_, s)) => *s = h.seq,
+                None => {
+                    if self.stale_seen.len() == MAX_STALE_SEEN {
+                        self.stale_seen.remove(0);
+                    }
+                    self.stale_seen.push((h.nonce, h.seq));
+                }
+            }
+            if out.replayed || out.duplicate {
+                return Some(out);
+            }
+            if self.fresh_under != Some(self.nonce) {
+                self.heard_boot = h.boot;
+                self.heard_nonce = h.nonce;
+            } else if h.nonce != self.heard_nonce {
+                self.answer_to = Some((h.boot, h.nonce));
+            }
             out.stale = true;
             return Some(out);
         }
+        self.heard_boot = h.boot;
+        self.heard_nonce = h.nonce;
         if let Some((n, s)) = self.seq_in
             && n == h.nonce
             && h.seq <= s
@@ -246,6 +285,7 @@ impl Peer {
         self.seq_in = Some((h.nonce, h.seq));
         self.seq_by_family[family_index(family)] = h.seq;
         self.last_fresh = Some(now);
+        self.fresh_under = Some(self.nonce);
         None
     }
 
@@ -431,8 +471,29 @@ impl Peer {
         self.seq_out = 0;
     }
 
-    /// The next hello to this peer.
-    pub fn hello(&mut self, me: &str, local: &Local, key_bits: u16) -> Hello {
+    /// The next hellos to this peer: one, echoing what we heard from its current
+    /// instance, after the answer to a stale hello under another nonce if one is due (see
+    /// `fresh_under`). Both, so that a replay slipped in before our send cannot keep the
+    /// live instance from hearing us.
+    pub fn hellos(&mut self, me: &str, local: &Local, key_bits: u16) -> Vec<Hello> {
+        let answer = self
+            .answer_to
+            .take()
+            .filter(|(_, n)| *n != self.heard_nonce);
+        answer
+            .into_iter()
+            .chain([(self.heard_boot, self.heard_nonce)])
+            .map(|echo| self.hello_echoing(me, local, key_bits, echo))
+            .collect()
+    }
+
+    fn hello_echoing(
+        &mut self,
+        me: &str,
+        local: &Local,
+        key_bits: u16,
+        (echo_boot, echo_nonce): (BootId, [u8; 16]),
+    ) -> Hello {
         self.seq_out += 1;
         Hello {
             sender: me.to_string(),
@@ -440,8 +501,8 @@ impl Peer {
             boot: *local.boot,
             nonce: self.nonce,
             seq: self.seq_out,
-            echo_boot: self.heard_boot,
-            echo_nonce: self.heard_nonce,
+            echo_boot,
+            echo_nonce,
             key_ids: key_bits,
             offers: self
                 .inbound
@@ -450,7 +511,7 @@ impl Peer {
                     family,
                     key_id,
                     spi: sa.spi,
-                    bound: sa.bound == self.heard_nonce,
+                    bound: sa.bound == echo_nonce,
                 })
                 .collect(),
             outbound: self
@@ -487,6 +548,7 @@ mod tests {
     use super::*;
 
     /// Two nodes exchanging hellos in memory, with deterministic SPIs and nonces.
+    #[derive(Clone)]
     struct Node {
         name: &'static str,
         boot: BootId,
@@ -515,7 +577,7 @@ mod tests {
         fn bits(&self) -> u16 {
             self.keys.iter().fold(0, |b, k| b | 1 << k)
         }
-        fn send(&mut self) -> Hello {
+        fn send_all(&mut self) -> Vec<Hello> {
             let keys = self.keys.clone();
             let bits = self.bits();
             let local = Local {
@@ -523,7 +585,16 @@ mod tests {
                 key_ids: &keys,
                 families: FAM,
             };
-            self.peer.hello(self.name, &local, bits)
+            self.peer.hellos(self.name, &local, bits)
+        }
+        /// The hello that echoes the peer's current instance (the last one sent).
+        fn send(&mut self) -> Hello {
+            self.send_all().pop().expect("at least one hello")
+        }
+        fn deliver(&mut self, to: &mut Node) {
+            for h in self.send_all() {
+                to.recv(&h);
+            }
         }
         fn recv(&mut self, h: &Hello) -> Outcome {
             self.recv_over(h, Family::V4)
@@ -553,10 +624,8 @@ mod tests {
 
     fn exchange(a: &mut Node, b: &mut Node, rounds: usize) {
         for _ in 0..rounds {
-            let h = a.send();
-            b.recv(&h);
-            let h = b.send();
-            a.recv(&h);
+            a.deliver(b);
+            b.deliver(a);
         }
     }
 
@@ -877,6 +946,122 @@ mod tests {
         // And the pair still talks.
         exchange(&mut a, &mut b, 2);
         assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
+    }
+
+    /// b's daemon as a's previous daemon heard it: a restarted, adopting its SAs, and b's
+    /// daemon restarted after it. The hellos of b's first instance echo a nonce a no
+    /// longer has, and a never heard that instance fresh, so nothing marks them old.
+    fn instance_a_never_heard_fresh() -> (Node, Node, Vec<Hello>) {
+        let (mut a0, mut b) = pair();
+        exchange(&mut a0, &mut b, 3);
+        let tape: Vec<Hello> = (0..4)
+            .map(|_| {
+                let h = b.send();
+                a0.recv(&h);
+                h
+            })
+            .collect();
+        let adopt = |n: &mut Node, from: &Node| {
+            n.peer.inbound = from.peer.inbound.clone();
+            n.peer.outbound = from.peer.outbound.clone();
+            n.peer.boot = from.peer.boot;
+        };
+        let mut a = Node::new("a", "b", 1, 30);
+        adopt(&mut a, &a0);
+        let mut nb = Node::new("b", "a", 2, 31);
+        adopt(&mut nb, &b);
+        exchange(&mut a, &mut nb, 3);
+        assert!(a.peer.is_up(FAM) && nb.peer.is_up(FAM) && consistent(&a, &nb));
+        (a, nb, tape)
+    }
+
+    /// Replayed to a live pair, those hellos do not turn the echo, and each earns at
+    /// most one answer (which echoes it, and which the real peer ignores as stale). Fails
+    /// on the rule before `fresh_under`, where every stale hello turned the echo.
+    #[test]
+    fn hellos_of_an_instance_never_heard_fresh_do_not_turn_the_echo_of_a_live_pair() {
+        let (mut a, mut nb, tape) = instance_a_never_heard_fresh();
+        let settled_a = (
+            a.peer.heard_nonce,
+            a.peer.heard_boot,
+            a.peer.outbound.clone(),
+        );
+        let mut answers = 0;
+        for i in (0..tape.len()).chain((0..tape.len()).rev()) {
+            let o = a.recv(&tape[i]);
+            assert!(!o.sas_changed, "replay {i}: {o:?}");
+            answers += usize::from(o.wants_answer());
+            assert_eq!(
+                (
+                    a.peer.heard_nonce,
+                    a.peer.heard_boot,
+                    a.peer.outbound.clone()
+                ),
+                settled_a,
+                "replay {i} turned the echo"
+            );
+            // a's answer echoes the replayed instance, and b, live, ignores it; the
+            // hello after it is an ordinary one.
+            let sent = a.send_all();
+            assert_eq!(sent.len(), 1 + usize::from(o.wants_answer()));
+            if o.wants_answer() {
+                let before = settled(&nb.peer);
+                let o = nb.recv(&sent[0]);
+                assert!(o.stale && !o.sas_changed, "{o:?}");
+                assert_eq!(settled(&nb.peer), before);
+            }
+            let o = nb.recv(sent.last().unwrap());
+            assert!(!o.stale && !o.replayed && !o.sas_changed, "{o:?}");
+        }
+        assert!(
+            answers <= tape.len(),
+            "{answers} answers to {} hellos",
+            tape.len()
+        );
+        exchange(&mut a, &mut nb, 2);
+        assert!(a.peer.is_up(FAM) && nb.peer.is_up(FAM) && consistent(&a, &nb));
+        assert_eq!(a.peer.heard_nonce, nb.peer.nonce);
+    }
+
+    /// Right after a's own nonce changed (a lost SA), nothing proves the peer's instance
+    /// fresh under it, and a stale hello turns the echo again. A replay slipped in before
+    /// every hello a sends still does not keep the pair from settling in as many round
+    /// trips as without: the answer to a replay goes out beside the ordinary hello.
+    #[test]
+    fn replays_between_every_hello_after_a_nonce_change_do_not_stall_the_pair() {
+        let (mut a, mut nb, tape) = instance_a_never_heard_fresh();
+        let out_before = a.peer.outbound.clone();
+        a.peer.outbound_lost((Family::V4, 1), [0x66; 16]);
+        let (mut a2, mut nb2) = (a.clone(), nb.clone());
+        exchange(&mut a2, &mut nb2, 3);
+        assert!(a2.peer.is_up(FAM) && nb2.peer.is_up(FAM), "without replays");
+        for h in &tape[..3] {
+            a.recv(h);
+            a.deliver(&mut nb);
+            nb.deliver(&mut a);
+        }
+        assert!(a.peer.is_up(FAM) && nb.peer.is_up(FAM) && consistent(&a, &nb));
+        assert_eq!(a.peer.heard_nonce, nb.peer.nonce);
+        assert_eq!(a.peer.fresh_under, Some([0x66; 16]));
+        assert_ne!(
+            a.peer.outbound[&(Family::V4, 1)],
+            out_before[&(Family::V4, 1)],
+            "the lost SA's slot is sent on under a new SPI"
+        );
+    }
+
+    /// Both ends change their nonce for each other at once: neither is live, so each
+    /// takes the other's new nonce from its stale hello, and the pair settles.
+    #[test]
+    fn both_ends_changing_nonce_at_once_still_settle() {
+        let (mut a, mut b) = pair();
+        exchange(&mut a, &mut b, 3);
+        a.peer.outbound_lost((Family::V4, 1), [0x71; 16]);
+        b.peer.outbound_lost((Family::V6, 1), [0x72; 16]);
+        exchange(&mut a, &mut b, 4);
+        assert!(a.peer.is_up(FAM) && b.peer.is_up(FAM) && consistent(&a, &b));
+        assert_eq!(a.peer.heard_nonce, b.peer.nonce);
+        assert_eq!(b.peer.heard_nonce, a.peer.nonce);
     }
 
     #[test]
