@@ -85,6 +85,15 @@ impl Engine {
         }
     }
 
+    /// What the poll loop waits on for the engine (IPsec: the hello sockets and the XFRM
+    /// watch; WireGuard: nothing).
+    pub fn hello_fds(&self) -> Vec<std::os::fd::RawFd> {
+        match self {
+            Engine::Ipsec(e) => e.hello_fds(),
+            Engine::Wireguard(_) => Vec::new(),
+        }
+    }
+
     /// Hellos dropped by the kernel at the sockets' full buffers (IPsec mode only).
     pub fn socket_overflows(&self, cfg: &Config) -> u64 {
         match self {

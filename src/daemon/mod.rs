@@ -132,6 +132,9 @@ struct Daemon {
     snapshot_at: Instant,
     /// Until READY=1 is sent: the latest time to send it.
     ready_by: Option<Instant>,
+    /// The poll loop's registry, for sockets opened after the start (the hello sockets
+    /// follow this node's addresses).
+    registry: Option<mio::Registry>,
 }
 
 impl Daemon {
@@ -152,6 +155,7 @@ impl Daemon {
             last_status: String::new(),
             snapshot_at: Instant::now(),
             ready_by: Some(Instant::now() + READY_WAIT),
+            registry: None,
         })
     }
 
@@ -297,12 +301,9 @@ impl Daemon {
         match self.config.settings.mode {
             Mode::Ipsec => {
                 let engine = ipsec::Engine::start(&self.config).map_err(engine::Error::from)?;
-                for fd in engine.hello_fds() {
-                    poll.registry()
-                        .register(&mut SourceFd(&fd), HELLO, Interest::READABLE)
-                        .map_err(io_err("register hello socket"))?;
-                }
+                self.registry = Some(poll.registry().try_clone().map_err(io_err("poll"))?);
                 let mut engine = Engine::Ipsec(engine);
+                self.register_hello(&engine)?;
                 engine.tick(&self.config, Instant::now())?;
                 self.engine = Some(engine);
             }
@@ -387,6 +388,25 @@ impl Daemon {
             _ => {}
         }
         Ok(Flow::Go)
+    }
+
+    /// Put the engine's hello sockets (and XFRM watch) on the poll loop, again after a
+    /// reconfiguration that may have opened new ones; those it closed left the loop
+    /// when they were closed.
+    fn register_hello(&self, engine: &Engine) -> Result<(), Error> {
+        let Some(reg) = &self.registry else {
+            return Ok(());
+        };
+        for fd in engine.hello_fds() {
+            let r = match reg.register(&mut SourceFd(&fd), HELLO, Interest::READABLE) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    reg.reregister(&mut SourceFd(&fd), HELLO, Interest::READABLE)
+                }
+                r => r,
+            };
+            r.map_err(io_err("register hello socket"))?;
+        }
+        Ok(())
     }
 
     /// Whatever is due at `now`, after the events of one wake-up.
@@ -575,11 +595,15 @@ impl Daemon {
                     );
                     self.config = new;
                     self.rewatch();
-                    if let Some(e) = &mut self.engine {
+                    if let Some(mut e) = self.engine.take() {
                         match e.reconfigure(&self.config) {
                             Ok(n) => info!("applied: {n} kernel object(s) changed"),
                             Err(err) => error!("applying the new configuration: {err}"),
                         }
+                        if let Err(err) = self.register_hello(&e) {
+                            error!("{err}");
+                        }
+                        self.engine = Some(e);
                     }
                 }
             }

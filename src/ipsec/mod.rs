@@ -68,8 +68,8 @@ const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 pub enum Error {
     #[error("reading the boot ID from {path}: {reason}")]
     BootId { path: String, reason: String },
-    #[error("hello socket on port {port}: {source}")]
-    Socket { port: u16, source: io::Error },
+    #[error("hello socket on {addr}: {source}")]
+    Socket { addr: SocketAddr, source: io::Error },
     #[error("XFRM notifications: {0}")]
     Watch(io::Error),
     #[error(transparent)]
@@ -151,66 +151,113 @@ fn read_boot(cfg: &Config) -> Result<BootId, Error> {
     derive::parse_boot_id(&s).ok_or_else(|| err("not a UUID".into()))
 }
 
-/// The hello sockets, one per family (a socket policy is per family): their datagrams,
-/// and only theirs, bypass the tunnel policies, so hellos pass before any SA exists and
-/// no other program's datagrams to the port pass in plaintext. IPv6 where the host has
-/// it.
-fn bind(port: u16) -> Result<Vec<UdpSocket>, Error> {
-    let err = |source| Error::Socket { port, source };
-    let v4 = UdpSocket::bind(SocketAddr::from(([0u8; 4], port))).map_err(err)?;
-    let mut socks = vec![v4];
-    match udp6_only(port) {
-        Ok(s) => socks.push(s),
-        // no IPv6 on this host
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
-            ) => {}
-        Err(e) => return Err(err(e)),
-    }
-    for (i, s) in socks.iter().enumerate() {
-        s.set_nonblocking(true).map_err(err)?;
-        crate::kernel::xfrm::bypass_socket(s.as_raw_fd(), i == 1).map_err(err)?;
-    }
-    Ok(socks)
+/// This node's hello addresses: its endpoint in each family it has one in. The hello
+/// sockets are bound to exactly these, so that a hello reaches the daemon only at the
+/// address peers know it by (not at another address of the host, on another network),
+/// and leaves from it.
+fn hello_addrs(cfg: &Config) -> Vec<SocketAddr> {
+    let me = cfg.me();
+    [Family::V4, Family::V6]
+        .into_iter()
+        .filter_map(|f| plan::endpoint(me, f))
+        .map(|ip| SocketAddr::new(ip, cfg.settings.ipsec.hello_port))
+        .collect()
 }
 
-/// A UDP socket on `[::]:port` for IPv6 only (IPv4 has its own socket, and policy).
-fn udp6_only(port: u16) -> io::Result<UdpSocket> {
+/// The hello sockets, one per address of `addrs` (a socket policy is per family): their
+/// datagrams, and only theirs, bypass the tunnel policies, so hellos pass before any SA
+/// exists and no other program's datagrams to the port pass in plaintext.
+fn bind(addrs: &[SocketAddr]) -> Result<Vec<UdpSocket>, Error> {
+    addrs
+        .iter()
+        .map(|a| {
+            let err = |source| Error::Socket { addr: *a, source };
+            let s = udp_bound(*a).map_err(err)?;
+            s.set_nonblocking(true).map_err(err)?;
+            crate::kernel::xfrm::bypass_socket(s.as_raw_fd(), a.is_ipv6()).map_err(err)?;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// A UDP socket bound to `addr`, IPv6 only for an IPv6 address. With `IP_FREEBIND`: at
+/// boot the daemon may start before the network has configured the address, and the
+/// socket receives once it appears.
+fn udp_bound(addr: SocketAddr) -> io::Result<UdpSocket> {
     use std::os::fd::FromRawFd;
-    // SAFETY: plain socket syscalls on an fd that is wrapped (and so closed) at once;
-    // the sockaddr outlives the bind call.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let sock = UdpSocket::from_raw_fd(fd);
+    let set = |fd, level, name| {
         let one: libc::c_int = 1;
-        if libc::setsockopt(
-            fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
+        // SAFETY: setsockopt reads one c_int from a live local.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
-        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
-        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-        sa.sin6_port = port.to_be();
-        if libc::bind(
-            fd,
-            (&sa as *const libc::sockaddr_in6).cast(),
-            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(sock)
+    };
+    let af = if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: a plain socket call; the fd is wrapped (and so closed on every path) at once.
+    let fd = unsafe { libc::socket(af, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+    let r = match addr {
+        SocketAddr::V4(a) => {
+            set(fd, libc::IPPROTO_IP, libc::IP_FREEBIND)?;
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: `sa` is a valid sockaddr_in that outlives the call.
+            unsafe {
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+        }
+        SocketAddr::V6(a) => {
+            set(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?;
+            set(fd, libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)?;
+            // SAFETY: all-zero is a valid sockaddr_in6.
+            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_addr.s6_addr = a.ip().octets();
+            sa.sin6_scope_id = a.scope_id();
+            // SAFETY: `sa` is a valid sockaddr_in6 that outlives the call.
+            unsafe {
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
 }
 
 impl Engine {
@@ -219,7 +266,7 @@ impl Engine {
     pub fn start(cfg: &Config) -> Result<Engine, Error> {
         let boot = read_boot(cfg)?;
         let xfrm = Xfrm::open()?;
-        let sockets = bind(cfg.settings.ipsec.hello_port)?;
+        let sockets = bind(&hello_addrs(cfg))?;
         let watch = XfrmWatch::open(xfrm.port()).map_err(Error::Watch)?;
         let ledger_path = cfg.settings.state_dir.join(LEDGER_FILE);
         let mut e = Engine {
@@ -925,6 +972,25 @@ impl Engine {
 
     /// A new configuration: new or removed peers, keys, policies.
     pub fn reconfigure(&mut self, cfg: &Config) -> Result<usize, Error> {
+        // This node's addresses may have changed: the hello sockets follow them. The
+        // caller registers the sockets with the poll loop again (`hello_fds`).
+        let addrs = hello_addrs(cfg);
+        let bound: Vec<SocketAddr> = self
+            .sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect();
+        if bound != addrs {
+            self.sockets = bind(&addrs)?;
+            info!(
+                "hello sockets bound to {}",
+                addrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         // The keys file or a node's name may have changed: derive every key again.
         self.key_cache.clear();
         self.sync_peers(cfg);
@@ -984,7 +1050,6 @@ impl Engine {
 }
 
 impl Engine {
-    /// The hello sockets' fds, for the poll loop.
     /// Hellos the kernel dropped at our sockets' full receive buffers (a flood faster
     /// than the read budget drains them), both families.
     pub fn socket_overflows(&self, cfg: &Config) -> u64 {
@@ -995,6 +1060,7 @@ impl Engine {
             .sum()
     }
 
+    /// The hello sockets' fds and the XFRM watch's, for the poll loop.
     pub fn hello_fds(&self) -> Vec<RawFd> {
         self.sockets
             .iter()

@@ -15,7 +15,7 @@ use crate::fleet::{
     Fleet, KEY1, KEY2, TestDaemon, boot_id, no_plaintext, node_entry, rename_over, write_keys,
 };
 use crate::ipsec::IPSEC_WIRE;
-use crate::rig::{ensure, wait_for};
+use crate::rig::{ensure, sh, wait_for};
 
 /// How long a fixed-count ping may take: under TCG on a loaded 2-core host, `ping -i
 /// 0.01` falls far behind its schedule (a count meant for 30 s took over 60 s).
@@ -48,6 +48,10 @@ pub const CASES: &[Case] = &[
     (
         "ipsec_ops_idle_reads_nothing_and_hears_other_programs",
         idle_reads_nothing_and_hears_other_programs,
+    ),
+    (
+        "ipsec_ops_hello_sockets_are_bound_to_the_node_address",
+        hello_sockets_are_bound_to_the_node_address,
     ),
 ];
 
@@ -1377,6 +1381,167 @@ fn replay_from_an_earlier_instance() -> Result<(), String> {
     }
     ensure(r.lost() == 0, format!("packets lost: {r:?}"))?;
     counters_unchanged(&stat0, &stat1)
+}
+
+/// The hello sockets are bound to the node's endpoint addresses, not the wildcard:
+/// - n0's daemon starts before its addresses exist (`IP_FREEBIND`), and the pair comes up
+///   once they are added;
+/// - `ss` shows n0 listening on 10.77.0.1:4510 and [fd77::1]:4510 only;
+/// - datagrams to another address of n0 (10.77.0.99, fd77::99) reach no socket (the
+///   kernel's UDP NoPorts counters take them) and the daemon counts none of them, while
+///   as many to its endpoint addresses are counted;
+/// - a reload that moves n0 to the other addresses moves the sockets, and the pair comes
+///   back up there.
+fn hello_sockets_are_bound_to_the_node_address() -> Result<(), String> {
+    let mut f = Fleet::new("ib", 2, KEY1)?;
+    let ns0 = f.topo.ns(0).to_string();
+    let ns1 = f.topo.ns(1).to_string();
+    sh(&format!(
+        "ip -n {ns0} addr del 10.77.0.1/24 dev eth0 && ip -n {ns0} addr del fd77::1/64 dev eth0"
+    ))?;
+    f.start(0)?;
+    f.start(1)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let log0 = f.daemon(0).log();
+    ensure(
+        !log0.contains("hello socket on") && !log0.contains("<3>"),
+        format!("n0's daemon did not start without its addresses:\n{log0}"),
+    )?;
+    sh(&format!(
+        "ip -n {ns0} addr add 10.77.0.1/24 dev eth0 && ip -n {ns0} addr add fd77::1/64 dev eth0 nodad"
+    ))?;
+    let t0 = Instant::now();
+    f.wait_all_up(Duration::from_secs(40))
+        .map_err(|e| format!("after n0's addresses appeared: {e}\n{}", f.logs()))?;
+    println!(
+        "    n0 started without its addresses; the pair was up {} ms after they were added",
+        t0.elapsed().as_millis()
+    );
+
+    let listening = |ns: &str| -> Result<Vec<String>, String> {
+        let out = sh(&format!("ip netns exec {ns} ss -H -uln 'sport = :4510'"))?;
+        let mut v: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let l = listening(&ns0)?;
+    println!("    n0 listens on {l:?}");
+    ensure(
+        l == ["10.77.0.1:4510", "[fd77::1]:4510"],
+        format!("n0's hello sockets: {l:?}"),
+    )?;
+
+    sh(&format!(
+        "ip -n {ns0} addr add 10.77.0.99/24 dev eth0 && ip -n {ns0} addr add fd77::99/64 dev eth0 nodad"
+    ))?;
+    let no_ports = || -> Result<u64, String> {
+        let snmp = sh(&format!(
+            "ip netns exec {ns0} cat /proc/net/snmp /proc/net/snmp6"
+        ))?;
+        let mut lines = snmp.lines();
+        let mut v4 = 0;
+        while let Some(l) = lines.next() {
+            if l.starts_with("Udp: InDatagrams") {
+                let names: Vec<&str> = l.split_whitespace().collect();
+                let vals: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+                let at = names
+                    .iter()
+                    .position(|n| *n == "NoPorts")
+                    .ok_or("no NoPorts")?;
+                v4 = vals
+                    .get(at)
+                    .and_then(|x| x.parse().ok())
+                    .ok_or("bad NoPorts")?;
+            }
+        }
+        let v6: u64 = snmp
+            .lines()
+            .find(|l| l.starts_with("Udp6NoPorts"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .ok_or("no Udp6NoPorts")?;
+        Ok(v4 + v6)
+    };
+    let garbage: Vec<(&str, Vec<u8>)> = (0..5u8)
+        .map(|i| ("garbage", vec![0xee, i, 1, 2, 3]))
+        .collect();
+    let from = f.daemon(0).log().len();
+    let np0 = no_ports()?;
+    send_udp(&ns1, &v4(1), "10.77.0.99", &garbage)?;
+    send_udp(&ns1, &v6(1), "fd77::99", &garbage)?;
+    let np1 = no_ports()?;
+    // The control: as many to the endpoint addresses, which the daemon must count.
+    send_udp(&ns1, &v4(1), &v4(0), &garbage[..3])?;
+    send_udp(&ns1, &v6(1), &v6(0), &garbage[..3])?;
+    let d0 = f.daemon(0);
+    let counted = |d: &TestDaemon| drop_counts(&d.log()[from..]).values().sum::<u64>();
+    wait_for(Duration::from_secs(15), || counted(d0) >= 6);
+    std::thread::sleep(Duration::from_secs(1));
+    let n = counted(d0);
+    println!(
+        "    10 datagrams to n0's other addresses: UDP NoPorts +{}; 6 to its endpoints: the daemon counted {n} drop(s)",
+        np1 - np0
+    );
+    ensure(
+        np1 - np0 >= 10,
+        format!(
+            "the datagrams to n0's other addresses found a socket (NoPorts +{})",
+            np1 - np0
+        ),
+    )?;
+    ensure(
+        n == 6,
+        format!(
+            "n0 counted {n} dropped hellos, wanted the 6 sent to its endpoints:\n{}",
+            &d0.log()[from..]
+        ),
+    )?;
+
+    // n0 moves to its other addresses: both inventories change, the sockets follow.
+    let moved = "[[node]]\nname = \"n0\"\naddresses = [\"10.77.0.99\", \"fd77::99\"]\nsubnets = [\"10.1.0.0/24\"]\n\n"
+        .to_string()
+        + &node_entry(1);
+    let from = f.daemon(0).log().len();
+    for i in 0..2 {
+        f.daemon(i).rename_over("nodes.toml", &moved)?;
+    }
+    let d0 = f.daemon(0);
+    wait_log_after(
+        d0,
+        from,
+        "hello sockets bound to 10.77.0.99:4510, [fd77::99]:4510",
+        Duration::from_secs(20),
+    )?;
+    let l = listening(&ns0)?;
+    println!("    after the reload n0 listens on {l:?}");
+    ensure(
+        l == ["10.77.0.99:4510", "[fd77::99]:4510"],
+        format!("n0's hello sockets after the reload: {l:?}"),
+    )?;
+    let t0 = Instant::now();
+    let up = wait_for(Duration::from_secs(40), || {
+        f.topo.exec(1, "ping -c 1 -W 1 10.77.0.99").is_ok()
+            && f.topo.exec(1, "ping -c 1 -W 1 fd77::99").is_ok()
+            && sas_quick(&f, 1).is_ok_and(|all| all.iter().any(|s| s.dst == "10.77.0.99"))
+    });
+    ensure(
+        up,
+        format!(
+            "the pair did not come up at n0's new addresses:\n{}",
+            f.logs()
+        ),
+    )?;
+    println!(
+        "    the pair is up at n0's new addresses {} ms after the reload",
+        t0.elapsed().as_millis()
+    );
+    let log0 = f.daemon(0).log();
+    ensure(
+        !log0[from..].contains("<3>"),
+        format!("errors after the reload:\n{}", &log0[from..]),
+    )
 }
 
 /// A fleet started while the wire's hellos are recorded, as an on-path attacker would;
