@@ -19,6 +19,8 @@
 //! (then 12 policies per peer); `ENCRYPTD_BENCH_HTHRESH4="24 24"` sets the namespaces' XFRM
 //! policy hash thresholds (`ip xfrm policy set hthresh4 24 24`); `VM_MEM`, `VM_TIMEOUT` as for `tests/vm/vmrun.sh`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -75,43 +77,10 @@ fn main() -> ExitCode {
     if here { parent() } else { boot_vm(&args) }
 }
 
-/// Re-run this binary inside the VM with the same arguments.
+/// Re-run this binary inside the VM with the same arguments. 20,000 SAs with their crypto
+/// transforms need more than the default 1 GiB guest.
 fn boot_vm(args: &[String]) -> ExitCode {
-    let vmrun = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vm/vmrun.sh");
-    let exe = std::env::current_exe().expect("current_exe");
-    eprintln!("mesh bench: booting the kernel VM ({vmrun})");
-    let mut cmd = Command::new(vmrun);
-    cmd.arg(&exe)
-        .args(args)
-        .env(HERE, "vm")
-        .env("VM_ENV", format!("{HERE} {PEERS} {SUBNETS} {HTHRESH4}"));
-    // 20,000 SAs with their crypto transforms need more than the default 1 GiB guest.
-    if std::env::var_os("VM_MEM").is_none() {
-        cmd.env("VM_MEM", "2048");
-    }
-    let load = || {
-        std::fs::read_to_string("/proc/loadavg")
-            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default()
-    };
-    let before = load();
-    let status = cmd.status();
-    // The VM is CPU-bound: other VMs or compiles on the host slow it down (up to twice).
-    eprintln!(
-        "mesh bench: host load average (1/5/15 min) before {before}, after {}",
-        load()
-    );
-    match status {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => {
-            eprintln!("mesh bench: the run in the VM failed ({s})");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("mesh bench: cannot start {vmrun}: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::boot_vm("mesh", args, HERE, &[PEERS, SUBNETS, HTHRESH4], "2048")
 }
 
 /// One row of results, as a child prints it (`key=value` on one `RESULT` line).
