@@ -156,6 +156,10 @@ pub struct Snapshot {
     /// `resync_interval`; notifications say when to read more).
     #[serde(default)]
     pub xfrm_dumps: u64,
+    /// WireGuard: reads of the links, addresses, routes and rules since the daemon
+    /// started (rtnetlink's notifications say when; every 5 min regardless).
+    #[serde(default)]
+    pub rtnl_dumps: u64,
     #[serde(default)]
     pub max_seq: u64,
 }

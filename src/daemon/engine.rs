@@ -28,7 +28,7 @@ impl Engine {
     pub fn on_readable(&mut self, cfg: &Config) -> bool {
         match self {
             Engine::Ipsec(e) => e.on_readable(cfg),
-            Engine::Wireguard(_) => false,
+            Engine::Wireguard(e) => e.on_readable(),
         }
     }
 
@@ -86,11 +86,11 @@ impl Engine {
     }
 
     /// What the poll loop waits on for the engine (IPsec: the hello sockets and the XFRM
-    /// watch; WireGuard: nothing).
+    /// watch; WireGuard: the rtnetlink watch).
     pub fn hello_fds(&self) -> Vec<std::os::fd::RawFd> {
         match self {
             Engine::Ipsec(e) => e.hello_fds(),
-            Engine::Wireguard(_) => Vec::new(),
+            Engine::Wireguard(e) => vec![e.watch_fd()],
         }
     }
 
@@ -107,6 +107,14 @@ impl Engine {
         match self {
             Engine::Ipsec(e) => e.dumps,
             Engine::Wireguard(_) => 0,
+        }
+    }
+
+    /// Reads of links, addresses, routes and rules (WireGuard mode only).
+    pub fn rtnl_dumps(&self) -> u64 {
+        match self {
+            Engine::Ipsec(_) => 0,
+            Engine::Wireguard(e) => e.dumps,
         }
     }
 

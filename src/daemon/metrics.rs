@@ -143,6 +143,12 @@ pub fn metrics(s: &Snapshot, k: &KernelCounters, per_peer: bool) -> String {
             &one(s.xfrm_dumps),
         );
         metric(
+            "rtnl_dumps_total",
+            "WireGuard: reads of the links, addresses, routes and rules since the daemon started (rtnetlink's notifications say when; every 5 min regardless).",
+            "counter",
+            &one(s.rtnl_dumps),
+        );
+        metric(
             "sequence_number_max",
             "Highest ESP sequence number sent on any SA (the limit is 2^64 - 1, ESN).",
             "gauge",

@@ -309,7 +309,10 @@ impl Daemon {
             }
             Mode::Wireguard => {
                 let engine = wireguard::Engine::start(&self.config).map_err(engine::Error::from)?;
-                self.engine = Some(Engine::Wireguard(engine));
+                self.registry = Some(poll.registry().try_clone().map_err(io_err("poll"))?);
+                let engine = Engine::Wireguard(engine);
+                self.register_hello(&engine)?;
+                self.engine = Some(engine);
             }
         }
 
@@ -490,6 +493,7 @@ impl Daemon {
             keys_in_use,
             sa_rekeys: self.engine.as_ref().map_or(0, |e| e.rekeys()),
             xfrm_dumps: self.engine.as_ref().map_or(0, |e| e.xfrm_dumps()),
+            rtnl_dumps: self.engine.as_ref().map_or(0, |e| e.rtnl_dumps()),
             hello_socket_overflows: self.engine.as_ref().map_or(0, |e| e.socket_overflows(c)),
             max_seq,
         };

@@ -72,6 +72,11 @@ impl Rtnl {
         self.sock.stats()
     }
 
+    /// The socket's port: the kernel stamps it on the notifications our changes cause.
+    pub fn port(&self) -> u32 {
+        self.sock.port()
+    }
+
     fn dump(
         &mut self,
         what: &str,
@@ -488,10 +493,136 @@ fn rule_message(r: &Rule) -> RuleMessage {
     m
 }
 
+/// What the kernel told about links, addresses, routes and rules since the last drain.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RtnlEvents {
+    /// Changes made by another program (or by the kernel itself, say an address going
+    /// with its link): what the daemon last read may no longer be so.
+    pub foreign: usize,
+    /// Notices lost to a full socket buffer (`ENOBUFS`), or one that did not parse.
+    pub lost: bool,
+}
+
+impl RtnlEvents {
+    /// Whether links, addresses, routes and rules must be read again.
+    pub fn any(&self) -> bool {
+        self.foreign > 0 || self.lost
+    }
+}
+
+/// rtnetlink's notifications of link, address, route and rule changes, both families
+/// (WireGuard mode reads those objects again only when one says so, or at its slow
+/// resync). Changes made through the socket whose port is `ours` are not foreign.
+pub struct RtnlWatch {
+    watch: super::netlink::Watch,
+    ours: u32,
+}
+
+impl RtnlWatch {
+    pub fn open(ours: u32) -> std::io::Result<RtnlWatch> {
+        let groups = [
+            libc::RTNLGRP_LINK,
+            libc::RTNLGRP_IPV4_IFADDR,
+            libc::RTNLGRP_IPV4_ROUTE,
+            libc::RTNLGRP_IPV4_RULE,
+            libc::RTNLGRP_IPV6_IFADDR,
+            libc::RTNLGRP_IPV6_ROUTE,
+            libc::RTNLGRP_IPV6_RULE,
+        ]
+        .iter()
+        .fold(0u32, |m, g| m | 1 << (g - 1));
+        let watch = super::netlink::Watch::open(super::netlink::NETLINK_ROUTE, groups)?;
+        Ok(RtnlWatch { watch, ours })
+    }
+
+    /// Read every pending notification.
+    pub fn drain(&mut self) -> RtnlEvents {
+        let mut ev = RtnlEvents::default();
+        let ours = self.ours;
+        let lost = self.watch.drain(|d| tally(d, ours, &mut ev));
+        ev.lost |= lost;
+        ev
+    }
+}
+
+impl std::os::fd::AsRawFd for RtnlWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.watch.as_raw_fd()
+    }
+}
+
+/// Count the notifications of one datagram into `ev`.
+fn tally(at: &[u8], ours: u32, ev: &mut RtnlEvents) {
+    for m in super::netlink::notifications(at) {
+        let Some((ty, pid, _)) = m else {
+            ev.lost = true;
+            break;
+        };
+        let watched = matches!(
+            ty,
+            libc::RTM_NEWLINK
+                | libc::RTM_DELLINK
+                | libc::RTM_NEWADDR
+                | libc::RTM_DELADDR
+                | libc::RTM_NEWROUTE
+                | libc::RTM_DELROUTE
+                | libc::RTM_NEWRULE
+                | libc::RTM_DELRULE
+        );
+        if watched && pid != ours {
+            ev.foreign += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use netlink_packet_core::{Emitable, Parseable};
+
+    /// A notification as the kernel sends it: the header, then `body` bytes.
+    fn note(ty: u16, pid: u32, body: usize) -> Vec<u8> {
+        let len = 16 + body;
+        let mut m = Vec::new();
+        m.extend((len as u32).to_ne_bytes());
+        m.extend(ty.to_ne_bytes());
+        m.extend(0u16.to_ne_bytes());
+        m.extend(0u32.to_ne_bytes());
+        m.extend(pid.to_ne_bytes());
+        m.resize(len.next_multiple_of(4), 0);
+        m
+    }
+
+    #[test]
+    fn notifications_count_other_programs_changes_only() {
+        let ours = 4242;
+        let mut d = note(libc::RTM_NEWROUTE, ours, 12);
+        d.extend(note(libc::RTM_DELROUTE, 0, 13)); // the kernel's own (padded)
+        d.extend(note(libc::RTM_NEWRULE, 777, 12));
+        d.extend(note(libc::RTM_NEWNEIGH, 777, 12)); // not watched
+        d.extend(note(libc::RTM_NEWLINK, ours, 12));
+        let mut ev = RtnlEvents::default();
+        tally(&d, ours, &mut ev);
+        assert_eq!(
+            ev,
+            RtnlEvents {
+                foreign: 2,
+                lost: false
+            }
+        );
+        assert!(ev.any());
+
+        let mut ev = RtnlEvents::default();
+        tally(&note(libc::RTM_NEWADDR, ours, 8), ours, &mut ev);
+        assert!(!ev.any(), "our own change is no reason to read again");
+
+        // A length past the datagram: the rest cannot be read, so read everything.
+        let mut bad = note(libc::RTM_NEWLINK, ours, 8);
+        bad[0] = 200;
+        let mut ev = RtnlEvents::default();
+        tally(&bad, ours, &mut ev);
+        assert!(ev.lost && ev.any());
+    }
 
     #[test]
     fn route_round_trip() {

@@ -666,6 +666,83 @@ fn setsockopt_int(fd: RawFd, opt: libc::c_int, value: usize) -> io::Result<()> {
     }
 }
 
+/// A netlink socket bound to multicast groups: the kernel's change notifications, read
+/// on the poll loop. Only a wake-up for its owner, which reads what changed from a dump.
+pub struct Watch {
+    sock: Socket,
+    /// Kept: drained at every wake-up of the poll loop.
+    buf: Vec<u8>,
+}
+
+impl Watch {
+    /// Subscribe to the groups of `protocol` whose bits (`1 << (group - 1)`) are in
+    /// `groups`.
+    pub fn open(protocol: isize, groups: u32) -> io::Result<Watch> {
+        let mut sock = Socket::new(protocol)?;
+        sock.bind(&SocketAddr::new(0, groups))?;
+        sock.set_non_blocking(true)?;
+        Ok(Watch {
+            sock,
+            buf: vec![0u8; 64 * 1024],
+        })
+    }
+
+    /// Hand every pending datagram to `each`. `true` if notifications were lost to a
+    /// full socket buffer (`ENOBUFS`) since the last drain.
+    pub fn drain(&mut self, mut each: impl FnMut(&[u8])) -> bool {
+        let mut lost = false;
+        loop {
+            // SAFETY: recv into a buffer of the length given, on our own socket.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::ENOBUFS) => {
+                        lost = true;
+                        continue;
+                    }
+                    Some(libc::EINTR) => continue,
+                    _ => break,
+                }
+            }
+            each(&self.buf[..n as usize]);
+        }
+        lost
+    }
+}
+
+impl AsRawFd for Watch {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+/// The messages of one notification datagram: (type, sender's port, the message with its
+/// header), or `None` once a length does not fit (the rest is unreadable).
+pub fn notifications(mut at: &[u8]) -> impl Iterator<Item = Option<(u16, u32, &[u8])>> {
+    std::iter::from_fn(move || {
+        if at.len() < 16 {
+            return None;
+        }
+        let len = u32::from_ne_bytes(at[0..4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes(at[4..6].try_into().expect("2 bytes"));
+        let pid = u32::from_ne_bytes(at[12..16].try_into().expect("4 bytes"));
+        if len < 16 || len > at.len() {
+            at = &[];
+            return Some(None);
+        }
+        let msg = &at[..len];
+        at = at.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+        Some(Some((ty, pid, msg)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

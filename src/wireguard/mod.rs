@@ -3,6 +3,11 @@
 //! loop calls `tick` at `next_deadline`; every change ends in `apply`, which reads the
 //! kernel, diffs it against the plan and sends only the difference.
 //!
+//! Only the device (peers, handshakes) is read at every pass: links, addresses, routes
+//! and rules are read again when rtnetlink's notifications report another program's
+//! change (or a lost notice), after a pass that changed one of them, on a reload, and at
+//! the slow resync ([`RESYNC`]).
+//!
 //! A peer is *up* while its last handshake is younger than 3 minutes
 //! ([`plan::UP_WINDOW`]); every peer gets a persistent keepalive, so a pair that can
 //! talk handshakes at once and every 2 minutes after, and a peer that cannot is
@@ -23,15 +28,19 @@ use self::reconcile::{Observed, Ops};
 use crate::config::Config;
 use crate::config::diag::Diagnostic;
 use crate::config::wgkey::{self, PrivateKey};
-use crate::kernel::link::{LinkError, Rtnl};
+use crate::kernel::link::{LinkError, Rtnl, RtnlWatch};
+use crate::kernel::netlink::NetlinkError;
 use crate::kernel::wireguard::{Wg, WgError, uapi_socket, userspace_backend};
-use crate::objects::route::Link;
+use crate::objects::route::{Link, Route, Rule};
 use crate::objects::wireguard::Device;
 
 /// How often the kernel is re-read (handshakes, drift) while every peer is up, and
 /// while one is not.
 const RESCAN: Duration = Duration::from_secs(5);
 const RESCAN_FAST: Duration = Duration::from_secs(1);
+/// How often links, addresses, routes and rules are read although no notification said
+/// so: the safety net under the notifications.
+const RESYNC: Duration = Duration::from_secs(300);
 /// Underlay MTU assumed when this node's address is on no local link.
 const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 
@@ -77,8 +86,24 @@ pub struct PeerStatus {
     pub endpoint: Option<std::net::SocketAddr>,
 }
 
+/// What the last read of links, addresses, routes and rules found, kept while no
+/// notification says otherwise.
+struct NetView {
+    link: Link,
+    local: plan::Local,
+    routes: Vec<Route>,
+    rules: Vec<Rule>,
+}
+
 pub struct Engine {
     rtnl: Rtnl,
+    /// Link, address, route and rule changes by other programs.
+    watch: RtnlWatch,
+    /// `None`: read them at the next pass.
+    net: Option<NetView>,
+    next_resync: Instant,
+    /// Reads of links, addresses, routes and rules since the start.
+    pub dumps: u64,
     /// Connected once the interface exists (creating it loads the module).
     wg: Option<Wg>,
     /// The interface is a userspace implementation's (a `tun` device and a UAPI socket).
@@ -124,8 +149,22 @@ impl Engine {
             );
         }
         check_key(cfg, &key)?;
+        let rtnl = Rtnl::open()?;
+        let watch = RtnlWatch::open(rtnl.port()).map_err(|source| {
+            Error::Link(LinkError::Netlink {
+                what: "rtnetlink notifications".into(),
+                source: NetlinkError::Open {
+                    protocol: crate::kernel::netlink::NETLINK_ROUTE,
+                    source,
+                },
+            })
+        })?;
         let mut e = Engine {
-            rtnl: Rtnl::open()?,
+            rtnl,
+            watch,
+            net: None,
+            next_resync: Instant::now() + RESYNC,
+            dumps: 0,
             wg: None,
             userspace: false,
             key,
@@ -236,30 +275,30 @@ impl Engine {
         Ok(self.wg.as_mut().expect("just set"))
     }
 
-    fn observe(&mut self, link: &Link) -> Result<Observed, Error> {
+    /// The device as it is now, with links, routes and rules as `net` last found them.
+    fn observe(&mut self, net: &NetView) -> Result<Observed, Error> {
         let ifname = self.ifname.clone();
         let device: Device = self.wg()?.device(&ifname)?;
         Ok(Observed {
-            mtu: link.mtu,
-            up: link.up,
+            mtu: net.link.mtu,
+            up: net.link.up,
             device,
-            routes: {
-                let mut r = self.rtnl.routes(plan::TABLE)?;
-                r.extend(self.rtnl.routes(plan::BLACKHOLE_TABLE)?);
-                r
-            },
-            rules: self.rtnl.rules()?,
+            routes: net.routes.clone(),
+            rules: net.rules.clone(),
         })
     }
 
     /// Make the kernel match the plan. Returns the number of objects changed.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
-        let link = self.ensure_link(cfg)?;
-        let local = self.local(cfg, link.index)?;
-        let underlay = local.underlay_mtu;
-        let have = self.observe(&link)?;
+        let net = match self.net.take() {
+            Some(n) => n,
+            None => self.read_net(cfg)?,
+        };
+        let underlay = net.local.underlay_mtu;
+        let ifindex = net.link.index;
+        let have = self.observe(&net)?;
         self.note_status(cfg, &have.device);
-        let want = plan::plan(cfg, self.key.public(), &local);
+        let want = plan::plan(cfg, self.key.public(), &net.local);
         let ops = reconcile::diff(&want, &have);
         let old_names = std::mem::replace(
             &mut self.names,
@@ -268,12 +307,54 @@ impl Engine {
                 .map(|(k, p)| (*k, p.name.clone()))
                 .collect(),
         );
+        let rtnl_changes = ops.mtu.is_some()
+            || ops.up
+            || !ops.replace_routes.is_empty()
+            || !ops.delete_routes.is_empty()
+            || !ops.add_rules.is_empty()
+            || !ops.delete_rules.is_empty();
+        if !rtnl_changes {
+            // Peers alone change nothing rtnetlink shows: what was read still holds.
+            self.net = Some(net);
+        }
         if ops.is_empty() {
             return Ok(0);
         }
-        self.execute(&ops, link.index)?;
+        self.execute(&ops, ifindex)?;
         self.log_changes(&ops, &want, &have, &old_names, underlay);
         Ok(ops.count())
+    }
+
+    /// Read the interface (created if missing), the local facts, the routes and the
+    /// rules.
+    fn read_net(&mut self, cfg: &Config) -> Result<NetView, Error> {
+        self.dumps += 1;
+        let link = self.ensure_link(cfg)?;
+        let local = self.local(cfg, link.index)?;
+        let mut routes = self.rtnl.routes(plan::TABLE)?;
+        routes.extend(self.rtnl.routes(plan::BLACKHOLE_TABLE)?);
+        let rules = self.rtnl.rules()?;
+        Ok(NetView {
+            link,
+            local,
+            routes,
+            rules,
+        })
+    }
+
+    /// Read rtnetlink's notifications: `true` if another program changed a link, an
+    /// address, a route or a rule (or notices were lost), and a pass should follow.
+    pub fn on_readable(&mut self) -> bool {
+        let ev = self.watch.drain();
+        if ev.any() {
+            self.net = None;
+        }
+        ev.any()
+    }
+
+    /// The rtnetlink watch's fd, for the poll loop.
+    pub fn watch_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.watch)
     }
 
     /// Send `ops`, in the one order that loses nothing.
@@ -405,6 +486,10 @@ impl Engine {
         if now < self.next_rescan {
             return Ok(());
         }
+        if now >= self.next_resync {
+            self.net = None;
+            self.next_resync = now + RESYNC;
+        }
         if let Err(e) = self.apply(cfg) {
             error!("reconcile: {e}");
         }
@@ -439,6 +524,8 @@ impl Engine {
             self.ifname = name.clone();
         }
         self.next_rescan = Instant::now() + RESCAN_FAST;
+        // This node's addresses (and so the underlay MTU) may have changed.
+        self.net = None;
         self.apply(cfg)
     }
 

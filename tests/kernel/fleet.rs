@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use encryptd::config::wgkey::{self, PrivateKey};
 
-use crate::rig::{Topo, sh, wait_for};
+use crate::rig::{Topo, ensure, sh, wait_for};
 
 pub const KEY1: &str = "1+ rfc4106(gcm(aes)) 6b1c3f0e2d4a59788a9b0c1d2e3f40516273849a 128\n";
 /// Strict mode as the strict-mode cases configure it: the wire's and the subnets'
@@ -553,4 +553,23 @@ pub fn ssh_from_host(f: &Fleet, ns: &str, src: std::net::IpAddr, to: usize) -> R
     });
     drop(l);
     c.map_err(|e| format!("tcp/22 {src} -> n{to}: {e}"))
+}
+
+/// Node i's snapshot (`run/status.json`) as the daemon next rewrites it, and when.
+pub fn next_snapshot(f: &Fleet, i: usize) -> Result<(Instant, serde_json::Value), String> {
+    let path = f.dirs[i].join("run/status.json");
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    let before = read();
+    let mut now = before.clone();
+    let changed = wait_for(Duration::from_secs(15), || {
+        now = read();
+        now != before && !now.is_empty()
+    });
+    ensure(
+        changed,
+        format!("{} not rewritten within 15 s", path.display()),
+    )?;
+    let at = Instant::now();
+    let v = serde_json::from_str(&now).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((at, v))
 }

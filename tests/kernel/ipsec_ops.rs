@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use crate::Case;
 use crate::fleet::plaintext;
 use crate::fleet::{
-    Fleet, KEY1, KEY2, TestDaemon, boot_id, no_plaintext, node_entry, rename_over, write_keys,
+    Fleet, KEY1, KEY2, TestDaemon, boot_id, next_snapshot, no_plaintext, node_entry, rename_over,
+    write_keys,
 };
 use crate::ipsec::IPSEC_WIRE;
 use crate::rig::{ensure, sh, wait_for};
@@ -830,25 +831,6 @@ fn delete_sa_from_n1(f: &Fleet, spi: &str) -> Result<(), String> {
             ),
         )
         .map(drop)
-}
-
-/// n0's snapshot (`run/status.json`) as the daemon next rewrites it, and when.
-fn next_snapshot(f: &Fleet, i: usize) -> Result<(Instant, serde_json::Value), String> {
-    let path = f.dirs[i].join("run/status.json");
-    let read = || std::fs::read_to_string(&path).unwrap_or_default();
-    let before = read();
-    let mut now = before.clone();
-    let changed = wait_for(Duration::from_secs(15), || {
-        now = read();
-        now != before && !now.is_empty()
-    });
-    ensure(
-        changed,
-        format!("{} not rewritten within 15 s", path.display()),
-    )?;
-    let at = Instant::now();
-    let v = serde_json::from_str(&now).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok((at, v))
 }
 
 /// An idle daemon does not read the kernel's XFRM objects at every pass (before: two

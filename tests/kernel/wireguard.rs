@@ -12,8 +12,8 @@ use crate::Case;
 use encryptd::config::wgkey::{self, PrivateKey};
 
 use crate::fleet::{
-    Fleet, Kind, TestDaemon, no_plaintext, node_entry, plaintext, rename_over, tcp_echo,
-    wg_node_entry, wg_public, write_keys,
+    Fleet, Kind, TestDaemon, next_snapshot, no_plaintext, node_entry, plaintext, rename_over,
+    tcp_echo, wg_node_entry, wg_public, write_keys,
 };
 use crate::rig::{ensure, in_netns, wait_for};
 
@@ -36,6 +36,10 @@ pub const CASES: &[Case] = &[
     ),
     ("wg_preshared_key_rotation", preshared_key_rotation),
     ("wg_mode_switch_removes_the_other_mode", mode_switch),
+    (
+        "wg_idle_reads_no_routes_and_hears_other_programs",
+        idle_reads_no_routes_and_hears_other_programs,
+    ),
 ];
 
 /// One peer line of `wg show encryptd0 dump`.
@@ -1030,4 +1034,98 @@ fn mode_switch() -> Result<(), String> {
         "    ipsec -> wireguard -> ipsec by restart: the other mode's objects removed each time; traffic encrypted in each"
     );
     Ok(())
+}
+
+/// An idle WireGuard daemon reads only its device: links, addresses, routes and rules
+/// are read again when rtnetlink says another program changed one (before: all of them
+/// every 5 s). So over a settled 10 s it reads them at most once, and yet a route or the
+/// policy rule deleted by hand is back within a second (before: at the next 5 s rescan;
+/// the deadline here is 3 s). Strict mode is on: while the route or the rule is gone the
+/// pair's packets are dropped, never sent in plaintext (without strict mode they leave in
+/// plaintext until the route is back, which is what strict mode is for).
+fn idle_reads_no_routes_and_hears_other_programs() -> Result<(), String> {
+    let mut f = Fleet::new_with("wgi", 2, Kind::Wireguard)?;
+    f.configure_all(crate::fleet::STRICT)?;
+    start_all(&mut f)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let dumps = |v: &serde_json::Value| v["rtnl_dumps"].as_u64().unwrap_or(0);
+    let (t1, s1) = next_snapshot(&f, 0)?;
+    let (t2, s2) = next_snapshot(&f, 0)?;
+    let idle = dumps(&s2).saturating_sub(dumps(&s1));
+    println!(
+        "    idle n0: {idle} reads of links, routes and rules in {} ms ({} since the start)",
+        (t2 - t1).as_millis(),
+        dumps(&s2)
+    );
+    ensure(
+        dumps(&s1) >= 1 && t2 - t1 >= Duration::from_secs(5) && idle <= 1,
+        format!(
+            "n0 read links, routes and rules {idle} times in {:?} while idle:\n{s2}",
+            t2 - t1
+        ),
+    )?;
+
+    let table = encryptd::wireguard::plan::TABLE;
+    let prio = encryptd::wireguard::plan::RULE_PRIORITY;
+    let routes = || f.topo.exec(0, &format!("ip route show table {table}"));
+    let before = routes()?;
+    let victim = before
+        .lines()
+        .find(|l| l.contains("10.77.0.2"))
+        .ok_or_else(|| format!("no route to n1 in table {table}:\n{before}"))?
+        .to_string();
+    let rules = || f.topo.exec(0, "ip rule show");
+    let rules_before = rules()?;
+    ensure(
+        rules_before.contains(&format!("{prio}:")),
+        format!("no rule of priority {prio}:\n{rules_before}"),
+    )?;
+    let cap = f.topo.capture("")?;
+    let ping_out = std::env::temp_dir().join("wgi-ping.txt");
+    let mut ping = f.topo.exec_bg(
+        0,
+        &format!(
+            "ping -n -q -i 0.01 -c 400 -W 1 10.77.0.2 > {}",
+            ping_out.display()
+        ),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut took = Vec::new();
+    for (what, del, back) in [
+        (
+            "the route to n1",
+            format!("ip route del {victim} table {table}"),
+            Box::new(|| routes().is_ok_and(|r| r == before)) as Box<dyn Fn() -> bool>,
+        ),
+        (
+            "the policy rule",
+            format!("ip rule del priority {prio}"),
+            Box::new(|| rules().is_ok_and(|r| r == rules_before)),
+        ),
+    ] {
+        f.topo.exec(0, &del)?;
+        let t0 = Instant::now();
+        let ok = wait_for(Duration::from_secs(3), back);
+        ensure(
+            ok,
+            format!(
+                "{what}, deleted by hand, was not put back within 3 s:\nroutes:\n{}\nrules:\n{}\n{}",
+                routes().unwrap_or_default(),
+                rules().unwrap_or_default(),
+                f.logs()
+            ),
+        )?;
+        took.push(format!("{what} back in {} ms", t0.elapsed().as_millis()));
+    }
+    println!("    {}", took.join(", "));
+    crate::rig::finish_child(&mut ping, Duration::from_secs(30), "ping n0 -> n1")?;
+    let out = std::fs::read_to_string(&ping_out).unwrap_or_default();
+    let lines = cap.stop();
+    let clear = plaintext(&lines, WG_WIRE);
+    let ping_line = out
+        .lines()
+        .find(|l| l.contains("transmitted"))
+        .unwrap_or("");
+    println!("    ping n0 -> n1 meanwhile: {ping_line}");
+    no_plaintext(&clear)
 }

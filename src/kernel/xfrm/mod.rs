@@ -96,69 +96,39 @@ impl XfrmEvents {
 /// socket whose port is `ours` carry that port (the kernel copies the request header's
 /// `nlmsg_pid`) and are not foreign.
 pub struct XfrmWatch {
-    sock: netlink_sys::Socket,
+    watch: super::netlink::Watch,
     ours: u32,
-    /// Kept: drained at every wake-up of the poll loop, hellos' too.
-    buf: Vec<u8>,
 }
 
 impl XfrmWatch {
     pub fn open(ours: u32) -> std::io::Result<XfrmWatch> {
-        let mut sock = netlink_sys::Socket::new(super::netlink::NETLINK_XFRM)?;
         let groups = [nx::XFRMNLGRP_EXPIRE, nx::XFRMNLGRP_SA, nx::XFRMNLGRP_POLICY]
             .iter()
             .fold(0u32, |m, g| m | 1 << (g - 1));
-        sock.bind(&netlink_sys::SocketAddr::new(0, groups))?;
-        sock.set_non_blocking(true)?;
-        Ok(XfrmWatch {
-            sock,
-            ours,
-            buf: vec![0u8; 64 * 1024],
-        })
+        let watch = super::netlink::Watch::open(super::netlink::NETLINK_XFRM, groups)?;
+        Ok(XfrmWatch { watch, ours })
     }
 
     /// Read every pending notification.
     pub fn drain(&mut self) -> XfrmEvents {
         let mut ev = XfrmEvents::default();
-        loop {
-            // SAFETY: recv into a buffer of the length given, on our own socket.
-            let n = unsafe {
-                libc::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                match std::io::Error::last_os_error().raw_os_error() {
-                    Some(libc::ENOBUFS) => {
-                        ev.lost = true;
-                        continue;
-                    }
-                    Some(libc::EINTR) => continue,
-                    _ => break,
-                }
-            }
-            tally(&self.buf[..n as usize], self.ours, &mut ev);
-        }
+        let ours = self.ours;
+        let lost = self.watch.drain(|d| tally(d, ours, &mut ev));
+        ev.lost |= lost;
         ev
     }
 }
 
 /// Count the notifications of one datagram into `ev`.
-fn tally(mut at: &[u8], ours: u32, ev: &mut XfrmEvents) {
-    while at.len() >= 16 {
-        let len = u32::from_ne_bytes(at[0..4].try_into().expect("4 bytes")) as usize;
-        let ty = u16::from_ne_bytes(at[4..6].try_into().expect("2 bytes"));
-        let pid = u32::from_ne_bytes(at[12..16].try_into().expect("4 bytes"));
-        if len < 16 || len > at.len() {
+fn tally(at: &[u8], ours: u32, ev: &mut XfrmEvents) {
+    for m in super::netlink::notifications(at) {
+        let Some((ty, pid, msg)) = m else {
             ev.lost = true;
             break;
-        }
+        };
         match ty {
             // payload xfrm_user_expire: xfrm_usersa_info, then the `hard` byte
-            nx::XFRM_MSG_EXPIRE => match nx::UserExpire::parse(&at[16..len]) {
+            nx::XFRM_MSG_EXPIRE => match nx::UserExpire::parse(&msg[16..]) {
                 Ok(e) if e.hard != 0 => ev.hard += 1,
                 Ok(_) => ev.soft += 1,
                 Err(_) => ev.lost = true,
@@ -177,13 +147,12 @@ fn tally(mut at: &[u8], ours: u32, ev: &mut XfrmEvents) {
             }
             _ => {}
         }
-        at = at.get(len.next_multiple_of(4)..).unwrap_or(&[]);
     }
 }
 
 impl std::os::fd::AsRawFd for XfrmWatch {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
+        self.watch.as_raw_fd()
     }
 }
 
