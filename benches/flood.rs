@@ -400,13 +400,7 @@ fn run() -> Result<(), String> {
         .ok_or("no hello n1 -> n0 recorded")?;
     let mut bad_mac = authentic.clone();
     *bad_mac.last_mut().unwrap() ^= 0x80;
-    let mut x: u32 = 0x1234_5678;
-    let garbage: Vec<u8> = (0..64)
-        .map(|_| {
-            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            (x >> 16) as u8
-        })
-        .collect();
+    let garbage = encryptd::random::bytes::<64>().to_vec();
     let kinds: [(&str, Option<Vec<u8>>); 4] = [
         ("none", None),
         ("garbage", Some(garbage)),

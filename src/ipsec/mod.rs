@@ -981,15 +981,21 @@ impl Engine {
             .filter_map(|s| s.local_addr().ok())
             .collect();
         if bound != addrs {
-            self.sockets = bind(&addrs)?;
-            info!(
-                "hello sockets bound to {}",
-                addrs
-                    .iter()
+            let list = |a: &[SocketAddr]| {
+                a.iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
-            );
+            };
+            // Without new sockets the old ones are still better than none, and the rest
+            // of the new configuration goes in regardless.
+            match bind(&addrs) {
+                Ok(s) => {
+                    self.sockets = s;
+                    info!("hello sockets bound to {}", list(&addrs));
+                }
+                Err(e) => error!("{e}; the hello sockets stay on {}", list(&bound)),
+            }
         }
         // The keys file or a node's name may have changed: derive every key again.
         self.key_cache.clear();
