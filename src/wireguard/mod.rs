@@ -275,28 +275,30 @@ impl Engine {
         Ok(self.wg.as_mut().expect("just set"))
     }
 
-    /// The device as it is now, with links, routes and rules as `net` last found them.
-    fn observe(&mut self, net: &NetView) -> Result<Observed, Error> {
+    /// The device as it is now, with links, routes and rules as `net` last found them:
+    /// those are moved into the observation (not copied at every pass) and the caller
+    /// puts them back while they still hold.
+    fn observe(&mut self, net: &mut NetView) -> Result<Observed, Error> {
         let ifname = self.ifname.clone();
         let device: Device = self.wg()?.device(&ifname)?;
         Ok(Observed {
             mtu: net.link.mtu,
             up: net.link.up,
             device,
-            routes: net.routes.clone(),
-            rules: net.rules.clone(),
+            routes: std::mem::take(&mut net.routes),
+            rules: std::mem::take(&mut net.rules),
         })
     }
 
     /// Make the kernel match the plan. Returns the number of objects changed.
     pub fn apply(&mut self, cfg: &Config) -> Result<usize, Error> {
-        let net = match self.net.take() {
+        let mut net = match self.net.take() {
             Some(n) => n,
             None => self.read_net(cfg)?,
         };
         let underlay = net.local.underlay_mtu;
         let ifindex = net.link.index;
-        let have = self.observe(&net)?;
+        let have = self.observe(&mut net)?;
         self.note_status(cfg, &have.device);
         let want = plan::plan(cfg, self.key.public(), &net.local);
         let ops = reconcile::diff(&want, &have);
@@ -313,16 +315,24 @@ impl Engine {
             || !ops.delete_routes.is_empty()
             || !ops.add_rules.is_empty()
             || !ops.delete_rules.is_empty();
+        let done = if ops.is_empty() {
+            Ok(0)
+        } else {
+            match self.execute(&ops, ifindex) {
+                Ok(()) => {
+                    self.log_changes(&ops, &want, &have, &old_names, underlay);
+                    Ok(ops.count())
+                }
+                Err(e) => Err(e),
+            }
+        };
         if !rtnl_changes {
             // Peers alone change nothing rtnetlink shows: what was read still holds.
+            net.routes = have.routes;
+            net.rules = have.rules;
             self.net = Some(net);
         }
-        if ops.is_empty() {
-            return Ok(0);
-        }
-        self.execute(&ops, ifindex)?;
-        self.log_changes(&ops, &want, &have, &old_names, underlay);
-        Ok(ops.count())
+        done
     }
 
     /// Read the interface (created if missing), the local facts, the routes and the
