@@ -23,4 +23,5 @@ pub mod net;
 pub mod objects;
 pub mod random;
 pub mod strict;
+pub mod sync;
 pub mod wireguard;

@@ -611,3 +611,76 @@ fn an_unconfigured_node_is_told_what_to_write() {
     let (code, _, err) = f.check(&[]);
     assert!(code == 1 && err.contains("ipsec.keys"), "{err}");
 }
+
+#[test]
+fn sync_table_is_checked_field_by_field() {
+    let f = Fixture::new();
+    f.append(
+        "encryptd.toml",
+        "\n[sync]\nendpoints = [\"http://10.0.0.9:2379\", \"10.0.0.8\"]\nprefix = \"encryptd/\"\naddresses = [\"10.0.0.300\"]\nsubnets = [\"10.9.0.1/24\"]\ncert = \"node.pem\"\nuser = \"n1\"\n",
+    );
+    let (code, _, err) = f.check(&[]);
+    assert_eq!(code, 1, "{err}");
+    for want in [
+        "endpoint \"http://10.0.0.9:2379\" is plaintext HTTP: use https://, or set `plaintext = true`",
+        "endpoint \"10.0.0.8\" is not a URL such as \"https://10.0.0.1:2379\"",
+        "`prefix` \"encryptd/\" must start with '/' and not end with one",
+        "\"10.0.0.300\" is not a node address",
+        "subnet: 10.9.0.1/24",
+        "`cert` and `key` go together",
+        "`user` and `password_file` go together",
+    ] {
+        assert!(err.contains(want), "no {want:?} in:\n{err}");
+    }
+    // Every problem names the file and a line inside the [sync] table.
+    assert!(
+        err.lines()
+            .filter(|l| l.starts_with("encryptd.toml:"))
+            .count()
+            >= 7,
+        "{err}"
+    );
+}
+
+#[test]
+fn sync_secrets_must_be_private() {
+    let f = Fixture::new();
+    for (file, text) in [
+        ("ca.pem", "x"),
+        ("node.pem", "x"),
+        ("node.key", "x"),
+        ("pw", "secret\n"),
+    ] {
+        std::fs::write(f.dir.join(file), text).unwrap();
+    }
+    f.chmod("node.key", 0o600);
+    f.chmod("pw", 0o644);
+    f.append(
+        "encryptd.toml",
+        "\n[sync]\nendpoints = [\"https://10.0.0.9:2379\"]\nprefix = \"/encryptd/prod\"\naddresses = [\"10.0.0.1\"]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\nuser = \"n1\"\npassword_file = \"pw\"\n",
+    );
+    let (code, _, err) = f.check(&[]);
+    assert_eq!(code, 1, "{err}");
+    // The CA file holds no certificate: named first, before any secret is read.
+    assert!(
+        err.contains("ca.pem: no certificate in the CA file"),
+        "{err}"
+    );
+    let ca = "-----BEGIN CERTIFICATE-----\nMIIBeTCCAR+gAwIBAgIUQ2Vy\n-----END CERTIFICATE-----\n";
+    std::fs::write(f.dir.join("ca.pem"), ca).unwrap();
+    std::fs::write(f.dir.join("node.pem"), ca).unwrap();
+    std::fs::write(
+        f.dir.join("node.key"),
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIK+Nq6ZmvXC8mB3DkR4cIGbnfhXoJ1q0xqkdZ8aIqDGx\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let (code, _, err) = f.check(&[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("etcd password file is accessible by group or others (mode 0644)"),
+        "{err}"
+    );
+    f.chmod("pw", 0o600);
+    let (code, out, err) = f.check(&[]);
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+}

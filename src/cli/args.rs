@@ -71,6 +71,14 @@ pub enum Cmd {
                       teardown works when the files are gone or broken."
     )]
     Teardown(ConfigArg),
+    /// Register this node in etcd and render the inventory from etcd (encryptd-sync.service)
+    #[command(
+        long_about = "Register this node in etcd under [sync] prefix (its addresses, subnets and \
+                      WireGuard public key) and keep the inventory rendered from every \
+                      registration there. A registration that fails validation is left out \
+                      by name; etcd unreachable leaves the last file in place. See docs/sync.md."
+    )]
+    Sync(SyncArgs),
     /// Print a shell completion script (bash, zsh, fish)
     Completions {
         #[arg(value_enum)]
@@ -99,6 +107,15 @@ pub struct CheckArgs {
     /// The configuration, as --config
     #[arg(value_name = "CONFIG")]
     pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Delete this node's registration from etcd and exit (package purge, decommissioning)
+    #[arg(long)]
+    pub deregister: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 #[derive(Debug, Args)]

@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `status`, `keygen`, `pubkey`, `teardown`,
+//! The command line: `run`, `check`, `status`, `keygen`, `pubkey`, `teardown`, `sync`,
 //! `completions` (the grammar is in `args`). Exit codes are part of the interface:
 //! 0 success, 1 failure (invalid input, daemon error), 2 usage.
 
@@ -30,6 +30,7 @@ pub enum Command {
     Keygen,
     Pubkey(PathBuf),
     Completions(clap_complete::Shell),
+    Sync { config: PathBuf, deregister: bool },
 }
 
 /// Parse arguments (without the program name). `Err` is clap's: a usage error (exit 2),
@@ -47,6 +48,10 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, clap::Error> {
         Cmd::Teardown(c) => Command::Teardown(paths(c.config)),
         Cmd::Pubkey(c) => Command::Pubkey(c.config),
         Cmd::Keygen => Command::Keygen,
+        Cmd::Sync(s) => Command::Sync {
+            config: s.config.config,
+            deregister: s.deregister,
+        },
         Cmd::Completions { shell } => Command::Completions(shell),
         Cmd::Status(s) => Command::Status(
             paths(s.config.config),
@@ -113,6 +118,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Command::Keygen => keygen(),
         Command::Pubkey(config) => pubkey(&config),
         Command::Run(paths) => crate::daemon::run(paths),
+        Command::Sync { config, deregister } => crate::sync::main(&config, deregister),
         Command::Teardown(paths) => teardown(&paths),
         Command::Status(paths, opts) => status::main(&paths, &opts),
         Command::Completions(shell) => {
@@ -204,6 +210,13 @@ fn check(paths: &Paths) -> i32 {
                         "note: not root, the strict-mode ruleset was not checked with `nft -c`"
                     );
                 }
+            }
+            // The files `encryptd sync` reads, read as it reads them (0600 secrets).
+            if let Some(sync) = &c.settings.sync
+                && let Err(e) = crate::sync::etcd::Client::new(sync)
+            {
+                eprintln!("{e}");
+                return EXIT_FAIL;
             }
             for w in config::warnings(&c) {
                 eprintln!("{}: warning: {w}", paths.config.display());

@@ -105,6 +105,29 @@ pub struct Settings {
     pub metrics_per_peer: bool,
     /// Spans of `strict.cidrs` entries, parallel to `strict.cidrs`.
     pub strict_cidr_spans: Vec<std::ops::Range<usize>>,
+    /// `[sync]`: what `encryptd sync` registers and where (`None`: no such table).
+    pub sync: Option<Sync>,
+}
+
+/// `[sync]`: the etcd cluster `encryptd sync` registers this node in and renders the
+/// inventory from, and this node's entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sync {
+    /// `https://host:port` (or `http://` with `plaintext = true`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// Registrations live under `<prefix>/nodes/<name>`.
+    pub prefix: String,
+    pub addresses: Vec<std::net::IpAddr>,
+    pub subnets: Vec<Cidr>,
+    /// CA that signed the etcd members' certificates.
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate and key (TLS client authentication).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The etcd user this node writes as (RBAC: its own key only), and its password file.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub plaintext: bool,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/encryptd/encryptd.toml";
@@ -217,6 +240,7 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         .map(|v| resolve(base, &v.value));
     let metrics_per_peer = t.boolean("per_peer").unwrap_or(true);
     t.finish();
+    let sync = top.table("sync").map(|t| read_sync(&t, base));
     top.finish();
 
     Settings {
@@ -233,6 +257,130 @@ pub fn read(src: &Source, diags: &Diags) -> Settings {
         metrics_path,
         metrics_per_peer,
         strict_cidr_spans,
+        sync,
+    }
+}
+
+fn read_sync(t: &Table, base: &Path) -> Sync {
+    let plaintext = t.boolean("plaintext").unwrap_or(false);
+    let mut endpoints = Vec::new();
+    match t.strings("endpoints") {
+        None if t.has_key("endpoints") => {}
+        None => t.missing("endpoints"),
+        Some(v) if v.is_empty() => t.error(t.span(), "`endpoints` lists no etcd endpoint"),
+        Some(v) => {
+            for At { value, span } in v {
+                let rest = value
+                    .strip_prefix("https://")
+                    .or_else(|| value.strip_prefix("http://"));
+                let authority = rest.map(|r| r.trim_end_matches('/'));
+                match authority {
+                    Some(a) if !a.is_empty() && !a.contains('/') && a.contains(':') => {
+                        if value.starts_with("http://") && !plaintext {
+                            t.error(
+                                span,
+                                format!(
+                                    "endpoint \"{value}\" is plaintext HTTP: use https://, or set `plaintext = true` to send registrations unencrypted and unauthenticated"
+                                ),
+                            );
+                        } else {
+                            endpoints.push(value.trim_end_matches('/').to_string());
+                        }
+                    }
+                    _ => t.error(
+                        span,
+                        format!(
+                            "endpoint \"{value}\" is not a URL such as \"https://10.0.0.1:2379\" (scheme, host and port, no path)"
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    let prefix = match t.required_string("prefix") {
+        Some(At { value, span }) => {
+            if !value.starts_with('/') || value.ends_with('/') || value.len() < 2 {
+                t.error(
+                    span,
+                    format!(
+                        "`prefix` \"{value}\" must start with '/' and not end with one, such as \"/encryptd/prod\""
+                    ),
+                );
+            }
+            value
+        }
+        None => String::new(),
+    };
+    let mut addresses = Vec::new();
+    match t.strings("addresses") {
+        None if t.has_key("addresses") => {}
+        None => t.missing("addresses"),
+        Some(v) if v.is_empty() => t.error(t.span(), "`addresses` lists no address of this node"),
+        Some(v) => {
+            for At { value, span } in v {
+                match value.parse::<std::net::IpAddr>() {
+                    Ok(ip) if !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast()) => {
+                        addresses.push(ip)
+                    }
+                    _ => t.error(
+                        span,
+                        format!(
+                            "\"{value}\" is not a node address (an IPv4 or IPv6 address, not unspecified, loopback or multicast)"
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    let mut subnets = Vec::new();
+    for At { value, span } in t.strings("subnets").unwrap_or_default() {
+        match value.parse::<Cidr>() {
+            Ok(c) => subnets.push(c),
+            Err(e) => t.error(span, format!("subnet: {e}")),
+        }
+    }
+    let opt_path = |key: &'static str| {
+        t.string(key)
+            .filter(|v| !v.value.is_empty())
+            .map(|v| resolve(base, &v.value))
+    };
+    let (ca, cert, key) = (opt_path("ca"), opt_path("cert"), opt_path("key"));
+    let user = t
+        .string("user")
+        .filter(|v| !v.value.is_empty())
+        .map(|v| v.value);
+    let password_file = opt_path("password_file");
+    let tls = endpoints.iter().any(|e| e.starts_with("https://"));
+    if tls && ca.is_none() {
+        t.error(
+            t.span(),
+            "`ca` is required with https:// endpoints: the CA that signed the etcd members' certificates",
+        );
+    }
+    if cert.is_some() != key.is_some() {
+        t.error(
+            t.span(),
+            "`cert` and `key` go together: the client certificate and its private key",
+        );
+    }
+    if user.is_some() != password_file.is_some() {
+        t.error(
+            t.span(),
+            "`user` and `password_file` go together: the etcd user this node writes as, and its password",
+        );
+    }
+    t.finish();
+    Sync {
+        endpoints,
+        prefix,
+        addresses,
+        subnets,
+        ca,
+        cert,
+        key,
+        user,
+        password_file,
+        plaintext,
     }
 }
 

@@ -26,6 +26,7 @@ mod leaks;
 mod nft;
 mod strict;
 mod subnets;
+mod sync;
 mod wireguard;
 mod xfrm;
 
@@ -54,6 +55,7 @@ fn cases() -> Vec<Case> {
         subnets::CASES,
         leaks::CASES,
         wireguard::CASES,
+        sync::CASES,
     ]
     .concat()
 }

@@ -24,9 +24,9 @@ trap 'die "command failed at line $LINENO of $0"' ERR
 
 # --- host packages -------------------------------------------------------------------------
 # xz-utils: vmlinuz -> vmlinux; kmod: depmod/modprobe -d; cpio+gzip: the initramfs;
-# procps: the guest watchdog's process list.
+# procps: the guest watchdog's process list; openssl: the etcd cases' certificates.
 # Without --no-install-recommends, wireguard-tools pulls a whole kernel and a systemd upgrade.
-PKGS="qemu-system-x86 iproute2 iputils-ping nftables tcpdump wireguard-tools wireguard-go kmod cpio gzip xz-utils procps ${VM_EXTRA_PKGS:-}"
+PKGS="qemu-system-x86 iproute2 iputils-ping nftables tcpdump wireguard-tools wireguard-go kmod cpio gzip xz-utils procps openssl ${VM_EXTRA_PKGS:-}"
 apt_lists_present() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
 apt_update() { log "apt-get update"; apt-get update -qq >&2 || die "apt-get update failed"; }
 missing=$(for p in $PKGS; do
@@ -96,6 +96,18 @@ if [ ! -x "$VM_CACHE/busybox/bin/busybox" ]; then
     download busybox-static "$T"
     rm -rf "$VM_CACHE/busybox.tmp" && dpkg-deb -x "$T"/busybox-static_*.deb "$VM_CACHE/busybox.tmp"
     rm -rf "$T" "$VM_CACHE/busybox" && mv "$VM_CACHE/busybox.tmp" "$VM_CACHE/busybox"
+fi
+
+# --- etcd (the `encryptd sync` cases: a real cluster in namespaces) ------------------------
+# Extracted, never installed: installing etcd-server would start a member on the host.
+if [ ! -x "$VM_CACHE/etcd/usr/bin/etcd" ] || [ ! -x "$VM_CACHE/etcd/usr/bin/etcdctl" ]; then
+    log "downloading etcd-server, etcd-client"
+    T=$(mktemp -d)
+    download etcd-server "$T"
+    download etcd-client "$T"
+    rm -rf "$VM_CACHE/etcd.tmp"
+    for d in "$T"/etcd-*.deb; do dpkg-deb -x "$d" "$VM_CACHE/etcd.tmp"; done
+    rm -rf "$T" "$VM_CACHE/etcd" && mv "$VM_CACHE/etcd.tmp" "$VM_CACHE/etcd"
 fi
 
 # --- the initramfs -------------------------------------------------------------------------

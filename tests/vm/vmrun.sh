@@ -10,7 +10,7 @@
 # Usable as a cargo runner:
 #   CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/tests/vm/vmrun.sh cargo test --test kernel
 # Env: VM_CACHE (see setup.sh), VM_RW="dir:dir" (host dirs the guest may write to),
-#      VM_ENV="NAME NAME" (extra env vars to pass; RUST_*, CARGO_*, TESTS, NSPREFIX, CI always),
+#      VM_ENV="NAME NAME" (extra env vars to pass; RUST_*, CARGO_*, TESTS, NSPREFIX, CI, VM_CACHE always),
 #      VM_SMP (2), VM_MEM (1024 MiB), VM_TIMEOUT (900 s, whole VM), VM_ACCEL (tcg),
 #      VM_KEEP=1 keeps the control dir, VM_VERBOSE=1 reports boot and run times on stderr.
 # The command sees ENCRYPTD_VM=1 (the kernel test harness then runs its cases directly).
@@ -31,7 +31,7 @@ cp "$HERE/guest-init.sh" "$CTL/"
 {
     printf 'export PATH=%q HOME=/root ENCRYPTD_VM=1\n' "$PATH"
     printf 'cd %q || exit 126\n' "$PWD"
-    for v in $(compgen -e | grep -E '^(RUST_|CARGO_|TESTS$|NSPREFIX$|CI$)') ${VM_ENV:-}; do
+    for v in $(compgen -e | grep -E '^(RUST_|CARGO_|TESTS$|NSPREFIX$|CI$|VM_CACHE$)') ${VM_ENV:-}; do
         [ -n "${!v+x}" ] && printf 'export %s=%q\n' "$v" "${!v}"
     done
     printf 'exec'; printf ' %q' "$@"; printf '\n'
