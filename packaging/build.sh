@@ -3,8 +3,8 @@
 # target/packages/ (or $PKG_OUT). As root on Debian 12, with Rust from rustup.
 #
 #   1. `cargo build --release --locked` (skipped when ENCRYPTD_BIN names a built binary);
-#   2. lays out one staging tree: the binary, systemd/encryptd.service and
-#      systemd/encryptd-strict.service, etc/ (the examples), packaging/etc/ (what goes
+#   2. lays out one staging tree: the binary, systemd/encryptd.service,
+#      systemd/encryptd-strict.service, systemd/encryptd-sync.service, etc/ (the examples), packaging/etc/ (what goes
 #      to /etc/encryptd), docs/man/, README.md, docs/*.md for operators;
 #   3. .deb: packaging/debian/ as its debian/, `dpkg-buildpackage -b` (debhelper);
 #      .rpm: a tarball of the tree and packaging/rpm/encryptd.spec, `rpmbuild -bb`
@@ -66,12 +66,12 @@ if [ -n "${PKG_KEEP:-}" ]; then log "work dir kept: $WORK"; else trap 'rm -rf "$
 S=$WORK/encryptd-$VERSION
 mkdir -p "$S/etc" "$S/default" "$S/man" "$S/docs"
 install -m 0755 "$BIN" "$S/encryptd"
-cp systemd/encryptd.service systemd/encryptd-strict.service "$S/"
+cp systemd/encryptd.service systemd/encryptd-strict.service systemd/encryptd-sync.service "$S/"
 cp etc/encryptd.toml etc/nodes.toml etc/ipsec.keys "$S/etc/"
 cp packaging/etc/encryptd.toml "$S/default/"
 cp docs/man/encryptd.8 docs/man/encryptd.toml.5 "$S/man/"
 cp README.md LICENSE-MIT LICENSE-APACHE "$S/"
-cp docs/firewalld.md docs/hello.md docs/metrics.md docs/status.md docs/strict.md docs/wireguard.md "$S/docs/"
+cp docs/firewalld.md docs/hello.md docs/metrics.md docs/status.md docs/strict.md docs/sync.md docs/wireguard.md "$S/docs/"
 mkdir -p "$S/firewalld" && cp packaging/firewalld/encryptd.xml "$S/firewalld/"
 # Shell completions, from the binary's own grammar (clap_complete).
 mkdir -p "$S/completions"
@@ -86,6 +86,7 @@ if [ $want_deb = 1 ]; then
     cp systemd/encryptd.service "$S/debian/encryptd.service"
     # dh_installsystemd --name=encryptd-strict looks for debian/PACKAGE.NAME.service.
     cp systemd/encryptd-strict.service "$S/debian/encryptd.encryptd-strict.service"
+    cp systemd/encryptd-sync.service "$S/debian/encryptd.encryptd-sync.service"
     top=$(dpkg-parsechangelog -l "$S/debian/changelog" -S Version)
     if [ "$top" != "$VERSION" ]; then
         [ -n "${PKG_VERSION:-}" ] || die "packaging/debian/changelog is at $top, Cargo.toml at $VERSION: add a changelog entry"

@@ -324,3 +324,53 @@ fn boot_unit_installs_the_kept_rules_before_the_network() {
         "{BOOT_UNIT}: exposure {exposure} {rating}"
     );
 }
+
+const SYNC_UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/encryptd-sync.service");
+
+/// `encryptd-sync.service`: runs `encryptd sync`, says READY before the daemon starts (so
+/// that a first boot has an inventory), may write the inventory's directory and nothing
+/// of the kernel's (no capabilities, no netlink); verify is silent and security OK.
+#[test]
+fn sync_unit_renders_before_the_daemon_without_privileges() {
+    let text_ = std::fs::read_to_string(SYNC_UNIT).unwrap();
+    let unit = parse(&text_);
+    assert_eq!(single(&unit, "Service", "Type"), "notify");
+    assert_eq!(
+        single(&unit, "Service", "ExecStart"),
+        "/usr/bin/encryptd sync"
+    );
+    assert_eq!(single(&unit, "Unit", "Before"), "encryptd.service");
+    assert_eq!(single(&unit, "Service", "CapabilityBoundingSet"), "");
+    assert_eq!(
+        single(&unit, "Service", "RestrictAddressFamilies"),
+        "AF_UNIX AF_INET AF_INET6"
+    );
+    assert_eq!(single(&unit, "Service", "ReadWritePaths"), "/etc/encryptd");
+
+    let bin = env!("CARGO_BIN_EXE_encryptd").replace('%', "%%");
+    let dir = scratch("verify-sync");
+    let path = dir.join("encryptd-sync.service");
+    std::fs::write(
+        &path,
+        text_.replace("ExecStart=/usr/bin/encryptd ", &format!("ExecStart={bin} ")),
+    )
+    .unwrap();
+    let out = analyze(&["verify", "--man=no", path.to_str().unwrap()]);
+    assert!(
+        out.status.success() && text(&out.stderr).trim().is_empty(),
+        "systemd-analyze verify {SYNC_UNIT}: {}",
+        text(&out.stderr)
+    );
+    let out = analyze(&["security", "--offline=true", "--no-pager", SYNC_UNIT]);
+    let stdout = text(&out.stdout);
+    let (exposure, rating) = stdout
+        .lines()
+        .find_map(overall)
+        .unwrap_or_else(|| panic!("no 'Overall exposure level' line in:\n{stdout}"));
+    assert!(
+        exposure <= MAX_EXPOSURE && GOOD_RATINGS.contains(&rating.as_str()),
+        "{SYNC_UNIT}: exposure {exposure} {rating}"
+    );
+    eprintln!("{SYNC_UNIT}: exposure {exposure} {rating}");
+    let _ = std::fs::remove_dir_all(dir);
+}
