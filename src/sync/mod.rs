@@ -160,6 +160,8 @@ struct Syncer {
     down: Option<String>,
     /// When etcd last answered.
     last_ok: Instant,
+    /// READY=1 sent: an inventory is in place for the daemon (see [`Syncer::ready`]).
+    ready: bool,
 }
 
 impl Syncer {
@@ -174,6 +176,22 @@ impl Syncer {
             written,
             down: Some("starting".into()),
             last_ok: Instant::now(),
+            ready: false,
+        }
+    }
+
+    /// Tell systemd how things stand; READY=1 once an inventory is in place, so that
+    /// encryptd.service, ordered after this unit, finds one at its first boot, and with
+    /// a file from an earlier run, at once (etcd may be down: the file serves).
+    fn status(&mut self, status: &str) {
+        use sd_notify::NotifyState;
+        let ready = !self.ready && !self.written.is_empty();
+        let status = NotifyState::Status(status);
+        if ready {
+            self.ready = true;
+            crate::daemon::notify::notify(&[NotifyState::Ready, status]);
+        } else {
+            crate::daemon::notify::notify(&[status]);
         }
     }
 
@@ -185,6 +203,7 @@ impl Syncer {
             self.client.endpoints(),
             self.me.inventory.display()
         );
+        self.status("connecting to etcd");
         let mut backoff = BACKOFF_FIRST;
         loop {
             match self.session(&mut backoff) {
@@ -208,6 +227,8 @@ impl Syncer {
                             warn!("{what} ({e}); retrying");
                         }
                         self.down = Some(what.into());
+                        let s = format!("{what}; {} kept as it is", self.me.inventory.display());
+                        self.status(&s);
                     }
                     std::thread::sleep(if quiet { FAILOVER_RETRY } else { backoff });
                     if !quiet {
@@ -312,9 +333,19 @@ impl Syncer {
             return;
         }
         self.own_problem = None;
-        if r.toml == self.written {
-            return;
+        if r.toml != self.written {
+            self.write(&r);
         }
+        let s = format!(
+            "{} node(s) from etcd at {}, {} left out",
+            r.accepted.len(),
+            self.client.endpoint(),
+            r.rejected.len()
+        );
+        self.status(&s);
+    }
+
+    fn write(&mut self, r: &registry::Rendered) {
         // The whole file, as `encryptd check` and the daemon will read it.
         let diags = Diags::default();
         inventory::read(
@@ -334,7 +365,7 @@ impl Syncer {
                     r.accepted.len(),
                     r.rejected.len()
                 );
-                self.written = r.toml;
+                self.written = r.toml.clone();
             }
             Err(e) => error!("cannot write {}: {e}", self.me.inventory.display()),
         }

@@ -256,6 +256,11 @@ struct SyncProc {
 
 impl SyncProc {
     fn spawn(dir: &Path, ns: &str) -> Result<SyncProc, String> {
+        SyncProc::spawn_notifying(dir, ns, None)
+    }
+
+    /// With `notify`: the socket standing in for systemd's NOTIFY_SOCKET.
+    fn spawn_notifying(dir: &Path, ns: &str, notify: Option<&Path>) -> Result<SyncProc, String> {
         let log = dir.join("sync.log");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -273,6 +278,8 @@ impl SyncProc {
             ])
             .arg(dir.join("encryptd.toml"))
             .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(notify.map(|p| ("NOTIFY_SOCKET", p)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(out)
@@ -641,9 +648,41 @@ fn wireguard_fleet() -> Result<(), String> {
         configure_node(&e, &f.dirs[i], i)?;
     }
     let t0 = Instant::now();
-    let syncs: Vec<SyncProc> = (0..3)
-        .map(|i| SyncProc::spawn(&f.dirs[i], f.topo.ns(i)))
-        .collect::<Result<_, _>>()?;
+    // n0's sync tells "systemd" READY=1 only once its inventory is written (the unit
+    // orders the daemon after it, and the daemon's start needs the file).
+    let sock = f.dirs[0].join("sync-notify.sock");
+    let _ = std::fs::remove_file(&sock);
+    let manager = std::os::unix::net::UnixDatagram::bind(&sock).map_err(|e| e.to_string())?;
+    manager
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let mut syncs = vec![SyncProc::spawn_notifying(
+        &f.dirs[0],
+        f.topo.ns(0),
+        Some(&sock),
+    )?];
+    for i in 1..3 {
+        syncs.push(SyncProc::spawn(&f.dirs[i], f.topo.ns(i))?);
+    }
+    let mut notes = Vec::new();
+    let mut buf = [0u8; 512];
+    let ready = wait_for(Duration::from_secs(30), || {
+        if let Ok(n) = manager.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let ready = m.contains("READY=1");
+            notes.push(m);
+            // Checked the moment READY arrives: the file must already be there.
+            if ready {
+                return true;
+            }
+        }
+        false
+    });
+    let listed = names_in(&f.dirs[0]);
+    ensure(
+        ready && !listed.is_empty(),
+        format!("n0's sync: READY=1 {ready}, inventory then {listed:?}; notifications {notes:?}"),
+    )?;
     let dirs: Vec<&Path> = f.dirs.iter().map(|p| p.as_path()).collect();
     wait_names(
         &dirs,
