@@ -50,6 +50,23 @@ impl Etcd {
         }
         let dir = f.dirs[0].parent().unwrap().join("etcd");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        // etcd fallocates 64 MiB for each WAL segment and one spare: on the guest's tmpfs
+        // that is ~128 MiB of its 1 GiB RAM per member, and two clusters in a run filled
+        // the disk ("no space left on device"). ramfs refuses fallocate, so etcd falls
+        // back to a sparse file; Drop unmounts it, so nothing outlives the case.
+        let out = Command::new("mount")
+            .args(["-t", "ramfs", "-o", "mode=0700", "ramfs"])
+            .arg(&dir)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        ensure(
+            out.status.success(),
+            format!(
+                "mount ramfs on {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )?;
         let mut ns = Vec::new();
         let mut addrs = Vec::new();
         for i in 0..n {
@@ -245,6 +262,7 @@ impl Drop for Etcd {
         for i in 0..self.members.len() {
             self.kill(i);
         }
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
 
