@@ -9,7 +9,7 @@ use base64::Engine;
 use super::diag::{Diags, Source};
 use super::doc::{At, Table, parse};
 use super::settings::Mode;
-use crate::net::{Cidr, CidrError};
+use crate::net::{Cidr, CidrError, PrefixIndex};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
@@ -122,9 +122,8 @@ pub fn read(src: &Source, diags: &Diags, mode: Mode) -> Inventory {
     // tunnel: its own ESP/WireGuard packets would loop.
     for n in &nodes {
         for a in &n.addresses {
-            if let Some((c, other, span)) = subnets
-                .iter()
-                .find(|(c, o, _)| *o != n.name && c.contains(*a))
+            if let Some((c, (other, span))) =
+                subnets.containing(*a).find(|(_, (o, _))| *o != n.name)
             {
                 diags.push(src.diag(
                     span.clone(),
@@ -145,7 +144,7 @@ pub fn read(src: &Source, diags: &Diags, mode: Mode) -> Inventory {
 struct Seen {
     names: HashMap<String, usize>,
     addrs: HashMap<IpAddr, (String, usize)>,
-    subnets: Vec<(Cidr, String, Range<usize>)>,
+    subnets: PrefixIndex<(String, Range<usize>)>,
     keys: HashMap<[u8; 32], (String, usize)>,
 }
 
@@ -182,7 +181,7 @@ fn read_node(src: &Source, t: &Table, mode: Mode, seen: &mut Seen, index: usize)
     }
     t.finish();
     for (c, span) in &node_subnets {
-        seen.subnets.push((*c, name_str.clone(), span.clone()));
+        seen.subnets.insert(*c, (name_str.clone(), span.clone()));
     }
     Node {
         name: name_str,
@@ -236,10 +235,10 @@ fn read_subnets(src: &Source, t: &Table, name_str: &str, seen: &Seen) -> Vec<(Ci
                 continue;
             }
         };
-        if let Some((o, other, ospan)) = seen
+        if let Some((o, (other, ospan))) = seen
             .subnets
-            .iter()
-            .find(|(o, other, _)| *other != name_str && o.overlaps(&c))
+            .overlapping(&c)
+            .find(|(_, (other, _))| *other != name_str)
         {
             t.error(
                 span.clone(),

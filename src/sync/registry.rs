@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::diag::{Diags, Source};
 use crate::config::{Mode, inventory};
-use crate::net::Cidr;
+use crate::net::{PrefixIndex, addresses_in};
 
 /// A registration larger than this is left out: a node's entry is a few hundred bytes,
 /// and one writer must not make every node render megabytes.
@@ -127,8 +127,8 @@ fn entry(key: &str, kv: &Kv, dir: &str, mode: Mode) -> Result<(inventory::Node, 
 /// What the accepted registrations hold, so that a later one cannot take it.
 #[derive(Default)]
 struct Claims {
-    addrs: HashMap<IpAddr, String>,
-    subnets: Vec<(Cidr, String)>,
+    addrs: BTreeMap<IpAddr, String>,
+    subnets: PrefixIndex<String>,
     keys: HashMap<[u8; 32], String>,
 }
 
@@ -138,19 +138,19 @@ impl Claims {
             if let Some(o) = self.addrs.get(a) {
                 return Err(format!("address {a} is node \"{o}\"'s (registered first)"));
             }
-            if let Some((c, o)) = self.subnets.iter().find(|(c, _)| c.contains(*a)) {
+            if let Some((c, o)) = self.subnets.containing(*a).next() {
                 return Err(format!(
                     "address {a} is inside subnet {c} of node \"{o}\" (registered first)"
                 ));
             }
         }
         for s in &n.subnets {
-            if let Some((c, o)) = self.subnets.iter().find(|(c, _)| c.overlaps(s)) {
+            if let Some((c, o)) = self.subnets.overlapping(s).next() {
                 return Err(format!(
                     "subnet {s} overlaps subnet {c} of node \"{o}\" (registered first)"
                 ));
             }
-            if let Some((a, o)) = self.addrs.iter().find(|(a, _)| s.contains(**a)) {
+            if let Some((a, o)) = addresses_in(&self.addrs, s).next() {
                 return Err(format!(
                     "subnet {s} contains address {a} of node \"{o}\" (registered first)"
                 ));
@@ -171,7 +171,7 @@ impl Claims {
             self.addrs.insert(*a, n.name.clone());
         }
         for s in &n.subnets {
-            self.subnets.push((*s, n.name.clone()));
+            self.subnets.insert(*s, n.name.clone());
         }
         if let Some(k) = n.wireguard_public_key {
             self.keys.insert(k, n.name.clone());
