@@ -51,11 +51,19 @@
 #        (every 200 ms), pings; no key bytes in the output.
 #     j. The variable emptied: encryptd.toml says preshared_key = "", then wireguard.psk
 #        is removed; reload; the peers show "(none)"; peers up, pings.
+#     k. The inventory from etcd: one etcd member on n1 at an address of its own, outside
+#        the mesh (Debian's etcd 3.4 from the rig's cache, TLS with client certificates, RBAC: a user per node that may write only
+#        its own key); encryptd_inventory_source: etcd, the client key and the passwords
+#        in the vault: the sync is enabled and running on both, the credentials 0600
+#        root, each registration holds the node's public key, every nodes.toml is the
+#        sync's rendering with both keys, the daemons keep their PIDs, peers up, pings;
+#        n2's user is refused n1's key; no key or password bytes in the output.
+#     k2. The same with --limit n1: exit 0, nothing changed (no other host's facts).
 #     Then the wire itself, captured by qemu on the host for the whole run: no
 #     plaintext ping ever; ESP in the IPsec phases, WireGuard UDP (and no ESP) after.
 #
 # Env: ANSIBLETEST_CACHE (~/.cache/encryptd-ansibletest), ANSIBLE_CORE (pip spec,
-#      "ansible-core==2.19.*"), VM_CACHE (the rig's), ANSIBLETEST_TIMEOUT (1500 s for
+#      "ansible-core==2.19.*"), VM_CACHE (the rig's), ANSIBLETEST_TIMEOUT (2100 s for
 #      the VMs), ANSIBLETEST_KEEP=1 keeps the work dir (console logs, playbook logs),
 #      ENCRYPTD_DEB (a built .deb instead of building one).
 # Exit status 0 when everything passed; the last line is "N passed, M failed".
@@ -91,7 +99,7 @@ check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; 
 eq() { [ "$1" = "$2" ] || { echo "       got \"$1\", want \"$2\""; return 1; }; }
 
 # --- tools ---------------------------------------------------------------------------------
-PKGS="debhelper dpkg-dev debootstrap cpio gzip openssh-client python3-venv"
+PKGS="debhelper dpkg-dev debootstrap cpio gzip openssh-client python3-venv openssl"
 missing=$(for p in $PKGS; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"
 done)
@@ -151,6 +159,9 @@ cp tests/vagrant/e2e-node.sh "$CTL/"
 # wg (wireguard-tools, which tests/vm/setup.sh installs on the host, Debian 12 as the
 # guests): the preshared keys the kernel holds, read in the guests as /ctl/wg.
 cp "$(command -v wg)" "$CTL/wg"
+# etcd and etcdctl (Debian's etcd-server/etcd-client, as tests/vm/setup.sh extracts them)
+# for k.: one member on n1.
+cp "$VM_CACHE/etcd/usr/bin/etcd" "$VM_CACHE/etcd/usr/bin/etcdctl" "$CTL/"
 cat >"$CTL/net.sh" <<EOF
 #!/bin/sh
 # The test's network, as an operator's would be before Ansible runs: NICs found by MAC.
@@ -221,7 +232,7 @@ chmod +x "$I/init"
 
 # Free TCP/UDP ports on the host: SSH forwards and the wire's two datagram ends.
 BASE=$((20000 + RANDOM % 20000))
-TIMEOUT=${ANSIBLETEST_TIMEOUT:-1500}
+TIMEOUT=${ANSIBLETEST_TIMEOUT:-2100}
 say "boot n1..n$NODES under qemu (Debian kernel $KV, systemd; consoles in $WORK/n*.console)"
 for N in $(seq $NODES); do
     other=$((NODES + 1 - N))   # two nodes: the wire is a point-to-point datagram link
@@ -305,10 +316,11 @@ newkey() { echo "$1+ rfc4106(gcm(aes)) $(head -c 20 /dev/urandom | od -An -tx1 |
 KEY1=$(newkey 1) KEY2=$(newkey 2)
 # WireGuard cluster preshared keys (h., i.), as `wg genpsk` prints them.
 PSK1=$(head -c 32 /dev/urandom | base64) PSK2=$(head -c 32 /dev/urandom | base64)
-VAULT_PSK=""
-vault() {   # the vault file, encrypted, with the given key lines (and $VAULT_PSK if set)
+VAULT_PSK="" VAULT_EXTRA=""
+vault() {   # the vault file, encrypted, with the given key lines (and $VAULT_PSK, $VAULT_EXTRA if set)
     { echo "vault_encryptd_ipsec_keys:"; for k in "$@"; do echo "  - \"$k\""; done
       [ -z "$VAULT_PSK" ] || echo "vault_encryptd_wireguard_preshared_key: \"$VAULT_PSK\""
+      [ -z "$VAULT_EXTRA" ] || printf '%s\n' "$VAULT_EXTRA"
     } >"$A/group_vars/encryptd/vault.yml"
     ansible-vault encrypt "$A/group_vars/encryptd/vault.yml" >/dev/null
 }
@@ -624,6 +636,107 @@ for N in $(seq $NODES); do
 done
 for N in $(seq $NODES); do check "n$N: pings; it sends only WireGuard UDP on wire0; encryptd status 0" e2e n$N wireguard; done
 check "no key bytes in any of Ansible's output" eval "! grep -qF -e '$PSK1' -e '$PSK2' '$WORK'/play-*.log"
+
+# --- k. the inventory from etcd --------------------------------------------------------------
+say "k. WireGuard: the inventory from etcd (encryptd sync; one etcd member on n1, TLS, RBAC)"
+E=$WORK/etcd; mkdir -p "$E"
+# EC keys (RSA generation is slow under TCG). The nodes' client certificate has no Common
+# Name: etcd's JSON gateway refuses one; RBAC goes by user and password (docs/sync.md).
+EC="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+( cd "$E" && set -e
+  openssl req -x509 $EC -keyout ca.key -out ca.pem -days 2 -subj /CN=encryptd-test-ca
+  openssl req $EC -keyout member.key -out member.csr -subj /CN=etcd-member
+  printf 'subjectAltName=IP:192.0.2.100\nextendedKeyUsage=serverAuth,clientAuth\n' >member.ext
+  openssl x509 -req -in member.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out member.pem -days 2 -extfile member.ext
+  openssl req $EC -keyout node.key -out node.csr -subj /O=encryptd-nodes
+  printf 'extendedKeyUsage=clientAuth\n' >client.ext
+  openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out node.pem -days 2 -extfile client.ext
+  openssl req $EC -keyout root.key -out root.csr -subj /CN=root
+  openssl x509 -req -in root.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out root.pem -days 2 -extfile client.ext
+) >"$E/openssl.log" 2>&1 || { cat "$E/openssl.log"; die "openssl failed"; }
+cp "$E/ca.pem" "$E/member.pem" "$E/member.key" "$E/root.pem" "$E/root.key" "$E/node.pem" "$E/node.key" "$CTL/"
+# etcd fallocates 64 MiB per WAL segment and a spare: ramfs refuses fallocate (sparse
+# files instead), keeping the guest's RAM for the test.
+# etcd outside the mesh, as it must be (docs/sync.md): its own address on n1's wire, not
+# a node address, so that the syncs reach it whatever their inventories say.
+on n1 "ip addr add 192.0.2.100/24 dev wire0 && mkdir -p /var/lib/etcd-test && mount -t ramfs -o mode=0700 ramfs /var/lib/etcd-test && \
+  systemd-run --quiet --unit=etcd-test /ctl/etcd --name=e0 --data-dir=/var/lib/etcd-test/e0 \
+  --listen-client-urls=https://192.0.2.100:2379 --advertise-client-urls=https://192.0.2.100:2379 \
+  --listen-peer-urls=http://127.0.0.1:2380 --initial-advertise-peer-urls=http://127.0.0.1:2380 \
+  --initial-cluster=e0=http://127.0.0.1:2380 --heartbeat-interval=250 --election-timeout=2500 \
+  --cert-file=/ctl/member.pem --key-file=/ctl/member.key --trusted-ca-file=/ctl/ca.pem --client-cert-auth"
+ETCDCTL="/ctl/etcdctl --endpoints=https://192.0.2.100:2379 --cacert=/ctl/ca.pem --dial-timeout=3s --command-timeout=10s"
+ectl() { on n1 "$ETCDCTL --cert=/ctl/root.pem --key=/ctl/root.key $*"; }
+etcd_up() {
+    for _ in $(seq 60); do ectl endpoint health >/dev/null 2>&1 && return 0; sleep 1; done
+    on n1 'journalctl -u etcd-test -o cat | tail -20' | sed 's/^/       | /'; return 1
+}
+check "etcd on n1 is healthy (TLS, client certificates)" etcd_up
+SYNC_PW1=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+SYNC_PW2=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+rbac() {   # root, and a user per node that may write only its own key and read the prefix
+    ectl user add root --new-user-password=rootpw-$SYNC_PW1 && ectl user grant-role root root || return 1
+    local N pw
+    for N in $(seq $NODES); do
+        pw=$(eval echo "\$SYNC_PW$N")
+        ectl role add node-n$N && ectl role grant-permission node-n$N readwrite /encryptd/test/nodes/n$N &&
+            ectl role grant-permission node-n$N read --prefix=true /encryptd/test/nodes/ &&
+            ectl user add n$N --new-user-password=$pw && ectl user grant-role n$N node-n$N || return 1
+    done
+    ectl auth enable
+}
+check "etcd RBAC on: a user per node that may write only its own key" eval 'rbac >"$WORK/rbac.log" 2>&1'
+KEY_BODY=$(sed -n 2p "$E/node.key")
+VAULT_EXTRA="vault_encryptd_sync_key: |
+$(sed 's/^/  /' "$E/node.key")
+vault_encryptd_sync_passwords:
+  n1: \"$SYNC_PW1\"
+  n2: \"$SYNC_PW2\""
+vault "$KEY1" "$KEY2"
+{
+    echo "encryptd_inventory_source: etcd"
+    echo "encryptd_sync_endpoints: [https://192.0.2.100:2379]"
+    echo "encryptd_sync_prefix: /encryptd/test"
+    echo "encryptd_sync_ca: \"{{ lookup('file', '$E/ca.pem') }}\""
+    echo "encryptd_sync_cert: \"{{ lookup('file', '$E/node.pem') }}\""
+    echo "encryptd_sync_key: \"{{ vault_encryptd_sync_key }}\""
+    echo "encryptd_sync_password: \"{{ vault_encryptd_sync_passwords[inventory_hostname] }}\""
+} >>"$A/group_vars/encryptd/vars.yml"
+for N in $(seq $NODES); do eval "PID$N=\$(mainpid n$N)"; done
+play etcd
+[ $PRC = 0 ] || show_play etcd
+check "ansible-playbook exits 0" eq "$PRC" 0
+check "the play skipped the check that every host published an entry" \
+    eval "grep -A1 'TASK \[encryptd : Check that every node of the group published its entry\]' '$WORK/play-etcd.log' | grep -q '^skipping:'"
+for N in $(seq $NODES); do
+    n=n$N
+    check "$n: encryptd-sync is enabled and active" \
+        eq "$(on $n systemctl is-enabled encryptd-sync) $(on $n systemctl is-active encryptd-sync)" "enabled active"
+    check "$n: the etcd key is 0600 root" file_is $n /etc/encryptd/etcd/node.key "600 root:root"
+    check "$n: the etcd password is 0600 root" file_is $n /etc/encryptd/etcd/password "600 root:root"
+    check "$n: encryptd.toml has the [sync] table" on $n grep -qx "'\[sync\]'" /etc/encryptd/encryptd.toml
+    pub=$(on $n encryptd pubkey)
+    check "$n: its registration in etcd holds its public key" \
+        eval "ectl get /encryptd/test/nodes/$n --print-value-only | grep -qF '\"wireguard_public_key\":\"$pub\"'"
+    for M in $(seq $NODES); do
+        check "n$M: nodes.toml, rendered by encryptd sync, has $n's public key" \
+            on n$M "grep -q '^# Rendered by .encryptd sync.' /etc/encryptd/nodes.toml && grep -A4 '^name = \"$n\"' /etc/encryptd/nodes.toml | grep -qxF 'wireguard_public_key = \"$pub\"'"
+    done
+    check "$n: the daemon kept running (same PID)" eq "$(mainpid $n)" "$(eval echo \$PID$N)"
+    check "$n: STATUS= wireguard: $((NODES - 1))/$((NODES - 1)) peers up, strict on" \
+        wait_status $n "wireguard: $((NODES - 1))/$((NODES - 1)) peers up, strict on" 120
+done
+check "n2's etcd user cannot write n1's registration (etcd refuses it)" \
+    eval "on n1 \"$ETCDCTL --cert=/ctl/node.pem --key=/ctl/node.key --user=n2:$SYNC_PW2 put /encryptd/test/nodes/n1 x\" 2>&1 | grep -q 'permission denied'"
+for N in $(seq $NODES); do check "n$N: pings; it sends only WireGuard UDP on wire0; encryptd status 0" e2e n$N wireguard; done
+check "no etcd key or password bytes in Ansible's output" \
+    eval "! grep -qF -e '$KEY_BODY' -e '$SYNC_PW1' -e '$SYNC_PW2' '$WORK'/play-*.log"
+
+say "k2. the inventory from etcd: a run limited to one host needs no other host's facts"
+play etcd-limit --limit n1
+[ $PRC = 0 ] || show_play etcd-limit
+check "ansible-playbook --limit n1 exits 0" eq "$PRC" 0
+check "n1: nothing changed (changed=0)" eq "$(recap etcd-limit n1 changed)" 0
 
 say "the wire between n1 and n2 (qemu's capture of n1's link, host side, the whole run)"
 tcpdump -n -tt -r "$WORK/wire.pcap" 2>/dev/null >"$WORK/wire.txt" || true
