@@ -307,13 +307,19 @@ fn boot_unit_installs_the_kept_rules_before_the_network() {
     }
     assert_eq!(single(&unit, "Install", "WantedBy"), "sysinit.target");
 
-    let out = analyze(&["verify", "--man=no", BOOT_UNIT]);
+    verify_and_rate(BOOT_UNIT, BOOT_UNIT);
+}
+
+/// `systemd-analyze verify` of `verify_path` (the unit, or a copy naming a binary that
+/// exists) prints nothing, and `security` rates `unit` OK or better.
+fn verify_and_rate(unit: &str, verify_path: &str) -> (f64, String) {
+    let out = analyze(&["verify", "--man=no", verify_path]);
     assert!(
         out.status.success() && text(&out.stderr).trim().is_empty(),
-        "systemd-analyze verify {BOOT_UNIT}: {}",
+        "systemd-analyze verify {unit}: {}",
         text(&out.stderr)
     );
-    let out = analyze(&["security", "--offline=true", "--no-pager", BOOT_UNIT]);
+    let out = analyze(&["security", "--offline=true", "--no-pager", unit]);
     let stdout = text(&out.stdout);
     let (exposure, rating) = stdout
         .lines()
@@ -321,8 +327,9 @@ fn boot_unit_installs_the_kept_rules_before_the_network() {
         .unwrap_or_else(|| panic!("no 'Overall exposure level' line in:\n{stdout}"));
     assert!(
         exposure <= MAX_EXPOSURE && GOOD_RATINGS.contains(&rating.as_str()),
-        "{BOOT_UNIT}: exposure {exposure} {rating}"
+        "{unit}: exposure {exposure} {rating}"
     );
+    (exposure, rating)
 }
 
 const SYNC_UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/encryptd-sync.service");
@@ -355,22 +362,7 @@ fn sync_unit_renders_before_the_daemon_without_privileges() {
         text_.replace("ExecStart=/usr/bin/encryptd ", &format!("ExecStart={bin} ")),
     )
     .unwrap();
-    let out = analyze(&["verify", "--man=no", path.to_str().unwrap()]);
-    assert!(
-        out.status.success() && text(&out.stderr).trim().is_empty(),
-        "systemd-analyze verify {SYNC_UNIT}: {}",
-        text(&out.stderr)
-    );
-    let out = analyze(&["security", "--offline=true", "--no-pager", SYNC_UNIT]);
-    let stdout = text(&out.stdout);
-    let (exposure, rating) = stdout
-        .lines()
-        .find_map(overall)
-        .unwrap_or_else(|| panic!("no 'Overall exposure level' line in:\n{stdout}"));
-    assert!(
-        exposure <= MAX_EXPOSURE && GOOD_RATINGS.contains(&rating.as_str()),
-        "{SYNC_UNIT}: exposure {exposure} {rating}"
-    );
+    let (exposure, rating) = verify_and_rate(SYNC_UNIT, path.to_str().unwrap());
     eprintln!("{SYNC_UNIT}: exposure {exposure} {rating}");
     let _ = std::fs::remove_dir_all(dir);
 }
